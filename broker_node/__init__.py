@@ -1,0 +1,1 @@
+"""A node of the connection broker cluster."""

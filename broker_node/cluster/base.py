@@ -1,0 +1,136 @@
+"""The two interfaces a cluster backend implements: the registry and the bus.
+
+Theory of operation
+-------------------
+The *registry* is the cluster-wide truth about who is connected where: connections
+(id -> node, role), a role index for ``list_by_role``, channels (id -> both ends and their
+nodes), per-node indexes of both (so that a node's state can be removed in one step), and node
+liveness (a heartbeat with a TTL, plus a tombstone for nodes that were reaped).
+
+The *bus* carries envelopes between nodes. Each node listens on its own inbox; a node
+publishes only to the node that holds the recipient. Publishes of one node are delivered in
+the order they were published (one publisher connection, pipelined), which is what keeps
+messages ordered per channel and direction across nodes.
+
+Every method may raise ``BackendUnavailable`` (and nothing else) when the backend cannot be
+reached within its timeout. Implementations: ``memory.py`` (standalone node, and several nodes
+in one process for tests) and ``redis.py``. One contract test suite runs over all of them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from broker_node.core.records import ChannelRecord, ConnectionRecord
+from shared.ids import ConnectionId, NodeId
+
+
+class Heartbeat(enum.Enum):
+    """What renewing a node's heartbeat found."""
+
+    #: The node was known and its heartbeat is renewed.
+    RENEWED = "renewed"
+    #: The node was unknown (the backend lost its state, e.g. an empty Redis after a restart):
+    #: it is registered again and the caller must ``restore`` its connections and channels.
+    REJOINED = "rejoined"
+    #: The node was reaped by a survivor while it could not renew (a long pause, a partition).
+    #: Nothing was renewed; the caller must drop its clients and call ``rejoin``.
+    FENCED = "fenced"
+
+
+class Registry(Protocol):
+    """The cluster-wide registry of nodes, connections and channels."""
+
+    async def add_connection(self, record: ConnectionRecord) -> None:
+        """Store a connection, index it by role and under its node."""
+
+    async def remove_connection(self, record: ConnectionRecord) -> None:
+        """Remove a connection from every index; absent entries are fine."""
+
+    async def find_connection(self, connection_id: ConnectionId) -> ConnectionRecord | None:
+        """The connection's record, or None when it is not registered."""
+
+    async def list_by_role(self, role: str) -> list[ConnectionId]:
+        """Every registered connection of ``role``, on every node; cost follows the answer."""
+
+    async def add_channel(self, record: ChannelRecord) -> None:
+        """Store a channel and index it under both ends' nodes."""
+
+    async def remove_channel(self, record: ChannelRecord) -> None:
+        """Remove a channel from every index; absent entries are fine."""
+
+    async def heartbeat(self, node_id: NodeId, ttl_ms: int) -> Heartbeat:
+        """Renew the node's liveness for ``ttl_ms``, unless it was reaped (see ``Heartbeat``)."""
+
+    async def rejoin(self, node_id: NodeId, ttl_ms: int) -> None:
+        """After ``FENCED``: forget the tombstone and register the node afresh, with no state."""
+
+    async def lapsed_nodes(self) -> list[NodeId]:
+        """Known nodes whose heartbeat has lapsed and that nobody has reaped yet."""
+
+    async def reap(self, node_id: NodeId) -> list[ChannelRecord] | None:
+        """Atomically remove a lapsed node's connections and channels and leave a tombstone.
+
+        Returns the channels removed, or None when the node is alive again or another survivor
+        reaped it first: of several racing survivors, exactly one gets a list.
+        """
+
+    async def leave(self, node_id: NodeId) -> None:
+        """Graceful stop: remove everything of the node, its heartbeat included; no tombstone."""
+
+    async def restore(
+        self,
+        node_id: NodeId,
+        connections: Sequence[ConnectionRecord],
+        channels: Sequence[ChannelRecord],
+    ) -> None:
+        """Write the node's live connections and channels again (idempotent)."""
+
+    async def ping(self) -> None:
+        """Raise ``BackendUnavailable`` unless the backend answers."""
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+
+class Subscription(Protocol):
+    """A node's subscription to its inbox; iterate it for the payloads published to it."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+
+class Bus(Protocol):
+    """Node-to-node delivery of opaque payloads."""
+
+    async def publish(self, messages: Sequence[tuple[NodeId, bytes]]) -> list[int]:
+        """Publish each payload to its node's inbox, in order, in one round trip.
+
+        Returns, per payload, how many subscribers received it (0: the node is not listening,
+        the payload is lost and its sender must be told).
+        """
+
+    def subscribe(self, node_id: NodeId) -> AbstractAsyncContextManager[Subscription]:
+        """Listen on the node's inbox. Entering returns once the subscription is active;
+        iteration raises ``BackendUnavailable`` when the connection is lost."""
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+
+class Backend(Protocol):
+    """A registry and a bus that share their connections and settings."""
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def bus(self) -> Bus: ...
+
+    @property
+    def standalone(self) -> bool:
+        """True for the in-process backend of a single node."""
+
+    async def aclose(self) -> None: ...

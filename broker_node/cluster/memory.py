@@ -1,0 +1,231 @@
+"""The in-process backend: a standalone node (the default), or several nodes in one process.
+
+One ``MemoryHub`` plays the part of Redis: nodes that share a hub form one cluster. Heartbeat
+TTLs follow a clock that tests can replace, so liveness is tested without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from broker_node.cluster.base import Bus, Heartbeat, Registry, Subscription
+from broker_node.core.records import ChannelRecord, ConnectionRecord
+from shared.ids import ChannelId, ConnectionId, NodeId
+
+_T = TypeVar("_T")
+
+#: Payloads waiting in one node's inbox before further ones are dropped (as Redis drops a
+#: subscriber whose output buffer overflows): memory stays bounded.
+INBOX_LIMIT = 100_000
+
+
+@dataclass
+class MemoryHub:
+    """The shared state of one in-process cluster."""
+
+    clock: Callable[[], float] = time.monotonic
+    connections: dict[ConnectionId, ConnectionRecord] = field(default_factory=dict)
+    roles: defaultdict[str, set[ConnectionId]] = field(default_factory=lambda: defaultdict(set))
+    channels: dict[ChannelId, ChannelRecord] = field(default_factory=dict)
+    node_connections: defaultdict[NodeId, set[ConnectionId]] = field(
+        default_factory=lambda: defaultdict(set)
+    )
+    node_channels: defaultdict[NodeId, set[ChannelId]] = field(
+        default_factory=lambda: defaultdict(set)
+    )
+    #: node -> heartbeat deadline (clock seconds)
+    nodes: dict[NodeId, float] = field(default_factory=dict)
+    tombstones: set[NodeId] = field(default_factory=set)
+    inboxes: dict[NodeId, asyncio.Queue[bytes]] = field(default_factory=dict)
+
+    def wipe(self) -> None:
+        """Forget everything, as a Redis restarted empty would (subscriptions survive)."""
+        self.connections.clear()
+        self.roles.clear()
+        self.channels.clear()
+        self.node_connections.clear()
+        self.node_channels.clear()
+        self.nodes.clear()
+        self.tombstones.clear()
+
+    def _drop_connection(self, record: ConnectionRecord) -> None:
+        self.connections.pop(record.connection_id, None)
+        members = self.roles.get(record.role)
+        if members is not None:
+            members.discard(record.connection_id)
+            if not members:
+                del self.roles[record.role]
+        self._discard(self.node_connections, record.node_id, record.connection_id)
+
+    def _drop_channel(self, record: ChannelRecord) -> None:
+        self.channels.pop(record.channel_id, None)
+        for node_id in (record.opener_node, record.target_node):
+            self._discard(self.node_channels, node_id, record.channel_id)
+
+    @staticmethod
+    def _discard(index: defaultdict[NodeId, set[_T]], key: NodeId, value: _T) -> None:
+        members = index.get(key)
+        if members is not None:
+            members.discard(value)
+            if not members:
+                del index[key]
+
+    def _remove_node_state(self, node_id: NodeId) -> list[ChannelRecord]:
+        removed = [self.channels[c] for c in self.node_channels.get(node_id, ()) if c in self.channels]
+        for record in removed:
+            self._drop_channel(record)
+        for connection_id in list(self.node_connections.get(node_id, ())):
+            if (conn := self.connections.get(connection_id)) is not None:
+                self._drop_connection(conn)
+        self.node_connections.pop(node_id, None)
+        self.node_channels.pop(node_id, None)
+        self.nodes.pop(node_id, None)
+        return removed
+
+
+class MemoryRegistry(Registry):
+    def __init__(self, hub: MemoryHub) -> None:
+        self._hub = hub
+
+    async def add_connection(self, record: ConnectionRecord) -> None:
+        hub = self._hub
+        hub.connections[record.connection_id] = record
+        hub.roles[record.role].add(record.connection_id)
+        hub.node_connections[record.node_id].add(record.connection_id)
+
+    async def remove_connection(self, record: ConnectionRecord) -> None:
+        self._hub._drop_connection(record)
+
+    async def find_connection(self, connection_id: ConnectionId) -> ConnectionRecord | None:
+        return self._hub.connections.get(connection_id)
+
+    async def list_by_role(self, role: str) -> list[ConnectionId]:
+        return list(self._hub.roles.get(role, ()))
+
+    async def add_channel(self, record: ChannelRecord) -> None:
+        hub = self._hub
+        hub.channels[record.channel_id] = record
+        hub.node_channels[record.opener_node].add(record.channel_id)
+        hub.node_channels[record.target_node].add(record.channel_id)
+
+    async def remove_channel(self, record: ChannelRecord) -> None:
+        self._hub._drop_channel(record)
+
+    async def heartbeat(self, node_id: NodeId, ttl_ms: int) -> Heartbeat:
+        hub = self._hub
+        if node_id in hub.tombstones:
+            return Heartbeat.FENCED
+        known = node_id in hub.nodes
+        hub.nodes[node_id] = hub.clock() + ttl_ms / 1000
+        return Heartbeat.RENEWED if known else Heartbeat.REJOINED
+
+    async def rejoin(self, node_id: NodeId, ttl_ms: int) -> None:
+        hub = self._hub
+        hub.tombstones.discard(node_id)
+        hub._remove_node_state(node_id)
+        hub.nodes[node_id] = hub.clock() + ttl_ms / 1000
+
+    async def lapsed_nodes(self) -> list[NodeId]:
+        now = self._hub.clock()
+        return [node for node, deadline in self._hub.nodes.items() if deadline <= now]
+
+    async def reap(self, node_id: NodeId) -> list[ChannelRecord] | None:
+        hub = self._hub
+        deadline = hub.nodes.get(node_id)
+        if deadline is None or deadline > hub.clock():
+            return None
+        removed = hub._remove_node_state(node_id)
+        hub.tombstones.add(node_id)
+        return removed
+
+    async def leave(self, node_id: NodeId) -> None:
+        self._hub._remove_node_state(node_id)
+
+    async def restore(
+        self,
+        node_id: NodeId,
+        connections: Sequence[ConnectionRecord],
+        channels: Sequence[ChannelRecord],
+    ) -> None:
+        for connection in connections:
+            await self.add_connection(connection)
+        for channel in channels:
+            await self.add_channel(channel)
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _MemorySubscription(Subscription):
+    def __init__(self, inbox: asyncio.Queue[bytes]) -> None:
+        self._inbox = inbox
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            yield await self._inbox.get()
+
+
+class MemoryBus(Bus):
+    def __init__(self, hub: MemoryHub) -> None:
+        self._hub = hub
+
+    async def publish(self, messages: Sequence[tuple[NodeId, bytes]]) -> list[int]:
+        counts = []
+        for node_id, payload in messages:
+            inbox = self._hub.inboxes.get(node_id)
+            if inbox is None or inbox.full():
+                counts.append(0)
+            else:
+                inbox.put_nowait(payload)
+                counts.append(1)
+        return counts
+
+    @asynccontextmanager
+    async def _subscribe(self, node_id: NodeId) -> AsyncIterator[Subscription]:
+        inbox: asyncio.Queue[bytes] = asyncio.Queue(INBOX_LIMIT)
+        self._hub.inboxes[node_id] = inbox
+        try:
+            yield _MemorySubscription(inbox)
+        finally:
+            if self._hub.inboxes.get(node_id) is inbox:
+                del self._hub.inboxes[node_id]
+
+    def subscribe(self, node_id: NodeId) -> AbstractAsyncContextManager[Subscription]:
+        return self._subscribe(node_id)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class MemoryBackend:
+    """The registry and bus of one in-process hub."""
+
+    def __init__(self, hub: MemoryHub | None = None, *, standalone: bool = True) -> None:
+        self.hub = hub if hub is not None else MemoryHub()
+        self._registry = MemoryRegistry(self.hub)
+        self._bus = MemoryBus(self.hub)
+        self._standalone = standalone
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    @property
+    def bus(self) -> Bus:
+        return self._bus
+
+    @property
+    def standalone(self) -> bool:
+        return self._standalone
+
+    async def aclose(self) -> None:
+        return None

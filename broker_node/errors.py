@@ -1,0 +1,26 @@
+"""Exceptions of the broker node.
+
+    BrokerNodeError
+    ├── BackendUnavailable      the registry or bus could not be reached in time (not our bug)
+    └── ConfigurationError      a setting is invalid (the operator's to fix)
+"""
+
+from __future__ import annotations
+
+
+class BrokerNodeError(Exception):
+    """Base class of the node's own exceptions."""
+
+
+class BackendUnavailable(BrokerNodeError):
+    """The cluster backend (Redis) failed or timed out; the request may be retried later."""
+
+    def __init__(self, operation: str, cause: BaseException | None = None) -> None:
+        self.operation = operation
+        self.cause = cause
+        detail = f": {cause!r}" if cause is not None else ""
+        super().__init__(f"cluster backend unavailable during {operation}{detail}")
+
+
+class ConfigurationError(BrokerNodeError):
+    """A setting is invalid."""

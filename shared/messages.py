@@ -1,0 +1,203 @@
+"""Every message of the wire protocol, as frozen msgspec Structs.
+
+The protocol is the one of the original ``@sitnikov/connection-broker`` README: each message
+is a JSON object tagged by ``type``; field names are camelCase on the wire (``replyTo``,
+``connectionId``, ``channelId``, ``targetId``, ``from``). Classes are named after their tag
+(``list_by_role`` -> ``ListByRole``). Field order follows the README examples, so encoded
+frames match them byte for byte.
+
+Payloads are ``msgspec.Raw``: the broker never parses or re-encodes them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+__all__ = [
+    "FAILURE_TYPE",
+    "BrokerMessage",
+    "ChannelCloseFailed",
+    "ChannelClosed",
+    "ChannelClosedNotification",
+    "ChannelMessage",
+    "ChannelMessageFailed",
+    "ChannelMessageSent",
+    "ChannelOpenFailed",
+    "ChannelOpened",
+    "Close",
+    "Connections",
+    "Error",
+    "IncomingChannel",
+    "ListByRole",
+    "ListByRoleFailed",
+    "Message",
+    "Open",
+    "Register",
+    "RegisterFailed",
+    "Registered",
+    "Request",
+]
+
+
+class _Wire(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True):
+    """Base of every wire message; the tag is set per class."""
+
+
+# --- client -> broker -------------------------------------------------------------------
+
+
+class Register(_Wire, frozen=True, tag="register"):
+    id: int
+    role: str
+
+
+class ListByRole(_Wire, frozen=True, tag="list_by_role"):
+    id: int
+    role: str
+
+
+class Open(_Wire, frozen=True, tag="open"):
+    id: int
+    targetId: str
+
+
+class Message(_Wire, frozen=True, tag="message"):
+    id: int
+    channelId: str
+    payload: msgspec.Raw
+
+
+class Close(_Wire, frozen=True, tag="close"):
+    id: int
+    channelId: str
+
+
+Request = Register | ListByRole | Open | Message | Close
+
+REQUEST_TYPES: Final[dict[str, type[Request]]] = {
+    "register": Register,
+    "list_by_role": ListByRole,
+    "open": Open,
+    "message": Message,
+    "close": Close,
+}
+
+#: The failure reply of each request type (``open`` -> ``channel_open_failed``).
+FAILURE_TYPE: Final[dict[str, str]] = {
+    "register": "register_failed",
+    "list_by_role": "list_by_role_failed",
+    "open": "channel_open_failed",
+    "message": "channel_message_failed",
+    "close": "channel_close_failed",
+}
+
+# --- broker -> client -------------------------------------------------------------------
+
+
+class Registered(_Wire, frozen=True, tag="registered"):
+    id: int
+    replyTo: int
+    connectionId: str
+
+
+class RegisterFailed(_Wire, frozen=True, tag="register_failed"):
+    id: int
+    replyTo: int
+    error: str
+
+
+class Connections(_Wire, frozen=True, tag="connections"):
+    id: int
+    replyTo: int
+    ids: list[str]
+
+
+class ListByRoleFailed(_Wire, frozen=True, tag="list_by_role_failed"):
+    id: int
+    replyTo: int
+    error: str
+
+
+class ChannelOpened(_Wire, frozen=True, tag="channel_opened"):
+    id: int
+    replyTo: int
+    channelId: str
+    targetId: str
+
+
+class IncomingChannel(_Wire, frozen=True, tag="incoming_channel", kw_only=True):
+    id: int
+    from_: str = msgspec.field(name="from")
+    channelId: str
+
+
+class ChannelOpenFailed(_Wire, frozen=True, tag="channel_open_failed"):
+    id: int
+    replyTo: int
+    targetId: str
+    error: str
+
+
+class ChannelMessage(_Wire, frozen=True, tag="channel_message"):
+    id: int
+    channelId: str
+    payload: msgspec.Raw
+
+
+class ChannelMessageSent(_Wire, frozen=True, tag="channel_message_sent"):
+    id: int
+    replyTo: int
+    channelId: str
+
+
+class ChannelMessageFailed(_Wire, frozen=True, tag="channel_message_failed"):
+    id: int
+    replyTo: int
+    channelId: str
+    error: str
+
+
+class ChannelClosed(_Wire, frozen=True, tag="channel_closed"):
+    id: int
+    replyTo: int
+    channelId: str
+
+
+class ChannelClosedNotification(_Wire, frozen=True, tag="channel_closed_notification"):
+    id: int
+    channelId: str
+
+
+class ChannelCloseFailed(_Wire, frozen=True, tag="channel_close_failed"):
+    id: int
+    replyTo: int
+    channelId: str
+    error: str
+
+
+class Error(_Wire, frozen=True, tag="error", kw_only=True):
+    """A failure that has no typed reply: bad JSON shapes, unknown types, compat mode."""
+
+    id: int
+    replyTo: int | None = None
+    error: str
+
+
+BrokerMessage = (
+    Registered
+    | RegisterFailed
+    | Connections
+    | ListByRoleFailed
+    | ChannelOpened
+    | IncomingChannel
+    | ChannelOpenFailed
+    | ChannelMessage
+    | ChannelMessageSent
+    | ChannelMessageFailed
+    | ChannelClosed
+    | ChannelClosedNotification
+    | ChannelCloseFailed
+    | Error
+)
