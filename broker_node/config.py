@@ -1,0 +1,49 @@
+"""The node's settings: one frozen object, every default in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared.ids import NodeId, new_node_id
+
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    """Everything a node can be told; the CLI maps each field to an option and a BROKER_* var."""
+
+    # Listening
+    host: str = "0.0.0.0"
+    port: int = 3004
+
+    # Cluster
+    redis_url: str | None = None
+    redis_prefix: str = "broker"
+    node_id: NodeId = field(default_factory=new_node_id)
+    heartbeat_interval: float = 5.0
+    node_ttl: float = 15.0
+
+    # Limits
+    max_message_size: int = 1024 * 1024
+    max_role_length: int = 256
+    #: Bytes queued for one client before it is closed with 1008 "slow consumer".
+    max_outbound_buffer: int = 4 * 1024 * 1024
+    #: Cross-node messages of one connection awaiting confirmation before sends fail.
+    max_unconfirmed: int = 4096
+
+    # Timing
+    #: How long a request that needs the cluster backend (or a cross-node confirmation) may
+    #: take before it gets its ``*_failed`` reply; below the JS client's own 3 s timeout.
+    request_timeout: float = 2.5
+    #: Graceful stop: time to close clients and clean the registry before exiting.
+    drain_timeout: float = 10.0
+
+    # Logging
+    log_level: str = "info"
+    log_format: LogFormat = "text"
+
+    @property
+    def node_ttl_ms(self) -> int:
+        return int(self.node_ttl * 1000)
