@@ -1,0 +1,1 @@
+"""Python client SDK of the connection broker."""
