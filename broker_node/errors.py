@@ -1,8 +1,8 @@
 """Exceptions of the broker node.
 
-    BrokerNodeError
-    ├── BackendUnavailable      the registry or bus could not be reached in time (not our bug)
-    └── ConfigurationError      a setting is invalid (the operator's to fix)
+BrokerNodeError
+├── BackendUnavailable      the registry or bus could not be reached in time (not our bug)
+└── ConfigurationError      a setting is invalid (the operator's to fix)
 """
 
 from __future__ import annotations

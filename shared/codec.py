@@ -62,15 +62,17 @@ Rejection = CloseConnection | ErrorReply | FailedReply
 _request_decoder: Final[msgspec.json.Decoder[Request]] = msgspec.json.Decoder(Request)
 _any_decoder: Final = msgspec.json.Decoder()
 _encoder: Final = msgspec.json.Encoder()
-_broker_decoder: Final[msgspec.json.Decoder[BrokerMessage]] = msgspec.json.Decoder(
-    BrokerMessage
-)
+_broker_decoder: Final[msgspec.json.Decoder[BrokerMessage]] = msgspec.json.Decoder(BrokerMessage)
 
 #: Which request field a ``*_failed`` reply echoes back (``channelId`` or ``targetId``).
-SUBJECT_FIELD: Final[dict[str, str]] = {"open": "targetId", "message": "channelId", "close": "channelId"}
+SUBJECT_FIELD: Final[dict[str, str]] = {
+    "open": "targetId",
+    "message": "channelId",
+    "close": "channelId",
+}
 
 
-def decode_request(frame: bytes | str) -> Request | Rejection:
+def decode_request(frame: bytes | bytearray | memoryview | str) -> Request | Rejection:
     """Decode one text frame from a client."""
     try:
         return _request_decoder.decode(frame)
@@ -78,7 +80,7 @@ def decode_request(frame: bytes | str) -> Request | Rejection:
         return _diagnose(frame)
 
 
-def _diagnose(frame: bytes | str) -> Rejection:
+def _diagnose(frame: bytes | bytearray | memoryview | str) -> Rejection:
     # The fast path failed; find the row of the bad-input table that applies.
     try:
         value: Any = _any_decoder.decode(frame)

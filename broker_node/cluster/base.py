@@ -68,6 +68,9 @@ class Registry(Protocol):
     async def rejoin(self, node_id: NodeId, ttl_ms: int) -> None:
         """After ``FENCED``: forget the tombstone and register the node afresh, with no state."""
 
+    async def live_nodes(self) -> set[NodeId]:
+        """Nodes whose heartbeat is current."""
+
     async def lapsed_nodes(self) -> list[NodeId]:
         """Known nodes whose heartbeat has lapsed and that nobody has reaped yet."""
 

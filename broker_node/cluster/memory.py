@@ -77,7 +77,9 @@ class MemoryHub:
                 del index[key]
 
     def _remove_node_state(self, node_id: NodeId) -> list[ChannelRecord]:
-        removed = [self.channels[c] for c in self.node_channels.get(node_id, ()) if c in self.channels]
+        removed = [
+            self.channels[c] for c in self.node_channels.get(node_id, ()) if c in self.channels
+        ]
         for record in removed:
             self._drop_channel(record)
         for connection_id in list(self.node_connections.get(node_id, ())):
@@ -130,6 +132,10 @@ class MemoryRegistry(Registry):
         hub.tombstones.discard(node_id)
         hub._remove_node_state(node_id)
         hub.nodes[node_id] = hub.clock() + ttl_ms / 1000
+
+    async def live_nodes(self) -> set[NodeId]:
+        now = self._hub.clock()
+        return {node for node, deadline in self._hub.nodes.items() if deadline > now}
 
     async def lapsed_nodes(self) -> list[NodeId]:
         now = self._hub.clock()

@@ -1,0 +1,172 @@
+"""The ``broker-node`` and ``connection-broker`` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from broker_node.config import Settings
+from broker_node.errors import ConfigurationError
+from broker_node.logs import configure_logging
+from broker_node.node import BrokerNode
+from shared.ids import NodeId, new_node_id
+
+logger = logging.getLogger("broker_node.cli")
+_DEFAULTS = Settings(node_id=NodeId("-"))
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
+    """A click option that is also the environment variable BROKER_<NAME>."""
+    envvar = "BROKER_" + name.lstrip("-").replace("-", "_").upper()
+    return click.option(
+        name, *aliases, envvar=envvar, show_envvar=True, show_default=True, **kwargs
+    )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@_option("--host", default=_DEFAULTS.host, help="Interface to listen on.")
+@_option("--port", "-p", default=_DEFAULTS.port, type=click.IntRange(0, 65535), help="Port.")
+@_option(
+    "--redis-url",
+    default=None,
+    help="redis://, rediss:// or unix:// URL; absent: a standalone node with no Redis.",
+)
+@_option("--redis-prefix", default=_DEFAULTS.redis_prefix, help="Prefix of every Redis key.")
+@_option("--node-id", default=None, help="This node's id in the cluster  [default: random]")
+@_option(
+    "--heartbeat-interval",
+    default=_DEFAULTS.heartbeat_interval,
+    type=click.FloatRange(min=0.05),
+    help="Seconds between heartbeats (and checks for lost nodes).",
+)
+@_option(
+    "--node-ttl",
+    default=_DEFAULTS.node_ttl,
+    type=click.FloatRange(min=0.1),
+    help="Seconds without a heartbeat after which a node counts as lost and is reaped.",
+)
+@_option(
+    "--max-message-size",
+    default=_DEFAULTS.max_message_size,
+    type=click.IntRange(min=1),
+    help="Largest frame in bytes; larger ones close the connection with 1009.",
+)
+@_option(
+    "--max-role-length",
+    default=_DEFAULTS.max_role_length,
+    type=click.IntRange(min=1),
+    help="Longest role, in characters.",
+)
+@_option(
+    "--max-outbound-buffer",
+    default=_DEFAULTS.max_outbound_buffer,
+    type=click.IntRange(min=1024),
+    help="Bytes queued for one client before it is closed with 1008 (slow consumer).",
+)
+@_option(
+    "--max-unconfirmed",
+    default=_DEFAULTS.max_unconfirmed,
+    type=click.IntRange(min=1),
+    help="Cross-node messages of one client awaiting confirmation before sends fail.",
+)
+@_option(
+    "--request-timeout",
+    default=_DEFAULTS.request_timeout,
+    type=click.FloatRange(min=0.01),
+    help="Seconds a request may wait for Redis or another node before it fails.",
+)
+@_option(
+    "--drain-timeout",
+    default=_DEFAULTS.drain_timeout,
+    type=click.FloatRange(min=0),
+    help="Seconds a graceful stop may take.",
+)
+@_option(
+    "--log-level",
+    default=_DEFAULTS.log_level,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@_option("--log-format", default=_DEFAULTS.log_format, type=click.Choice(["text", "json"]))
+def main(
+    *,
+    host: str,
+    port: int,
+    redis_url: str | None,
+    redis_prefix: str,
+    node_id: str | None,
+    heartbeat_interval: float,
+    node_ttl: float,
+    max_message_size: int,
+    max_role_length: int,
+    max_outbound_buffer: int,
+    max_unconfirmed: int,
+    request_timeout: float,
+    drain_timeout: float,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run one node of the connection broker (standalone without --redis-url)."""
+    if heartbeat_interval >= node_ttl:
+        raise click.BadParameter(
+            "must be shorter than --node-ttl", param_hint="--heartbeat-interval"
+        )
+    settings = Settings(
+        host=host,
+        port=port,
+        redis_url=redis_url or None,
+        redis_prefix=redis_prefix,
+        node_id=NodeId(node_id) if node_id else new_node_id(),
+        heartbeat_interval=heartbeat_interval,
+        node_ttl=node_ttl,
+        max_message_size=max_message_size,
+        max_role_length=max_role_length,
+        max_outbound_buffer=max_outbound_buffer,
+        max_unconfirmed=max_unconfirmed,
+        request_timeout=request_timeout,
+        drain_timeout=drain_timeout,
+        log_level=log_level,
+        log_format="json" if log_format == "json" else "text",
+    )
+    run(settings)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--port", "-p", default=3004, show_default=True, type=click.IntRange(0, 65535))
+def connection_broker(port: int) -> None:
+    """Drop-in for the original package's ``connection-broker --port N``: a standalone node."""
+    run(Settings(port=port))
+
+
+def run(settings: Settings) -> None:
+    configure_logging(
+        level=settings.log_level, log_format=settings.log_format, node_id=settings.node_id
+    )
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(_serve(settings))
+    else:
+        uvloop.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    try:
+        node = BrokerNode(settings)
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from exc
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    await node.start()
+    await stopping.wait()
+    logger.info("signal received; draining")
+    await node.stop()

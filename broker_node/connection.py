@@ -1,0 +1,248 @@
+"""One client's TCP connection: HTTP endpoints, the WebSocket handshake, frames in and out.
+
+Built on websockets' Sans-I/O ``ServerProtocol`` driven from an ``asyncio.Protocol``: frames are
+handled synchronously in ``data_received`` and outgoing frames are coalesced into one write per
+connection per event-loop turn (see docs/performance-notes.md). The adapter does the same few
+steps for every frame: decode, let the core decide, execute; it holds no protocol rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Final, cast
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request as HttpRequest
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import BytesLike
+
+from shared.codec import CLOSE_POLICY_VIOLATION, decode_request
+from shared.ids import ConnectionId, new_connection_id
+from shared.messages import Close, Message, Request
+
+if TYPE_CHECKING:
+    from broker_node.node import BrokerNode
+    from shared.codec import Rejection
+
+logger = logging.getLogger("broker_node.connection")
+_websockets_logger = logging.getLogger("websockets.server")
+
+#: Requests of one client waiting behind a registry round trip before reading pauses.
+MAX_BACKLOG: Final = 1024
+#: How long a closing handshake may take before the TCP connection is dropped.
+CLOSE_TIMEOUT: Final = 2.0
+
+_TEXT: Final = Opcode.TEXT
+_CONT: Final = Opcode.CONT
+_BINARY: Final = Opcode.BINARY
+
+
+def text_frame(data: bytes) -> bytes:
+    """An unmasked, unfragmented server-to-client text frame (no extension is negotiated)."""
+    length = len(data)
+    if length < 126:
+        return b"\x81" + length.to_bytes(1, "big") + data
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big") + data
+    return b"\x81\x7f" + length.to_bytes(8, "big") + data
+
+
+def wants_legacy_errors(path: str) -> bool:
+    """``?errors=legacy`` on the URL: failures as ``{"type": "error"}`` (original JS client)."""
+    query = parse_qs(urlsplit(path).query)
+    return "legacy" in query.get("errors", ())
+
+
+class ClientConnection(asyncio.Protocol):
+    """The adapter between one TCP connection and the node."""
+
+    def __init__(self, node: BrokerNode) -> None:
+        self.node = node
+        self.ws = ServerProtocol(max_size=node.settings.max_message_size, logger=_websockets_logger)
+        self.transport: asyncio.Transport | None = None
+        self.connection_id: ConnectionId | None = None
+        #: Frames built this loop turn, written together by ``flush``.
+        self.outgoing: list[bytes] = []
+        self._fragments: list[BytesLike] | None = None
+        self._backlog: deque[Request | Rejection] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._reading_paused = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.node.settings.max_outbound_buffer)
+        self.node.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+        for event in self.ws.events_received():
+            if type(event) is Frame:
+                self._on_frame(event)
+            elif isinstance(event, HttpRequest):
+                self._on_http_request(event)
+        self._write_protocol_data()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self._write_protocol_data()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if self._worker is not None:
+            self._worker.cancel()
+        self._backlog.clear()
+        self.outgoing.clear()
+        self.node.connection_lost(self)
+
+    def pause_writing(self) -> None:
+        # The transport's buffer passed max_outbound_buffer: the client reads too slowly.
+        if self.connection_id is not None and self.ws.state is State.OPEN:
+            self.node.stats.slow_consumers += 1
+            logger.info("closing slow consumer %s", self.connection_id)
+            self.close(CLOSE_POLICY_VIOLATION, "slow consumer")
+
+    def resume_writing(self) -> None:
+        return None
+
+    # --- HTTP and the handshake -------------------------------------------------------------
+
+    def _on_http_request(self, request: HttpRequest) -> None:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            self.ws.send_response(self.node.http_response(self.ws, request))
+            return
+        if self.node.draining:
+            self.ws.send_response(self.ws.reject(503, "Node is draining\n"))
+            return
+        response = self.ws.accept(request)
+        self.ws.send_response(response)
+        if response.status_code == 101:
+            self.connection_id = new_connection_id()
+            self.node.client_accepted(self, legacy_errors=wants_legacy_errors(request.path))
+
+    # --- frames in --------------------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is _TEXT:
+            if frame.fin:
+                self._on_text(frame.data)
+            else:
+                self._fragments = [frame.data]
+        elif opcode is _CONT:
+            if self._fragments is not None:
+                self._fragments.append(frame.data)
+                if frame.fin:
+                    data = b"".join(self._fragments)
+                    self._fragments = None
+                    self._on_text(data)
+            else:
+                # A continuation of a binary message: its first frame was already refused.
+                pass
+        elif opcode is _BINARY:
+            self.node.bad_frame("binary")
+            cid = self.connection_id
+            if cid is not None:
+                self.node.execute(self.node.core.binary_frame(cid))
+
+    def _on_text(self, data: BytesLike) -> None:
+        cid = self.connection_id
+        if cid is None or self.closed or self.ws.state is not State.OPEN:
+            return
+        request = decode_request(data)
+        if self._backlog:
+            self._enqueue(request)
+            return
+        # message and close never wait for the registry: decide and execute right here.
+        kind = type(request)
+        if kind is Message:
+            self.node.execute(self.node.core.message(cid, request))  # type: ignore[arg-type]
+        elif kind is Close:
+            self.node.execute(self.node.core.close(cid, request))  # type: ignore[arg-type]
+        else:
+            self._enqueue(request)
+
+    def _enqueue(self, request: Request | Rejection) -> None:
+        # Requests after one that waits for the registry wait too: replies keep request order
+        # semantics (a close after an open sees the open's effect).
+        self._backlog.append(request)
+        if len(self._backlog) >= MAX_BACKLOG and not self._reading_paused and self.transport:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work_backlog())
+
+    async def _work_backlog(self) -> None:
+        cid = self.connection_id
+        assert cid is not None
+        try:
+            while self._backlog and not self.closed:
+                await self.node.handle_request(cid, self._backlog[0])
+                self._backlog.popleft()
+                if self._reading_paused and len(self._backlog) < MAX_BACKLOG // 2:
+                    self._reading_paused = False
+                    if self.transport is not None and not self.closed:
+                        self.transport.resume_reading()
+        finally:
+            self._worker = None
+
+    # --- frames out -------------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        """Queue a text frame; it is written with the others at the end of this loop turn."""
+        if self.ws.state is not State.OPEN:
+            return
+        if not self.outgoing:
+            self.node.flush_soon(self)
+        self.outgoing.append(text_frame(frame))
+
+    def flush(self) -> None:
+        if self.outgoing and self.transport is not None and not self.closed:
+            data = b"".join(self.outgoing) if len(self.outgoing) > 1 else self.outgoing[0]
+            self.outgoing.clear()
+            self.transport.write(data)
+        else:
+            self.outgoing.clear()
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; the node forgets the client at once."""
+        if self.ws.state is State.OPEN:
+            self.flush()
+            self.ws.send_close(code, reason)
+            self._write_protocol_data()
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
+        self.node.client_closing(self)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _write_protocol_data(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for data in self.ws.data_to_send():
+            if data:
+                if self.outgoing:
+                    self.flush()
+                transport.write(data)
+            else:
+                # End of stream: a server closes the TCP connection once its close frame or
+                # HTTP response is written (transport.close flushes first).
+                self.flush()
+                transport.close()
+        if self.ws.state is State.CLOSED or self.ws.close_expected():
+            self.node.client_closing(self)

@@ -1,0 +1,37 @@
+"""Plain counters of one node, read by the metrics collector at scrape time.
+
+Counting is a single integer increment on the hot path; Prometheus objects are built only
+when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class NodeStats:
+    messages_local: int = 0
+    messages_cross_node_out: int = 0
+    messages_cross_node_in: int = 0
+    confirmations_sent: int = 0
+    slow_consumers: int = 0
+    reaped_nodes: int = 0
+    lost_nodes: int = 0
+    bus_batches_in: int = 0
+    bus_publishes: int = 0
+    bus_publish_seconds: float = 0.0
+    #: ``*_failed`` / ``error`` replies by reply type and reason (bounded label sets).
+    failures: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Refused frames by kind (invalid_json, binary, too_big, bad_shape, unknown_type, bad_fields).
+    bad_frames: Counter[str] = field(default_factory=Counter)
+    #: Registry calls: operation -> [count, total seconds, errors].
+    registry_calls: dict[str, list[float]] = field(default_factory=dict)
+
+    def registry_call(self, operation: str, seconds: float, failed: bool) -> None:
+        entry = self.registry_calls.setdefault(operation, [0, 0.0, 0])
+        entry[0] += 1
+        entry[1] += seconds
+        if failed:
+            entry[2] += 1

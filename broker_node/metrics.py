@@ -1,0 +1,144 @@
+"""Prometheus metrics of one node, built from its counters when /metrics is scraped.
+
+Labels are bounded: reply types and a fixed set of reasons, frame kinds, registry operations.
+No per-connection or per-role label exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from broker_node.node import BrokerNode
+
+
+class NodeCollector(Collector):
+    def __init__(self, node: BrokerNode) -> None:
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self._node
+        stats = node.stats
+        core = node.core
+        yield GaugeMetricFamily(
+            "broker_connections", "Clients connected to this node.", value=len(core.connections)
+        )
+        yield GaugeMetricFamily(
+            "broker_registered_connections",
+            "Clients of this node that registered a role.",
+            value=sum(1 for c in core.connections.values() if c.role is not None),
+        )
+        yield GaugeMetricFamily(
+            "broker_channels", "Channels with an end on this node.", value=len(core.channels)
+        )
+        routed = CounterMetricFamily(
+            "broker_messages_routed",
+            "Channel messages routed, by path (local: both ends on this node; "
+            "cross_node_out: published to the recipient's node; cross_node_in: delivered "
+            "here for a sender on another node).",
+            labels=["path"],
+        )
+        routed.add_metric(["local"], stats.messages_local)
+        routed.add_metric(["cross_node_out"], stats.messages_cross_node_out)
+        routed.add_metric(["cross_node_in"], stats.messages_cross_node_in)
+        yield routed
+        yield CounterMetricFamily(
+            "broker_cross_node_confirmations",
+            "channel_message_sent replies for messages confirmed by another node.",
+            value=stats.confirmations_sent,
+        )
+        failures = CounterMetricFamily(
+            "broker_request_failures",
+            "Failure replies sent, by reply type and reason.",
+            labels=["type", "reason"],
+        )
+        for (reply_type, reason), count in sorted(stats.failures.items()):
+            failures.add_metric([reply_type, reason], count)
+        yield failures
+        bad = CounterMetricFamily(
+            "broker_bad_frames", "Frames refused by the bad-input table, by kind.", labels=["kind"]
+        )
+        for kind, count in sorted(stats.bad_frames.items()):
+            bad.add_metric([kind], count)
+        yield bad
+        yield CounterMetricFamily(
+            "broker_slow_consumer_closes",
+            "Clients closed with 1008 for reading too slowly.",
+            value=stats.slow_consumers,
+        )
+        calls = CounterMetricFamily(
+            "broker_registry_calls", "Registry calls, by operation.", labels=["operation"]
+        )
+        seconds = CounterMetricFamily(
+            "broker_registry_call_seconds",
+            "Time spent in registry calls (Redis round trips), by operation.",
+            labels=["operation"],
+        )
+        errors = CounterMetricFamily(
+            "broker_registry_call_errors",
+            "Registry calls that failed or timed out, by operation.",
+            labels=["operation"],
+        )
+        for operation, entry in sorted(stats.registry_calls.items()):
+            calls.add_metric([operation], entry[0])
+            seconds.add_metric([operation], entry[1])
+            errors.add_metric([operation], entry[2])
+        yield calls
+        yield seconds
+        yield errors
+        yield CounterMetricFamily(
+            "broker_bus_publishes", "Payloads published to other nodes.", value=stats.bus_publishes
+        )
+        yield CounterMetricFamily(
+            "broker_bus_publish_seconds",
+            "Time spent in pipelined publishes (bus lag on the sending side).",
+            value=stats.bus_publish_seconds,
+        )
+        yield CounterMetricFamily(
+            "broker_bus_batches_received", "Bus payloads received.", value=stats.bus_batches_in
+        )
+        deliveries, opens = core.pending_counts()
+        yield GaugeMetricFamily(
+            "broker_bus_pending_confirmations",
+            "Cross-node messages awaiting the recipient node's confirmation.",
+            value=deliveries,
+        )
+        yield GaugeMetricFamily(
+            "broker_bus_pending_opens", "Cross-node opens awaiting the target's node.", value=opens
+        )
+        yield GaugeMetricFamily(
+            "broker_bus_outbox", "Envelopes waiting to be published.", value=len(node.outbox)
+        )
+        yield CounterMetricFamily(
+            "broker_reaped_nodes", "Lost nodes this node reaped.", value=stats.reaped_nodes
+        )
+        yield CounterMetricFamily(
+            "broker_lost_nodes",
+            "Times a node holding a channel peer was found gone.",
+            value=stats.lost_nodes,
+        )
+        yield GaugeMetricFamily("broker_ready", "1 when /readyz answers 200.", value=node.ready)
+        yield GaugeMetricFamily("broker_draining", "1 while draining.", value=node.draining)
+        yield GaugeMetricFamily(
+            "broker_backend_up", "1 while the cluster backend answers.", value=node.backend_up
+        )
+        yield GaugeMetricFamily(
+            "broker_bus_subscribed",
+            "1 while the bus subscription is active.",
+            value=node.subscribed,
+        )
+
+
+def metrics_registry(node: BrokerNode) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(node))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

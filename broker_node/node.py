@@ -1,0 +1,517 @@
+"""A broker node: the server, the core, the cluster backend and the background loops.
+
+Lifecycle: ``start`` subscribes to the node's bus inbox, announces the node (heartbeat) and
+listens; ``stop`` drains: not ready, stop accepting, close clients with 1001 (their channels'
+peers are notified), publish what is left, leave the registry, exit within the drain timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Final, TypeVar
+
+import msgspec
+from websockets.exceptions import PayloadTooBig
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response
+from websockets.server import ServerProtocol
+
+from broker_node.cluster.base import Backend, Heartbeat
+from broker_node.cluster.memory import MemoryBackend
+from broker_node.config import Settings
+from broker_node.connection import ClientConnection
+from broker_node.core.actions import (
+    Action,
+    CloseClient,
+    ForgetChannel,
+    ForgetConnection,
+    Publish,
+    Send,
+)
+from broker_node.core.broker import REGISTRY_UNAVAILABLE, BrokerCore
+from broker_node.core.envelopes import Envelope, decode_batch
+from broker_node.core.stats import NodeStats
+from broker_node.errors import BackendUnavailable
+from broker_node.health import http_response
+from broker_node.metrics import metrics_registry
+from broker_node.outbox import Outbox
+from broker_node.supervisor import Supervisor
+from shared.codec import CLOSE_GOING_AWAY, Rejection
+from shared.ids import ConnectionId, NodeId
+from shared.messages import Close, ListByRole, Message, Open, Register, Request
+
+logger = logging.getLogger("broker_node.node")
+
+_T = TypeVar("_T")
+
+#: How often cross-node work is checked against the request timeout.
+EXPIRY_INTERVAL: Final = 0.25
+#: Registry removals waiting to be written; past this the node resynchronises instead.
+MAX_REGISTRY_BACKLOG: Final = 100_000
+#: Close code for clients of a node that was reaped while it could not reach Redis.
+CLOSE_SERVICE_RESTART: Final = 1012
+
+
+class BrokerNode:
+    """One node of the cluster (or the whole broker, when standalone)."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.node_id: NodeId = settings.node_id
+        self.backend = backend if backend is not None else create_backend(settings)
+        self.registry = self.backend.registry
+        self.stats = NodeStats()
+        self.core = BrokerCore(
+            self.node_id,
+            max_role_length=settings.max_role_length,
+            max_unconfirmed=settings.max_unconfirmed,
+            request_timeout=settings.request_timeout,
+            clock=time.monotonic,
+            stats=self.stats,
+        )
+        self.outbox = Outbox(
+            self.backend.bus,
+            on_undeliverable=self._undeliverable,
+            on_published=self._published,
+        )
+        self.clients: dict[ConnectionId, ClientConnection] = {}
+        self.sockets: set[ClientConnection] = set()
+        self.supervisor = Supervisor(on_state=self._loop_state)
+        self.metrics = metrics_registry(self)
+        self.server: asyncio.Server | None = None
+        self.port: int = settings.port
+        self.draining = False
+        self.started = False
+        self.subscribed = False
+        self.backend_up = True
+        self._dirty: list[ClientConnection] = []
+        self._flush_scheduled = False
+        self._registry_backlog: list[ForgetChannel | ForgetConnection] = []
+        self._registry_wake = asyncio.Event()
+        self._registry_dirty = False
+        self._subscribed_event = asyncio.Event()
+        self._liveness_grace_until = 0.0
+        self._stopped = asyncio.Event()
+        self._no_sockets = asyncio.Event()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.supervisor.start("bus-subscriber", self._subscriber_loop)
+        self.supervisor.start("bus-publisher", self.outbox.run)
+        self.supervisor.start("registry-writer", self._registry_writer_loop)
+        self.supervisor.start("expiry", self._expiry_loop)
+        if not self.backend.standalone:
+            # A fresh node waits for its inbox so that nobody publishes to it in vain.
+            try:
+                async with asyncio.timeout(self.settings.request_timeout * 2):
+                    await self._subscribed_event.wait()
+            except TimeoutError:
+                logger.warning("bus subscription not ready yet; starting not-ready")
+        self.supervisor.start("liveness", self._liveness_loop)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: ClientConnection(self),
+            self.settings.host,
+            self.settings.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        sockets = self.server.sockets
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        self.started = True
+        mode = "standalone" if self.backend.standalone else "cluster"
+        logger.info(
+            "listening on %s:%d (%s, node %s)", self.settings.host, self.port, mode, self.node_id
+        )
+
+    async def __aenter__(self) -> BrokerNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Drain and stop; safe to call more than once."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.draining = True
+        logger.info("draining: closing %d clients", len(self.clients))
+        try:
+            async with asyncio.timeout(self.settings.drain_timeout):
+                await self._drain()
+        except TimeoutError:
+            logger.warning("drain timed out after %.1fs", self.settings.drain_timeout)
+        for sock in list(self.sockets):
+            sock.abort()
+        await self.supervisor.stop()
+        await self.backend.aclose()
+        logger.info("stopped")
+
+    async def _drain(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for client in list(self.clients.values()):
+            client.close(CLOSE_GOING_AWAY, "Server shutting down")
+        self._flush_all()
+        await self.outbox.wait_idle()
+        # Give clients a moment to answer the closing handshake; then the TCP goes anyway.
+        if self.sockets:
+            self._no_sockets.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(2.0, self.settings.drain_timeout / 2)):
+                    await self._no_sockets.wait()
+        try:
+            await self.registry.leave(self.node_id)
+        except BackendUnavailable:
+            logger.warning("could not remove this node's registry entries (Redis unavailable)")
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    @property
+    def ready(self) -> bool:
+        if not self.started or self.draining:
+            return False
+        if self.backend.standalone:
+            return True
+        return self.subscribed and self.backend_up
+
+    def _loop_state(self, name: str, up: bool) -> None:
+        if name == "bus-subscriber":
+            self.subscribed = up
+
+    # --- connections ------------------------------------------------------------------------
+
+    def connection_opened(self, sock: ClientConnection) -> None:
+        self.sockets.add(sock)
+
+    def client_accepted(self, sock: ClientConnection, *, legacy_errors: bool) -> None:
+        assert sock.connection_id is not None
+        self.clients[sock.connection_id] = sock
+        self.core.connect(sock.connection_id, legacy_errors=legacy_errors)
+
+    def client_closing(self, sock: ClientConnection) -> None:
+        cid = sock.connection_id
+        if cid is not None and self.clients.get(cid) is sock:
+            del self.clients[cid]
+            self.execute(self.core.disconnect(cid))
+
+    def connection_lost(self, sock: ClientConnection) -> None:
+        self.sockets.discard(sock)
+        if not self.sockets:
+            self._no_sockets.set()
+        if isinstance(sock.ws.parser_exc, PayloadTooBig):
+            self.bad_frame("too_big")
+        self.client_closing(sock)
+
+    def bad_frame(self, kind: str) -> None:
+        self.stats.bad_frames[kind] += 1
+
+    def http_response(self, ws: ServerProtocol, request: HttpRequest) -> Response:
+        return http_response(self, ws, request)
+
+    # --- executing decisions ----------------------------------------------------------------
+
+    def execute(self, actions: list[Action]) -> None:
+        clients = self.clients
+        for action in actions:
+            if type(action) is Send:
+                client = clients.get(action.connection_id)
+                if client is not None:
+                    client.send(action.frame)
+            elif type(action) is Publish:
+                self.outbox.put(action.node_id, action.envelope)
+            elif type(action) is CloseClient:
+                client = clients.get(action.connection_id)
+                if client is not None:
+                    client.close(action.code, action.reason)
+            elif type(action) is ForgetChannel or type(action) is ForgetConnection:
+                self._forget(action)
+
+    def flush_soon(self, sock: ClientConnection) -> None:
+        self._dirty.append(sock)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for sock in dirty:
+            sock.flush()
+
+    async def handle_request(self, cid: ConnectionId, request: Request | Rejection) -> None:
+        """One request, in arrival order, possibly waiting for the registry."""
+        core = self.core
+        if not core.is_connected(cid):
+            return
+        if isinstance(request, Message):
+            self.execute(core.message(cid, request))
+        elif isinstance(request, Close):
+            self.execute(core.close(cid, request))
+        elif isinstance(request, Register):
+            await self._register(cid, request)
+        elif isinstance(request, ListByRole):
+            await self._list_by_role(cid, request)
+        elif isinstance(request, Open):
+            await self._open(cid, request)
+        else:
+            self.bad_frame(_rejection_kind(request))
+            self.execute(core.reject(cid, request))
+
+    async def _register(self, cid: ConnectionId, request: Register) -> None:
+        plan = self.core.begin_register(cid, request)
+        if isinstance(plan, list):
+            self.execute(plan)
+            return
+        error = None
+        try:
+            await self._registry_call("add_connection", self.registry.add_connection(plan))
+        except BackendUnavailable:
+            error = REGISTRY_UNAVAILABLE
+        if error is None and not self.core.is_connected(cid):
+            self._forget(ForgetConnection(plan))
+        self.execute(self.core.finish_register(cid, request, error))
+
+    async def _list_by_role(self, cid: ConnectionId, request: ListByRole) -> None:
+        refusal = self.core.begin_list(cid, request)
+        if refusal is not None:
+            self.execute(refusal)
+            return
+        ids = None
+        with contextlib.suppress(BackendUnavailable):
+            ids = await self._registry_call(
+                "list_by_role", self.registry.list_by_role(request.role)
+            )
+        self.execute(self.core.finish_list(cid, request, ids))
+
+    async def _open(self, cid: ConnectionId, request: Open) -> None:
+        core = self.core
+        refusal = core.begin_open(cid, request)
+        if refusal is not None:
+            self.execute(refusal)
+            return
+        try:
+            target = await self._registry_call(
+                "find_connection", self.registry.find_connection(ConnectionId(request.targetId))
+            )
+            plan = core.plan_open(cid, request, target)
+            if isinstance(plan, list):
+                self.execute(plan)
+                return
+            await self._registry_call("add_channel", self.registry.add_channel(plan))
+        except BackendUnavailable:
+            self.execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
+            return
+        self.execute(core.launch_open(cid, request, plan))
+
+    async def _registry_call(self, operation: str, call: Awaitable[_T]) -> _T:
+        started = time.perf_counter()
+        failed = True
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                result = await call
+            failed = False
+            return result
+        except TimeoutError as exc:
+            raise BackendUnavailable(operation, exc) from exc
+        finally:
+            self.stats.registry_call(operation, time.perf_counter() - started, failed)
+            if failed:
+                self._backend_state(False)
+
+    def _backend_state(self, up: bool) -> None:
+        # Logged once per transition, never per request.
+        if up and not self.backend_up:
+            logger.info("cluster backend is back")
+        elif not up and self.backend_up:
+            logger.warning("cluster backend lost; requests that need it fail until it is back")
+        self.backend_up = up
+
+    # --- the registry in the background -----------------------------------------------------
+
+    def _forget(self, action: ForgetChannel | ForgetConnection) -> None:
+        if len(self._registry_backlog) >= MAX_REGISTRY_BACKLOG:
+            # Rather than grow, rewrite this node's whole registry state once Redis answers.
+            self._registry_backlog.clear()
+            self._registry_dirty = True
+            return
+        self._registry_backlog.append(action)
+        self._registry_wake.set()
+
+    async def _registry_writer_loop(self) -> None:
+        while True:
+            await self._registry_wake.wait()
+            self._registry_wake.clear()
+            while self._registry_backlog:
+                action = self._registry_backlog.pop(0)
+                try:
+                    if isinstance(action, ForgetChannel):
+                        await self._registry_call(
+                            "remove_channel", self.registry.remove_channel(action.record)
+                        )
+                    else:
+                        await self._registry_call(
+                            "remove_connection", self.registry.remove_connection(action.record)
+                        )
+                except BackendUnavailable:
+                    # The liveness loop resynchronises this node once the backend is back.
+                    self._registry_dirty = True
+
+    # --- the bus ----------------------------------------------------------------------------
+
+    async def _subscriber_loop(self) -> None:
+        while True:
+            try:
+                async with self.backend.bus.subscribe(self.node_id) as subscription:
+                    if not self.subscribed:
+                        logger.info("subscribed to this node's bus inbox")
+                    self.subscribed = True
+                    self._subscribed_event.set()
+                    async for payload in subscription:
+                        self._on_bus_payload(payload)
+            except BackendUnavailable:
+                if self.subscribed:
+                    logger.warning("bus subscription lost; resubscribing")
+                self.subscribed = False
+                self._subscribed_event.clear()
+                await asyncio.sleep(min(1.0, self.settings.heartbeat_interval))
+
+    def _on_bus_payload(self, payload: bytes) -> None:
+        try:
+            envelopes = decode_batch(payload)
+        except msgspec.DecodeError:
+            logger.warning("dropped an unreadable bus payload (%d bytes)", len(payload))
+            return
+        self.stats.bus_batches_in += 1
+        self.execute(self.core.on_bus(envelopes))
+
+    def _undeliverable(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
+        self.execute(self.core.undeliverable(node_id, envelopes))
+
+    def _published(self, seconds: float, count: int) -> None:
+        self.stats.bus_publishes += count
+        self.stats.bus_publish_seconds += seconds
+
+    # --- time -------------------------------------------------------------------------------
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_INTERVAL)
+            self.execute(self.core.expire())
+
+    # --- liveness: heartbeat, reaping, restore ----------------------------------------------
+
+    async def _liveness_loop(self) -> None:
+        first = True
+        while True:
+            try:
+                await self._liveness_round(first)
+                first = False
+                self._backend_state(True)
+            except BackendUnavailable as exc:
+                logger.debug("liveness round failed: %s", exc)
+                self._backend_state(False)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _liveness_round(self, first: bool) -> None:
+        registry = self.registry
+        ttl_ms = self.settings.node_ttl_ms
+        beat = await self._registry_call("heartbeat", registry.heartbeat(self.node_id, ttl_ms))
+        if beat is Heartbeat.FENCED:
+            await self._fenced()
+            return
+        if beat is Heartbeat.REJOINED:
+            # Every node's heartbeat vanished with the old Redis: give them a TTL to return.
+            self._liveness_grace_until = time.monotonic() + self.settings.node_ttl
+            if not first:
+                logger.warning("cluster backend came back empty; restoring this node's state")
+            await self._restore()
+        elif self._registry_dirty:
+            await self._resync()
+        if self.backend.standalone:
+            return
+        lapsed = await self._registry_call("lapsed_nodes", registry.lapsed_nodes())
+        for node_id in lapsed:
+            if node_id == self.node_id:
+                continue
+            removed = await self._registry_call("reap", registry.reap(node_id))
+            if removed is not None:
+                self.stats.reaped_nodes += 1
+                logger.info("reaped lost node %s (%d channels)", node_id, len(removed))
+        if time.monotonic() >= self._liveness_grace_until:
+            await self._check_peers()
+
+    async def _check_peers(self) -> None:
+        remote = self.core.remote_nodes()
+        if not remote:
+            return
+        live = await self._registry_call("live_nodes", self.registry.live_nodes())
+        for node_id in remote - live:
+            self.stats.lost_nodes += 1
+            logger.info("node %s is gone; closing this node's channels to it", node_id)
+            self.execute(self.core.node_lost(node_id))
+
+    async def _restore(self) -> None:
+        connections, channels = self.core.records()
+        self._registry_dirty = False
+        await self._registry_call(
+            "restore", self.registry.restore(self.node_id, connections, channels)
+        )
+
+    async def _resync(self) -> None:
+        logger.info("rewriting this node's registry entries after failed writes")
+        self._registry_dirty = False
+        try:
+            await self._registry_call("leave", self.registry.leave(self.node_id))
+            await self._restore()
+            await self._registry_call(
+                "heartbeat", self.registry.heartbeat(self.node_id, self.settings.node_ttl_ms)
+            )
+        except BackendUnavailable:
+            self._registry_dirty = True
+            raise
+
+    async def _fenced(self) -> None:
+        logger.warning(
+            "this node was reaped while it could not reach the cluster; "
+            "closing its %d clients so they reconnect cleanly",
+            len(self.clients),
+        )
+        for client in list(self.clients.values()):
+            client.close(CLOSE_SERVICE_RESTART, "Node was reaped; reconnect")
+        # What the reaper removed must not come back: drop queued removals and start empty.
+        self._registry_backlog.clear()
+        self._registry_dirty = False
+        await self._registry_call(
+            "rejoin", self.registry.rejoin(self.node_id, self.settings.node_ttl_ms)
+        )
+
+
+def create_backend(settings: Settings) -> Backend:
+    """The backend the settings name: in-process without a Redis URL."""
+    if settings.redis_url is None:
+        return MemoryBackend()
+    from broker_node.cluster.factory import create_backend as create_cluster_backend
+
+    return create_cluster_backend(settings)
+
+
+def _rejection_kind(rejection: Rejection) -> str:
+    from shared.codec import ErrorReply, FailedReply
+
+    if isinstance(rejection, FailedReply):
+        return "bad_fields"
+    if isinstance(rejection, ErrorReply):
+        return "unknown_type" if rejection.reply_to is not None else "bad_shape"
+    return "invalid_json"

@@ -1,0 +1,142 @@
+"""Real ``broker-node`` processes for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from tests.support.ports import free_port
+
+BROKER_NODE = str(Path(sys.executable).parent / "broker-node")
+
+
+def http_get(url: str, timeout: float = 1.0) -> tuple[int, str]:
+    """Status and body of a GET; (0, reason) when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+class NodeProcess:
+    """One broker-node subprocess on a free port (or a given one, to restart in place)."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str | None = None,
+        port: int | None = None,
+        node_id: str | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.port = port if port is not None else free_port()
+        self.redis_url = redis_url
+        self.node_id = node_id
+        self.extra_args = list(extra_args or [])
+        self.env = dict(env or {})
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = Path(tempfile.mkstemp(prefix="broker-node-", suffix=".log")[1])
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, *, timeout: float = 15.0, wait_ready: bool = True) -> NodeProcess:
+        args = [
+            BROKER_NODE,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "debug",
+        ]
+        if self.redis_url:
+            args += ["--redis-url", self.redis_url]
+        if self.node_id:
+            args += ["--node-id", self.node_id]
+        args += self.extra_args
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+        env.update(self.env)
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        path = "/readyz" if wait_ready else "/healthz"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"broker-node exited with {self.process.returncode}:\n{self.output()}"
+                )
+            status, _ = http_get(self.http + path, timeout=0.5)
+            if status == 200:
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"broker-node on {self.port} not {path} in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the node vanishes without cleaning anything."""
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait: a graceful drain. Returns the exit code."""
+        assert self.process is not None
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def pause(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            os.kill(self.process.pid, signal.SIGCONT)
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.resume()
+        if self.alive():
+            try:
+                self.terminate(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.unlink(missing_ok=True)
