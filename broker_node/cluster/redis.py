@@ -469,6 +469,12 @@ class RedisBus(Bus):
         finally:
             self._subscribers.discard(connection)
             with suppress(*_FAILURES):
+                if connection.is_connected:
+                    # Closing the socket unsubscribes on a real Redis; saying so first (without
+                    # waiting for the reply) also serves servers and fakes that keep the
+                    # subscription of a closed connection a little longer.
+                    async with asyncio.timeout(self._timeout):
+                        await connection.send_command("UNSUBSCRIBE", check_health=False)
                 await connection.disconnect()
 
     def subscribe(self, node_id: NodeId) -> AbstractAsyncContextManager[Subscription]:

@@ -1,0 +1,74 @@
+"""Fixtures of the cluster tests: the contract ``harness`` over every backend, and Redis servers.
+
+The real redis-server is started by the tests on a free port (never the one on 6379), once per
+session, and flushed before each test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import fakeredis
+import pytest
+from fakeredis.aioredis import FakeAsyncRedisConnection
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+
+from broker_node.cluster.base import Backend
+from broker_node.cluster.redis import RedisBackend
+from broker_node.config import Settings
+from tests.cluster.harness import PREFIX, Harness, memory_harness, redis_harness
+from tests.support.redis_server import RedisServer
+
+#: Generous for a healthy local server, short enough for the fault tests' bounds.
+REQUEST_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def settings_for(url: str | None, request_timeout: float = REQUEST_TIMEOUT) -> Settings:
+    return Settings(redis_url=url, redis_prefix=PREFIX, request_timeout=request_timeout)
+
+
+def fakeredis_harness() -> Harness:
+    server = fakeredis.FakeServer()
+
+    def pools(max_connections: int) -> ConnectionPool:
+        return BlockingConnectionPool(
+            connection_class=FakeAsyncRedisConnection,
+            server=server,
+            max_connections=max_connections,
+            timeout=REQUEST_TIMEOUT,
+            protocol=2,
+        )
+
+    def make_backend() -> Backend:
+        return RedisBackend(settings_for(None), pool_factory=pools)
+
+    return redis_harness("fakeredis", make_backend, fakeredis.FakeAsyncRedis(server=server))
+
+
+def real_redis_harness(server: RedisServer) -> Harness:
+    def make_backend() -> Backend:
+        return RedisBackend(settings_for(server.url))
+
+    return redis_harness("redis", make_backend, Redis.from_url(server.url))
+
+
+@pytest.fixture(params=["memory", "fakeredis", "redis"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    kind: str = request.param
+    if kind == "memory":
+        made = memory_harness()
+    elif kind == "fakeredis":
+        made = fakeredis_harness()
+    else:
+        made = real_redis_harness(request.getfixturevalue("redis_server"))
+    await made.wipe()
+    try:
+        yield made
+    finally:
+        await made.aclose()

@@ -1,0 +1,134 @@
+"""One view of each backend for the contract suite: memory, fakeredis and a real redis-server.
+
+A ``Harness`` holds a backend under test plus what a test needs around it: more backends on the
+same store (other nodes), a way to let heartbeat time pass, a wipe (an empty Redis after a
+restart) and the set of stored keys, named as ``keys.py`` names them (the memory hub's state is
+mapped to the same names, so that one assertion fits all three).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from broker_node.cluster.base import Backend, Subscription
+from broker_node.cluster.keys import RedisKeys
+from broker_node.cluster.memory import MemoryBackend, MemoryHub
+
+PREFIX = "ctest"
+KEYS = RedisKeys(PREFIX)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Harness:
+    name: str
+    backend: Backend
+    make_peer: Callable[[], Backend]
+    advance_ms: Callable[[int], None]
+    wipe: Callable[[], Awaitable[None]]
+    stored_keys: Callable[[], Awaitable[set[str]]]
+    on_close: Callable[[], Awaitable[None]] | None = None
+    peers: list[Backend] = field(default_factory=list)
+
+    def peer(self) -> Backend:
+        """Another node's backend on the same store."""
+        backend = self.make_peer()
+        self.peers.append(backend)
+        return backend
+
+    async def aclose(self) -> None:
+        for backend in [*self.peers, self.backend]:
+            await backend.aclose()
+        if self.on_close is not None:
+            await self.on_close()
+
+
+def memory_harness() -> Harness:
+    clock = FakeClock()
+    hub = MemoryHub(clock=clock)
+
+    def advance(ms: int) -> None:
+        clock.now += ms / 1000
+
+    async def wipe() -> None:
+        hub.wipe()
+
+    async def stored_keys() -> set[str]:
+        # Every entry the hub holds, as the Redis key that would hold it; an empty set left
+        # behind in the hub shows up here just as an empty Redis key would.
+        names = {KEYS.connection(c) for c in hub.connections}
+        names |= {KEYS.role(r) for r in hub.roles}
+        names |= {KEYS.channel(c) for c in hub.channels}
+        names |= {KEYS.node_connections(n) for n in hub.node_connections}
+        names |= {KEYS.node_channels(n) for n in hub.node_channels}
+        names |= {KEYS.nodes} if hub.nodes else set()
+        names |= {KEYS.heartbeat(n) for n, deadline in hub.nodes.items() if deadline > clock()}
+        names |= {KEYS.tombstone(n) for n in hub.tombstones}
+        return names
+
+    return Harness(
+        name="memory",
+        backend=MemoryBackend(hub, standalone=False),
+        make_peer=lambda: MemoryBackend(hub, standalone=False),
+        advance_ms=advance,
+        wipe=wipe,
+        stored_keys=stored_keys,
+    )
+
+
+def redis_harness(name: str, make_backend: Callable[[], Backend], admin: Redis) -> Harness:
+    """A harness over a Redis (real or fake) that ``admin`` also reaches."""
+
+    async def wipe() -> None:
+        await admin.flushall()
+
+    async def stored_keys() -> set[str]:
+        return {
+            key.decode() if isinstance(key, bytes) else key
+            async for key in admin.scan_iter(match=KEYS.pattern, count=1000)
+        }
+
+    return Harness(
+        name=name,
+        backend=make_backend(),
+        make_peer=make_backend,
+        advance_ms=lambda ms: None,  # real time passes; tests poll for the effect
+        wipe=wipe,
+        stored_keys=stored_keys,
+        on_close=admin.aclose,
+    )
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], within: float = 3.0) -> None:
+    """Wait, bounded by ``within`` seconds, until ``condition`` holds.
+
+    For effects of time inside Redis (a key's TTL), which signals nothing: poll a cheap query.
+    """
+    async with asyncio.timeout(within):
+        while True:
+            if await condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+async def receive(subscription: Subscription, count: int) -> list[bytes]:
+    """The next ``count`` payloads of ``subscription``."""
+    iterator: AsyncIterator[bytes] = aiter(subscription)
+    try:
+        return [await anext(iterator) for _ in range(count)]
+    finally:
+        if isinstance(iterator, AsyncGenerator):
+            await iterator.aclose()
