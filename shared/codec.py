@@ -61,6 +61,7 @@ Rejection = CloseConnection | ErrorReply | FailedReply
 
 _request_decoder: Final[msgspec.json.Decoder[Request]] = msgspec.json.Decoder(Request)
 _any_decoder: Final = msgspec.json.Decoder()
+_typed_decoders: Final = {name: msgspec.json.Decoder(cls) for name, cls in REQUEST_TYPES.items()}
 _encoder: Final = msgspec.json.Encoder()
 _broker_decoder: Final[msgspec.json.Decoder[BrokerMessage]] = msgspec.json.Decoder(BrokerMessage)
 
@@ -98,7 +99,8 @@ def _diagnose(frame: bytes | bytearray | memoryview | str) -> Rejection:
         shown = request_type if isinstance(request_type, str) else repr(request_type)
         return ErrorReply(request_id, f"Unknown request type: {shown}")
     try:
-        msgspec.convert(value, REQUEST_TYPES[request_type])
+        # Decoding again with the one type gives msgspec's message naming the bad field.
+        _typed_decoders[request_type].decode(frame)
     except msgspec.ValidationError as exc:
         error = f"Invalid request: {exc}"
     else:  # pragma: no cover - the fast path accepts anything convert accepts

@@ -1,0 +1,343 @@
+"""The pure core: events in, actions out; no event loop, no sockets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import msgspec
+import pytest
+
+from broker_node.core.actions import (
+    Action,
+    CloseClient,
+    ForgetChannel,
+    ForgetConnection,
+    Publish,
+    Send,
+)
+from broker_node.core.broker import (
+    ALREADY_REGISTERED,
+    CHANNEL_NOT_FOUND,
+    NOT_AUTHORIZED,
+    NOT_CONFIRMED,
+    NOT_REGISTERED,
+    TARGET_NOT_FOUND,
+    BrokerCore,
+)
+from broker_node.core.envelopes import Closed, Confirm, Deliver, Incoming, OpenResult
+from broker_node.core.records import ChannelRecord, ConnectionRecord
+from shared.codec import CloseConnection, ErrorReply, FailedReply
+from shared.ids import ChannelId, ConnectionId, NodeId
+from shared.messages import Close, ListByRole, Message, Open, Register
+
+A, B, C = ConnectionId("a"), ConnectionId("b"), ConnectionId("c")
+HERE, THERE = NodeId("here"), NodeId("there")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def core(clock: Clock) -> BrokerCore:
+    return BrokerCore(HERE, max_role_length=8, max_unconfirmed=2, request_timeout=2.0, clock=clock)
+
+
+def frames(actions: list[Action], to: ConnectionId | None = None) -> list[dict[str, Any]]:
+    return [
+        json.loads(a.frame)
+        for a in actions
+        if isinstance(a, Send) and (to is None or a.connection_id == to)
+    ]
+
+
+def registered(core: BrokerCore, *ids: ConnectionId, legacy: bool = False) -> None:
+    for cid in ids:
+        core.connect(cid, legacy_errors=legacy)
+        plan = core.begin_register(cid, Register(id=1, role="r"))
+        assert isinstance(plan, ConnectionRecord)
+        core.finish_register(cid, Register(id=1, role="r"))
+
+
+def local_channel(core: BrokerCore, opener: ConnectionId, target: ConnectionId) -> ChannelId:
+    request = Open(id=50, targetId=target)
+    plan = core.plan_open(opener, request, ConnectionRecord(target, HERE, "r"))
+    assert isinstance(plan, ChannelRecord)
+    core.launch_open(opener, request, plan)
+    return plan.channel_id
+
+
+def raw(value: object) -> msgspec.Raw:
+    return msgspec.Raw(msgspec.json.encode(value))
+
+
+def test_register_once_with_role_limits(core: BrokerCore) -> None:
+    core.connect(A)
+    assert frames(core.begin_register(A, Register(id=1, role="")))[0]["type"] == "register_failed"  # type: ignore[arg-type]
+    too_long = core.begin_register(A, Register(id=2, role="x" * 9))
+    assert "longer than 8" in frames(too_long)[0]["error"]  # type: ignore[arg-type]
+    plan = core.begin_register(A, Register(id=3, role="r"))
+    assert plan == ConnectionRecord(A, HERE, "r")
+    # A second register while the first is in flight fails too.
+    again = core.begin_register(A, Register(id=4, role="r"))
+    assert frames(again)[0] == {
+        "type": "register_failed",
+        "id": 3,
+        "replyTo": 4,
+        "error": ALREADY_REGISTERED,
+    }  # type: ignore[arg-type]
+    [reply] = frames(core.finish_register(A, Register(id=3, role="r")))
+    assert reply == {"type": "registered", "id": 4, "replyTo": 3, "connectionId": "a"}
+    assert (
+        frames(core.begin_register(A, Register(id=5, role="r")))[0]["error"] == ALREADY_REGISTERED
+    )  # type: ignore[arg-type]
+
+
+def test_requests_before_register_fail_with_their_own_reply(core: BrokerCore) -> None:
+    core.connect(A)
+    assert (
+        frames(core.begin_list(A, ListByRole(id=1, role="r")) or [])[0]["type"]
+        == "list_by_role_failed"
+    )
+    [opened] = frames(core.begin_open(A, Open(id=2, targetId="b")) or [])
+    assert opened == {
+        "type": "channel_open_failed",
+        "id": 2,
+        "replyTo": 2,
+        "targetId": "b",
+        "error": NOT_REGISTERED,
+    }
+    [sent] = frames(core.message(A, Message(id=3, channelId="x", payload=raw(1))))
+    assert sent["type"] == "channel_message_failed" and sent["channelId"] == "x"
+    [closed] = frames(core.close(A, Close(id=4, channelId="x")))
+    assert closed["type"] == "channel_close_failed" and closed["error"] == NOT_REGISTERED
+
+
+def test_ids_strictly_increase_per_connection(core: BrokerCore) -> None:
+    registered(core, A, B)
+    channel = local_channel(core, A, B)
+    seen: dict[str, list[int]] = {A: [], B: []}
+    for n in range(5):
+        for action in core.message(A, Message(id=10 + n, channelId=channel, payload=raw(n))):
+            assert isinstance(action, Send)
+            seen[action.connection_id].append(json.loads(action.frame)["id"])
+    for ids in seen.values():
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_local_open_tells_target_before_opener(core: BrokerCore) -> None:
+    registered(core, A, B)
+    request = Open(id=7, targetId=B)
+    plan = core.plan_open(A, request, ConnectionRecord(B, HERE, "r"))
+    assert isinstance(plan, ChannelRecord)
+    actions = core.launch_open(A, request, plan)
+    assert [a.connection_id for a in actions if isinstance(a, Send)] == [B, A]
+    incoming, opened = frames(actions)
+    assert incoming["type"] == "incoming_channel" and incoming["from"] == A
+    assert opened == {
+        "type": "channel_opened",
+        "id": 2,
+        "replyTo": 7,
+        "channelId": plan.channel_id,
+        "targetId": B,
+    }
+
+
+def test_open_unknown_target(core: BrokerCore) -> None:
+    registered(core, A)
+    [failed] = frames(core.plan_open(A, Open(id=3, targetId="nobody"), None))  # type: ignore[arg-type]
+    assert failed == {
+        "type": "channel_open_failed",
+        "id": 2,
+        "replyTo": 3,
+        "targetId": "nobody",
+        "error": TARGET_NOT_FOUND,
+    }
+
+
+def test_message_local_delivers_payload_raw_and_confirms(core: BrokerCore) -> None:
+    registered(core, A, B)
+    channel = local_channel(core, A, B)
+    payload = msgspec.Raw(b'{"z": [1, 2]}')
+    actions = core.message(A, Message(id=9, channelId=channel, payload=payload))
+    assert isinstance(actions[0], Send) and actions[0].connection_id == B
+    assert b'"payload":{"z": [1, 2]}' in actions[0].frame
+    assert frames(actions, A)[0]["type"] == "channel_message_sent"
+    assert frames(actions, A)[0]["channelId"] == channel
+
+
+def test_third_party_can_neither_send_nor_close(core: BrokerCore) -> None:
+    registered(core, A, B, C)
+    channel = local_channel(core, A, B)
+    [sent] = frames(core.message(C, Message(id=1, channelId=channel, payload=raw(1))))
+    assert sent["type"] == "channel_message_failed" and sent["error"] == NOT_AUTHORIZED
+    [closed] = frames(core.close(C, Close(id=2, channelId=channel)))
+    assert closed["type"] == "channel_close_failed" and closed["error"] == NOT_AUTHORIZED
+    assert channel in core.channels
+
+
+def test_close_notifies_peer_and_then_channel_is_gone(core: BrokerCore) -> None:
+    registered(core, A, B)
+    channel = local_channel(core, A, B)
+    actions = core.close(B, Close(id=3, channelId=channel))
+    assert frames(actions, A) == [
+        {"type": "channel_closed_notification", "id": 3, "channelId": channel}
+    ]
+    assert frames(actions, B)[0]["type"] == "channel_closed"
+    assert any(isinstance(a, ForgetChannel) for a in actions)
+    again = frames(core.message(A, Message(id=4, channelId=channel, payload=raw(1))))
+    assert again[0]["error"] == CHANNEL_NOT_FOUND
+    assert frames(core.close(A, Close(id=5, channelId=channel)))[0]["error"] == CHANNEL_NOT_FOUND
+
+
+def test_disconnect_closes_channels_and_leaves_registry(core: BrokerCore) -> None:
+    registered(core, A, B, C)
+    first = local_channel(core, A, B)
+    second = local_channel(core, C, A)
+    actions = core.disconnect(A)
+    assert frames(actions, B) == [
+        {"type": "channel_closed_notification", "id": 3, "channelId": first}
+    ]
+    assert frames(actions, C)[0]["channelId"] == second
+    assert ForgetConnection(ConnectionRecord(A, HERE, "r")) in actions
+    assert not core.channels
+    assert core.disconnect(A) == []
+
+
+def test_legacy_errors_mode(core: BrokerCore) -> None:
+    registered(core, A, legacy=True)
+    [failed] = frames(core.message(A, Message(id=5, channelId="x", payload=raw(1))))
+    assert failed == {"type": "error", "id": 2, "replyTo": 5, "error": CHANNEL_NOT_FOUND}
+
+
+def test_rejections(core: BrokerCore) -> None:
+    core.connect(A)
+    assert core.reject(A, CloseConnection(1003, "Invalid JSON")) == [
+        CloseClient(A, 1003, "Invalid JSON")
+    ]
+    [error] = frames(core.reject(A, ErrorReply(None, "Message must be a JSON object")))
+    assert error == {"type": "error", "id": 1, "error": "Message must be a JSON object"}
+    [failed] = frames(core.reject(A, FailedReply("close", 4, "Invalid request: x", "c")))
+    assert failed == {
+        "type": "channel_close_failed",
+        "id": 2,
+        "replyTo": 4,
+        "channelId": "c",
+        "error": "Invalid request: x",
+    }
+    assert core.binary_frame(A)[0].code == 1003  # type: ignore[union-attr]
+
+
+# --- cross-node -----------------------------------------------------------------------------
+
+
+def remote_channel(core: BrokerCore) -> ChannelRecord:
+    """A (here) opened a channel to B (there)."""
+    request = Open(id=20, targetId=B)
+    plan = core.plan_open(A, request, ConnectionRecord(B, THERE, "r"))
+    assert isinstance(plan, ChannelRecord)
+    [publish] = core.launch_open(A, request, plan)
+    assert isinstance(publish, Publish) and publish.node_id == THERE
+    assert isinstance(publish.envelope, Incoming)
+    [opened] = frames(core.on_bus([OpenResult(publish.envelope.seq, None)]))
+    assert opened["type"] == "channel_opened"
+    return plan
+
+
+def test_cross_node_message_confirmed_by_recipient_node(core: BrokerCore) -> None:
+    registered(core, A)
+    channel = remote_channel(core)
+    [publish] = core.message(A, Message(id=30, channelId=channel.channel_id, payload=raw("p")))
+    assert isinstance(publish, Publish) and isinstance(publish.envelope, Deliver)
+    assert publish.node_id == THERE
+    seq = publish.envelope.seq
+    [sent] = frames(core.on_bus([Confirm([seq], [])]))
+    assert sent["type"] == "channel_message_sent" and sent["replyTo"] == 30
+    # A confirmation that arrives twice is answered once.
+    assert core.on_bus([Confirm([seq], [])]) == []
+
+
+def test_cross_node_refusal_and_expiry(core: BrokerCore, clock: Clock) -> None:
+    registered(core, A)
+    channel = remote_channel(core)
+    [p1] = core.message(A, Message(id=31, channelId=channel.channel_id, payload=raw(1)))
+    [_second] = core.message(A, Message(id=32, channelId=channel.channel_id, payload=raw(2)))
+    # The window of unconfirmed cross-node messages (2 here) is full.
+    [full] = frames(core.message(A, Message(id=33, channelId=channel.channel_id, payload=raw(3))))
+    assert full["type"] == "channel_message_failed"
+    assert isinstance(p1, Publish) and isinstance(p1.envelope, Deliver)
+    [refused] = frames(core.on_bus([Confirm([], [(p1.envelope.seq, "Recipient not connected")])]))
+    assert refused["replyTo"] == 31 and refused["error"] == "Recipient not connected"
+    clock.now += 5
+    [expired] = frames(core.expire())
+    assert expired["replyTo"] == 32 and expired["error"] == NOT_CONFIRMED
+
+
+def test_incoming_from_another_node(core: BrokerCore) -> None:
+    registered(core, B)
+    record = ChannelRecord(ChannelId("ch"), A, THERE, B, HERE)
+    actions = core.on_bus([Incoming(5, record)])
+    [incoming] = frames(actions)
+    assert incoming == {"type": "incoming_channel", "id": 2, "from": "a", "channelId": "ch"}
+    assert Publish(THERE, OpenResult(5, None)) in actions
+    # Unknown target: the opener's node hears so.
+    missing = ChannelRecord(ChannelId("ch2"), A, THERE, C, HERE)
+    assert core.on_bus([Incoming(6, missing)]) == [Publish(THERE, OpenResult(6, TARGET_NOT_FOUND))]
+
+
+def test_deliveries_are_confirmed_in_one_envelope_per_node(core: BrokerCore) -> None:
+    registered(core, B)
+    record = ChannelRecord(ChannelId("ch"), A, THERE, B, HERE)
+    core.on_bus([Incoming(1, record)])
+    batch = [Deliver(n, THERE, ChannelId("ch"), B, raw(n)) for n in range(1, 4)]
+    batch.append(Deliver(9, THERE, ChannelId("nope"), B, raw(0)))
+    actions = core.on_bus(batch)
+    assert [m["payload"] for m in frames(actions, B)] == [1, 2, 3]
+    assert [a for a in actions if isinstance(a, Publish)] == [
+        Publish(THERE, Confirm([1, 2, 3], [(9, CHANNEL_NOT_FOUND)]))
+    ]
+
+
+def test_closed_from_another_node_and_node_lost(core: BrokerCore) -> None:
+    registered(core, A, B)
+    first = remote_channel(core)
+    [closed] = frames(core.on_bus([Closed(first.channel_id, A)]))
+    assert closed == {"type": "channel_closed_notification", "id": 3, "channelId": first.channel_id}
+    second = remote_channel(core)
+    [_pending] = core.message(A, Message(id=40, channelId=second.channel_id, payload=raw(1)))
+    actions = core.node_lost(THERE)
+    notes = frames(actions, A)
+    assert {"type": "channel_closed_notification", "id": 5, "channelId": second.channel_id} in notes
+    assert any(f.get("replyTo") == 40 and f["type"] == "channel_message_failed" for f in notes)
+    assert not core.channels and core.remote_nodes() == set()
+
+
+def test_records_snapshot(core: BrokerCore) -> None:
+    registered(core, A, B)
+    core.connect(C)
+    channel = local_channel(core, A, B)
+    connections, channels = core.records()
+    assert {c.connection_id for c in connections} == {A, B}
+    assert [c.channel_id for c in channels] == [channel]
+
+
+def test_core_and_shared_import_no_io() -> None:
+    code = (
+        "import sys, broker_node.core.broker, shared.codec, shared.messages;"
+        "bad = [m for m in ('asyncio', 'websockets', 'redis') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

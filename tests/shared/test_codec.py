@@ -1,0 +1,85 @@
+"""The bad-input table of cluster-semantics.md, as values (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.codec import (
+    CloseConnection,
+    ErrorReply,
+    FailedReply,
+    decode_request,
+    failure_type,
+)
+from shared.messages import FAILURE_TYPE, REQUEST_TYPES, Register
+
+
+@pytest.mark.parametrize("frame", [b"nope", b"{", b'{"type":"register"', "\u00e9t\u00e9", b""])
+def test_text_that_is_not_json_closes_with_1003(frame: bytes | str) -> None:
+    assert decode_request(frame) == CloseConnection(1003, "Invalid JSON")
+
+
+@pytest.mark.parametrize("frame", [b"[1,2]", b'"register"', b"42", b"null", b"true"])
+def test_json_that_is_not_an_object_gets_an_error(frame: bytes) -> None:
+    assert decode_request(frame) == ErrorReply(None, "Message must be a JSON object")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b'{"type":"register","role":"r"}',
+        b'{"type":"register","id":"1","role":"r"}',
+        b'{"type":"register","id":1.5,"role":"r"}',
+        b'{"type":"register","id":true,"role":"r"}',
+        b'{"type":"register","id":null,"role":"r"}',
+    ],
+)
+def test_object_without_usable_integer_id_gets_an_error(frame: bytes) -> None:
+    result = decode_request(frame)
+    assert isinstance(result, ErrorReply)
+    assert result.reply_to is None
+    assert "id" in result.error
+
+
+def test_unknown_type_with_id_is_answered_with_reply_to() -> None:
+    assert decode_request(b'{"type":"subscribe","id":4}') == ErrorReply(
+        4, "Unknown request type: subscribe"
+    )
+    assert decode_request(b'{"type":7,"id":4}') == ErrorReply(4, "Unknown request type: 7")
+    assert decode_request(b'{"id":4}') == ErrorReply(4, "Missing field: type")
+
+
+@pytest.mark.parametrize(
+    ("frame", "request_type", "field", "subject"),
+    [
+        (b'{"type":"register","id":1}', "register", "role", ""),
+        (b'{"type":"register","id":1,"role":5}', "register", "role", ""),
+        (b'{"type":"list_by_role","id":1}', "list_by_role", "role", ""),
+        (b'{"type":"open","id":1}', "open", "targetId", ""),
+        (b'{"type":"open","id":1,"targetId":["x"]}', "open", "targetId", ""),
+        (b'{"type":"message","id":1,"channelId":"c"}', "message", "payload", "c"),
+        (b'{"type":"message","id":1,"payload":1}', "message", "channelId", ""),
+        (b'{"type":"close","id":1,"channelId":9}', "close", "channelId", ""),
+    ],
+)
+def test_known_type_with_bad_fields_names_the_field(
+    frame: bytes, request_type: str, field: str, subject: str
+) -> None:
+    result = decode_request(frame)
+    assert isinstance(result, FailedReply)
+    assert result.request_type == request_type
+    assert result.reply_to == 1
+    assert field in result.error
+    assert result.subject == subject
+
+
+def test_unknown_fields_are_ignored() -> None:
+    assert decode_request(b'{"type":"register","id":1,"role":"r","token":"x"}') == Register(
+        id=1, role="r"
+    )
+
+
+def test_every_request_type_has_a_failure_type() -> None:
+    assert set(FAILURE_TYPE) == set(REQUEST_TYPES)
+    assert failure_type("open") == "channel_open_failed"
+    assert failure_type("message") == "channel_message_failed"
