@@ -15,22 +15,20 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 
 from broker_node.cluster.base import Backend
 from broker_node.cluster.redis import RedisBackend
-from broker_node.config import Settings
-from tests.cluster.harness import PREFIX, Harness, memory_harness, redis_harness
+from tests.cluster.harness import (
+    REQUEST_TIMEOUT,
+    Harness,
+    memory_harness,
+    redis_harness,
+    settings_for,
+)
 from tests.support.redis_server import RedisServer
-
-#: Generous for a healthy local server, short enough for the fault tests' bounds.
-REQUEST_TIMEOUT = 1.0
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
-
-
-def settings_for(url: str | None, request_timeout: float = REQUEST_TIMEOUT) -> Settings:
-    return Settings(redis_url=url, redis_prefix=PREFIX, request_timeout=request_timeout)
 
 
 def fakeredis_harness() -> Harness:

@@ -17,9 +17,38 @@ from redis.asyncio import Redis
 from broker_node.cluster.base import Backend, Subscription
 from broker_node.cluster.keys import RedisKeys
 from broker_node.cluster.memory import MemoryBackend, MemoryHub
+from broker_node.config import Settings
+from broker_node.core.records import ChannelRecord, ConnectionRecord
+from shared.ids import NodeId, new_channel_id, new_connection_id
 
 PREFIX = "ctest"
 KEYS = RedisKeys(PREFIX)
+#: Generous for a healthy local server, short enough for the fault tests' bounds.
+REQUEST_TIMEOUT = 1.0
+
+A = NodeId("node-a")
+B = NodeId("node-b")
+C = NodeId("node-c")
+LONG_TTL_MS = 60_000
+SHORT_TTL_MS = 150
+
+
+def connection(node_id: NodeId, role: str = "worker") -> ConnectionRecord:
+    return ConnectionRecord(new_connection_id(), node_id, role)
+
+
+def channel(opener: ConnectionRecord, target: ConnectionRecord) -> ChannelRecord:
+    return ChannelRecord(
+        new_channel_id(),
+        opener.connection_id,
+        opener.node_id,
+        target.connection_id,
+        target.node_id,
+    )
+
+
+def settings_for(url: str | None, request_timeout: float = REQUEST_TIMEOUT) -> Settings:
+    return Settings(redis_url=url, redis_prefix=PREFIX, request_timeout=request_timeout)
 
 
 class FakeClock:

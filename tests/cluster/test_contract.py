@@ -5,29 +5,20 @@ from __future__ import annotations
 import asyncio
 
 from broker_node.cluster.base import Heartbeat
-from broker_node.core.records import ChannelRecord, ConnectionRecord
-from shared.ids import NodeId, new_channel_id, new_connection_id
-from tests.cluster.harness import KEYS, Harness, eventually, receive
-
-A = NodeId("node-a")
-B = NodeId("node-b")
-C = NodeId("node-c")
-LONG_TTL_MS = 60_000
-SHORT_TTL_MS = 150
-
-
-def connection(node_id: NodeId, role: str = "worker") -> ConnectionRecord:
-    return ConnectionRecord(new_connection_id(), node_id, role)
-
-
-def channel(opener: ConnectionRecord, target: ConnectionRecord) -> ChannelRecord:
-    return ChannelRecord(
-        new_channel_id(),
-        opener.connection_id,
-        opener.node_id,
-        target.connection_id,
-        target.node_id,
-    )
+from shared.ids import NodeId
+from tests.cluster.harness import (
+    KEYS,
+    LONG_TTL_MS,
+    SHORT_TTL_MS,
+    A,
+    B,
+    C,
+    Harness,
+    channel,
+    connection,
+    eventually,
+    receive,
+)
 
 
 async def lapse(harness: Harness, node_id: NodeId) -> None:
@@ -311,11 +302,10 @@ async def test_publish_order_is_kept_across_pipelined_batches(harness: Harness) 
 async def test_concurrent_publishes_do_not_interleave(harness: Harness) -> None:
     bus = harness.backend.bus
     batches = [[(A, b"%d:%d" % (call, i)) for i in range(200)] for call in range(6)]
-    async with bus.subscribe(A) as subscription:
-        async with asyncio.timeout(10):
-            received, *counts = await asyncio.gather(
-                receive(subscription, 1200), *(bus.publish(batch) for batch in batches)
-            )
+    async with bus.subscribe(A) as subscription, asyncio.timeout(10):
+        receiving = asyncio.create_task(receive(subscription, 1200))
+        counts = await asyncio.gather(*(bus.publish(batch) for batch in batches))
+        received = await receiving
     assert counts == [[1] * 200] * 6
     # Each call's payloads arrive together and in order; calls come one after another.
     runs = [received[i : i + 200] for i in range(0, 1200, 200)]
