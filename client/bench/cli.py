@@ -65,6 +65,7 @@ def main() -> None:
 @click.option("--idle", default=0, show_default=True, help="Extra idle registered connections.")
 @click.option("--tick", default=0.001, show_default=True, help="Pacing tick, seconds.")
 @click.option("--drain-timeout", default=5.0, show_default=True, help="Wait for the last replies.")
+@click.option("--redis-url", default=None, help="Also measure this Redis' CPU (INFO cpu).")
 @_pid_option
 @_json_option
 @_quiet_option
@@ -81,6 +82,7 @@ def throughput(
     idle: int,
     tick: float,
     drain_timeout: float,
+    redis_url: str | None,
     broker_pids: tuple[int, ...],
     as_json: bool,
     quiet: bool,
@@ -104,6 +106,7 @@ def throughput(
         processes=processes,
         idle=idle,
         broker_pids=list(broker_pids),
+        redis_url=redis_url,
         tick=tick,
         drain_timeout=drain_timeout,
     )

@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import msgspec
+import redis
 
 from client.bench.connection import ConnectionLost, close_all
 from client.bench.load import Counters, LoadConfig, Worker, connect_registered
@@ -47,6 +48,8 @@ class ThroughputConfig(msgspec.Struct, frozen=True, kw_only=True):
     processes: int = 1
     idle: int = 0
     broker_pids: list[int] = []
+    #: A Redis whose own CPU (INFO cpu) is measured over the window, beside the brokers'.
+    redis_url: str | None = None
     tick: float = 0.001
     drain_timeout: float = 5.0
     request_timeout: float = 10.0
@@ -138,19 +141,40 @@ def _phase(start_at: float, warmup: float, duration: float) -> str:
     return "drain"
 
 
-class BrokerSampler:
-    """CPU seconds of the broker processes between two instants."""
+def redis_cpu_seconds(url: str) -> float:
+    """used_cpu_sys + used_cpu_user of a Redis server (its own figure, from INFO cpu)."""
+    client = redis.Redis.from_url(url, socket_timeout=2.0)
+    try:
+        info = client.info("cpu")
+    finally:
+        client.close()
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
-    def __init__(self, pids: list[int]) -> None:
+
+class BrokerSampler:
+    """CPU seconds of the broker processes (and of Redis) between two instants."""
+
+    def __init__(self, pids: list[int], redis_url: str | None = None) -> None:
         self.pids = pids
+        self.redis_url = redis_url
         self._start: list[float] = []
         self._end: list[float] = []
+        self._redis: list[float] = []
 
     def start(self) -> None:
         self._start = [process_cpu_seconds(pid) for pid in self.pids]
+        if self.redis_url is not None:
+            self._redis = [redis_cpu_seconds(self.redis_url)]
 
     def stop(self) -> None:
         self._end = [process_cpu_seconds(pid) for pid in self.pids]
+        if self.redis_url is not None and self._redis:
+            self._redis.append(redis_cpu_seconds(self.redis_url))
+
+    def redis_result(self) -> float | None:
+        if len(self._redis) != 2:
+            return None
+        return round(self._redis[1] - self._redis[0], 4)
 
     def result(self) -> list[BrokerCpu]:
         if len(self._end) != len(self.pids) or len(self._start) != len(self.pids):
@@ -165,7 +189,7 @@ def run_throughput(config: ThroughputConfig, *, progress: bool = True) -> Report
     """Run a throughput measurement and return its report."""
     loads = plan_workers(config)
     display = Progress(progress)
-    sampler = BrokerSampler(config.broker_pids)
+    sampler = BrokerSampler(config.broker_pids, config.redis_url)
     if len(loads) == 1:
         install_uvloop()
         results = [asyncio.run(_run_local(loads[0], config, sampler, display))]
@@ -181,6 +205,7 @@ def run_throughput(config: ThroughputConfig, *, progress: bool = True) -> Report
         target_rate=config.rate,
         processes=len(loads),
         broker_cpu=sampler.result(),
+        redis_cpu_seconds=sampler.redis_result(),
     )
 
 

@@ -51,6 +51,11 @@ def format_throughput(report: Report) -> str:
         )
     else:
         lines.append(f"{'broker CPU':<18}{'-':>12}   (give --broker-pid to measure it)")
+    if report.redis_cpu_us_per_message is not None and report.redis_cpu_seconds is not None:
+        lines.append(
+            f"{'Redis CPU':<18}{report.redis_cpu_us_per_message:>12,.1f} µs/message   "
+            f"({report.redis_cpu_seconds:.2f} s, from INFO cpu; not in the broker figure)"
+        )
     gen = report.generator_cpu_us_per_message
     lines.append(
         f"{'generator CPU':<18}{(f'{gen:,.1f}' if gen is not None else '-'):>12} µs/message   "

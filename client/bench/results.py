@@ -156,6 +156,8 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     broker_cpu: list[BrokerCpu]
     broker_cpu_percent: float | None
     broker_cpu_us_per_message: float | None
+    redis_cpu_seconds: float | None
+    redis_cpu_us_per_message: float | None
     generator_cpu_percent: float
     generator_cpu_us_per_message: float | None
     generator_bound: bool
@@ -176,6 +178,7 @@ def build_report(
     target_rate: float,
     processes: int,
     broker_cpu: list[BrokerCpu],
+    redis_cpu_seconds: float | None = None,
 ) -> Report:
     """Derive the report's figures from the merged counts and the broker CPU samples."""
     seconds = merged.window_seconds
@@ -217,6 +220,12 @@ def build_report(
         ),
         broker_cpu_us_per_message=(
             round(broker_seconds * 1e6 / delivered, 2) if broker_cpu and delivered else None
+        ),
+        redis_cpu_seconds=redis_cpu_seconds,
+        redis_cpu_us_per_message=(
+            round(redis_cpu_seconds * 1e6 / delivered, 2)
+            if redis_cpu_seconds is not None and delivered
+            else None
         ),
         generator_cpu_percent=round(100 * merged.generator_cpu_seconds / seconds, 1)
         if seconds > 0
