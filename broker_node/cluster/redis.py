@@ -17,10 +17,12 @@ hand in fakeredis connections:
 
 Timeouts and errors: every connection has ``socket_timeout`` and ``socket_connect_timeout``
 equal to ``Settings.request_timeout``, no retries (a retried PUBLISH pipeline could duplicate or
-reorder), and every operation runs under one ``asyncio.timeout(request_timeout)``. Any Redis
-error, socket error or timeout becomes ``BackendUnavailable``, which then means "outcome
-unknown": the command may still have been applied (a paused Redis runs what it had buffered
-when it resumes).
+reorder), and every operation runs under one ``asyncio.timeout(request_timeout)``; the node
+scripts ``reap``, ``leave`` and ``rejoin``, which run from background loops and may take long on
+a big node, use two connections of their own with ``max(request_timeout, heartbeat_interval)``.
+Any Redis error, socket error or timeout becomes ``BackendUnavailable``, which then means
+"outcome unknown": the command may still have been applied (a paused Redis runs what it had
+buffered when it resumes).
 
 Atomicity: writes that touch several keys go in a MULTI/EXEC pipeline; ``heartbeat``,
 ``rejoin``, ``reap`` and ``leave`` are Lua scripts, so that of several survivors racing to reap
@@ -52,11 +54,14 @@ from shared.ids import ChannelId, ConnectionId, NodeId
 
 logger = logging.getLogger(__name__)
 
-#: Makes a connection pool of at most ``max_connections`` connections to the cluster's Redis.
-PoolFactory = Callable[[int], ConnectionPool]
+#: Makes a pool of at most ``max_connections`` connections to the cluster's Redis whose reads,
+#: writes and connects each time out after ``timeout`` seconds.
+PoolFactory = Callable[[int, float], ConnectionPool]
 
 #: Connections of the registry's command pool.
 DEFAULT_MAX_CONNECTIONS = 32
+#: Connections for the node scripts (reap, leave, rejoin), which may run long.
+MAINTENANCE_CONNECTIONS = 2
 #: Records written per pipeline by ``restore`` (each chunk gets its own request timeout).
 RESTORE_CHUNK = 500
 
@@ -65,12 +70,11 @@ RESTORE_CHUNK = 500
 _FAILURES = (RedisError, OSError)
 
 
-def url_pool_factory(url: str, timeout: float) -> PoolFactory:
+def url_pool_factory(url: str) -> PoolFactory:
     """Pools for ``url`` (``redis://``, ``rediss://``, ``unix://``; passwords, db and TLS
-    options come from the URL, as redis-py's ``from_url`` parses it) with every timeout set to
-    ``timeout`` and no retries."""
+    options come from the URL, as redis-py's ``from_url`` parses it) with no retries."""
 
-    def make(max_connections: int) -> ConnectionPool:
+    def make(max_connections: int, timeout: float) -> ConnectionPool:
         return BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -200,19 +204,29 @@ class RedisRegistry(Registry):
         keys: RedisKeys,
         *,
         timeout: float,
+        maintenance_client: Redis | None = None,
+        maintenance_timeout: float | None = None,
         tombstone_ttl_ms: int = TOMBSTONE_TTL_MS,
     ) -> None:
         self._client = client
         self._keys = keys
         self._timeout = timeout
+        # reap, leave and rejoin run one script over all of a node's records (about 1 s per
+        # 100,000 on a laptop): they get their own connections and a longer timeout, since a
+        # reap that times out on our side still completes in Redis and its list would be lost.
+        self._maintenance = maintenance_client if maintenance_client is not None else client
+        self._maintenance_timeout = max(timeout, maintenance_timeout or timeout)
         self._tombstone_ttl_ms = tombstone_ttl_ms
         self._heartbeat: AsyncScript = client.register_script(_HEARTBEAT)
-        self._reap: AsyncScript = client.register_script(_REAP)
-        self._leave: AsyncScript = client.register_script(_LEAVE)
-        self._rejoin: AsyncScript = client.register_script(_REJOIN)
+        self._reap: AsyncScript = self._maintenance.register_script(_REAP)
+        self._leave: AsyncScript = self._maintenance.register_script(_LEAVE)
+        self._rejoin: AsyncScript = self._maintenance.register_script(_REJOIN)
 
     def _guard(self, operation: str) -> AbstractAsyncContextManager[None]:
         return _guard(operation, self._timeout)
+
+    def _maintenance_guard(self, operation: str) -> AbstractAsyncContextManager[None]:
+        return _guard(operation, self._maintenance_timeout)
 
     # Connections and channels. Multi-key writes are MULTI/EXEC: all or nothing.
 
@@ -319,7 +333,7 @@ class RedisRegistry(Registry):
         return _HEARTBEAT_REPLIES[int(reply)]
 
     async def rejoin(self, node_id: NodeId, ttl_ms: int) -> None:
-        async with self._guard("rejoin"):
+        async with self._maintenance_guard("rejoin"):
             await self._rejoin(keys=self._node_keys(node_id), args=self._node_args(node_id, ttl_ms))
 
     async def live_nodes(self) -> set[NodeId]:
@@ -344,7 +358,7 @@ class RedisRegistry(Registry):
         return [(node_id, bool(exists)) for node_id, exists in zip(nodes, alive, strict=True)]
 
     async def reap(self, node_id: NodeId) -> list[ChannelRecord] | None:
-        async with self._guard("reap"):
+        async with self._maintenance_guard("reap"):
             reply = await self._reap(
                 keys=self._node_keys(node_id),
                 args=self._node_args(node_id, self._tombstone_ttl_ms),
@@ -364,7 +378,7 @@ class RedisRegistry(Registry):
         ]
 
     async def leave(self, node_id: NodeId) -> None:
-        async with self._guard("leave"):
+        async with self._maintenance_guard("leave"):
             await self._leave(keys=self._node_keys(node_id), args=self._node_args(node_id, 0))
 
     async def restore(
@@ -387,8 +401,9 @@ class RedisRegistry(Registry):
             await self._client.ping()
 
     async def aclose(self) -> None:
-        with suppress(*_FAILURES):
-            await self._client.aclose()
+        for client in {id(c): c for c in (self._client, self._maintenance)}.values():
+            with suppress(*_FAILURES):
+                await client.aclose()
 
 
 class _RedisSubscription(Subscription):
@@ -430,7 +445,7 @@ class RedisBus(Bus):
         self._pool_factory = pool_factory
         self._keys = keys
         self._timeout = timeout
-        self._publisher = Redis.from_pool(pool_factory(1))
+        self._publisher = Redis.from_pool(pool_factory(1, timeout))
         self._publish_lock = asyncio.Lock()
         self._subscribers: set[AbstractConnection] = set()
 
@@ -455,7 +470,7 @@ class RedisBus(Bus):
     async def _subscribe(self, node_id: NodeId) -> AsyncIterator[Subscription]:
         channel = self._keys.inbox(node_id)
         # A connection of our own, outside any pool: nothing reconnects it behind our back.
-        pool = self._pool_factory(1)
+        pool = self._pool_factory(1, self._timeout)
         connection = pool.connection_class(**pool.connection_kwargs)
         self._subscribers.add(connection)
         try:
@@ -502,19 +517,27 @@ class RedisBackend:
         *,
         pool_factory: PoolFactory | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        maintenance_timeout: float | None = None,
         tombstone_ttl_ms: int = TOMBSTONE_TTL_MS,
     ) -> None:
         timeout = settings.request_timeout
+        # Node scripts run from background loops, once per heartbeat interval at most.
+        if maintenance_timeout is None:
+            maintenance_timeout = max(timeout, settings.heartbeat_interval)
         if pool_factory is None:
             if settings.redis_url is None:
                 raise ConfigurationError("the Redis backend needs redis_url")
-            pool_factory = url_pool_factory(settings.redis_url, timeout)
+            pool_factory = url_pool_factory(settings.redis_url)
         keys = RedisKeys(settings.redis_prefix)
         self.keys = keys
         self._registry = RedisRegistry(
-            Redis.from_pool(pool_factory(max_connections)),
+            Redis.from_pool(pool_factory(max_connections, timeout)),
             keys,
             timeout=timeout,
+            maintenance_client=Redis.from_pool(
+                pool_factory(MAINTENANCE_CONNECTIONS, maintenance_timeout)
+            ),
+            maintenance_timeout=maintenance_timeout,
             tombstone_ttl_ms=tombstone_ttl_ms,
         )
         self._bus = RedisBus(pool_factory, keys, timeout=timeout)

@@ -16,7 +16,6 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from broker_node.cluster.base import Backend
 from broker_node.cluster.redis import RedisBackend
 from tests.cluster.harness import (
-    REQUEST_TIMEOUT,
     Harness,
     memory_harness,
     redis_harness,
@@ -34,12 +33,12 @@ def redis_server() -> Iterator[RedisServer]:
 def fakeredis_harness() -> Harness:
     server = fakeredis.FakeServer()
 
-    def pools(max_connections: int) -> ConnectionPool:
+    def pools(max_connections: int, timeout: float) -> ConnectionPool:
         return BlockingConnectionPool(
             connection_class=FakeAsyncRedisConnection,
             server=server,
             max_connections=max_connections,
-            timeout=REQUEST_TIMEOUT,
+            timeout=timeout,
             protocol=2,
         )
 

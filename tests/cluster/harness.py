@@ -48,7 +48,13 @@ def channel(opener: ConnectionRecord, target: ConnectionRecord) -> ChannelRecord
 
 
 def settings_for(url: str | None, request_timeout: float = REQUEST_TIMEOUT) -> Settings:
-    return Settings(redis_url=url, redis_prefix=PREFIX, request_timeout=request_timeout)
+    # The node scripts' timeout is max(request_timeout, heartbeat_interval).
+    return Settings(
+        redis_url=url,
+        redis_prefix=PREFIX,
+        request_timeout=request_timeout,
+        heartbeat_interval=request_timeout,
+    )
 
 
 class FakeClock:

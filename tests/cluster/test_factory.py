@@ -48,13 +48,13 @@ def test_redis_backend_needs_a_url_or_a_pool_factory() -> None:
 
 
 def test_url_options_and_timeouts_reach_the_connections() -> None:
-    tls = url_pool_factory("rediss://user:p%40ss@redis.example:6380/2", 1.5)(1)
+    tls = url_pool_factory("rediss://user:p%40ss@redis.example:6380/2")(1, 1.5)
     assert tls.connection_class is SSLConnection
     kwargs = tls.connection_kwargs
     assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("user", "p@ss", 2)
     assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 1.5
     assert kwargs["retry"].get_retries() == 0
 
-    unix = url_pool_factory("unix:///run/redis.sock?db=1", 1.5)(1)
+    unix = url_pool_factory("unix:///run/redis.sock?db=1")(1, 1.5)
     assert unix.connection_class is UnixDomainSocketConnection
     assert unix.connection_kwargs["path"] == "/run/redis.sock"
