@@ -18,9 +18,16 @@ __all__ = ["full_jitter"]
 def full_jitter(
     base: float, cap: float, *, uniform: Callable[[float, float], float] = random.uniform
 ) -> Iterator[float]:
-    """Yield an endless sequence of delays; ``uniform`` is injectable for tests."""
+    """An endless sequence of delays; ``uniform`` is injectable for tests.
+
+    Raises ``ValueError`` at once (not on the first ``next``) for a negative base or cap.
+    """
     if base < 0 or cap < 0:
         raise ValueError("backoff base and cap must not be negative")
+    return _delays(base, cap, uniform)
+
+
+def _delays(base: float, cap: float, uniform: Callable[[float, float], float]) -> Iterator[float]:
     ceiling = min(base, cap)
     while True:
         yield uniform(0.0, ceiling)

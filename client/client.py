@@ -593,7 +593,14 @@ class BrokerClient:
 
     @property
     def connected(self) -> bool:
+        """Registered right now."""
         return self._link is not None
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests sent on the current connection and not answered yet."""
+        link = self._link
+        return len(link.futures) if link is not None else 0
 
     # --- operations -----------------------------------------------------------------------
 
@@ -744,7 +751,11 @@ class BrokerClient:
             self._spawn(result)
 
     def _spawn(self, awaitable: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(awaitable)
+        task: asyncio.Future[Any]
+        if inspect.iscoroutine(awaitable):
+            task = asyncio.get_running_loop().create_task(awaitable, name="broker-client-task")
+        else:
+            task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 

@@ -40,4 +40,6 @@ def test_a_cap_below_the_base_wins_and_zero_is_allowed() -> None:
 
 def test_negative_values_are_refused() -> None:
     with pytest.raises(ValueError):
-        next(full_jitter(-1.0, 1.0))
+        full_jitter(-1.0, 1.0)
+    with pytest.raises(ValueError):
+        full_jitter(1.0, -1.0)
