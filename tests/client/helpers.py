@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
 async def eventually(check: Callable[[], bool], *, timeout: float = 10.0) -> None:
@@ -20,3 +20,12 @@ def client_tasks() -> set[str]:
         for task in asyncio.all_tasks()
         if task.get_name().startswith("broker-client") and not task.done()
     }
+
+
+async def eventually_async(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, interval: float = 0.1
+) -> None:
+    """``eventually`` for a condition that has to ask the broker."""
+    async with asyncio.timeout(timeout):
+        while not await check():  # noqa: ASYNC110 - the condition lives on the broker
+            await asyncio.sleep(interval)
