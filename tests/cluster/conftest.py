@@ -31,6 +31,8 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def fakeredis_harness() -> Harness:
+    # fakeredis runs EVAL/EVALSHA only with lupa installed (the fakeredis[lua] extra).
+    pytest.importorskip("lupa", reason="fakeredis needs lupa (fakeredis[lua]) to run Lua")
     server = fakeredis.FakeServer()
 
     def pools(max_connections: int, timeout: float) -> ConnectionPool:
