@@ -75,7 +75,7 @@ def url_pool_factory(url: str) -> PoolFactory:
     options come from the URL, as redis-py's ``from_url`` parses it) with no retries."""
 
     def make(max_connections: int, timeout: float) -> ConnectionPool:
-        return BlockingConnectionPool.from_url(
+        pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
             timeout=timeout,  # waiting for a free connection of the pool
@@ -85,9 +85,12 @@ def url_pool_factory(url: str) -> PoolFactory:
             # One attempt: a retry could re-send a PUBLISH pipeline (duplicates, reordering)
             # and would multiply the time a caller waits.
             retry=Retry(NoBackoff(), 0),
-            # The subscriber parses RESP2 pub/sub replies (a URL's ?protocol= still wins).
             protocol=2,
         )
+        # The subscriber reads RESP2 pub/sub replies; a URL's ?protocol= would win over ours.
+        if str(pool.connection_kwargs.get("protocol")) != "2":
+            raise ConfigurationError("the Redis URL must not ask for a protocol other than 2")
+        return pool
 
     return make
 

@@ -58,3 +58,8 @@ def test_url_options_and_timeouts_reach_the_connections() -> None:
     unix = url_pool_factory("unix:///run/redis.sock?db=1")(1, 1.5)
     assert unix.connection_class is UnixDomainSocketConnection
     assert unix.connection_kwargs["path"] == "/run/redis.sock"
+
+
+def test_resp3_is_refused() -> None:
+    with pytest.raises(ConfigurationError):
+        create_backend(Settings(redis_url="redis://127.0.0.1:1/0?protocol=3"))
