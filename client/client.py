@@ -364,6 +364,8 @@ class _Link:
             if not future.done():
                 self.session.abandon(request.request_id)
                 future.cancel()
+            elif not future.cancelled():
+                future.exception()  # retrieved: we may have raised something else
 
     def forget(self, channel_id: ChannelId) -> None:
         self.channels.pop(channel_id, None)
