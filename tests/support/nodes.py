@@ -29,6 +29,16 @@ def http_get(url: str, timeout: float = 1.0) -> tuple[int, str]:
         return 0, str(exc)
 
 
+async def wait_http(url: str, *, status: int = 200, timeout: float = 15.0) -> None:
+    """Poll ``url`` until it answers ``status``; TimeoutError after ``timeout`` seconds."""
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        # Polling: the state lives in another process, there is no event to wait on.
+        while (await asyncio.to_thread(http_get, url, 0.5))[0] != status:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
 class NodeProcess:
     """One broker-node subprocess on a free port (or a given one, to restart in place)."""
 
