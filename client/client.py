@@ -58,10 +58,12 @@ from client.errors import (
     ConnectFailed,
     ConnectionLost,
     NotConnected,
+    ProtocolViolation,
     RequestFailed,
     RequestTimeout,
 )
 from client.session import (
+    UNEXPECTED_REPLY,
     AbandonedChannel,
     ChannelEnded,
     ChannelIncoming,
@@ -420,7 +422,12 @@ class _Link:
                 case RequestRejected(request_id=request_id, kind=kind, reply_type=rt, error=err):
                     future = self.futures.get(request_id)
                     if future is not None and not future.done():
-                        future.set_exception(RequestFailed(rt, err, request_type=kind))
+                        failure: BrokerError = (
+                            ProtocolViolation(err)
+                            if rt == UNEXPECTED_REPLY
+                            else RequestFailed(rt, err, request_type=kind)
+                        )
+                        future.set_exception(failure)
                 case ChannelIncoming(channel_id=channel_id, peer_id=peer_id):
                     self.client._incoming(self._new_channel(channel_id, peer_id))
                 case ChannelPayload(channel_id=channel_id, payload=payload):
@@ -692,6 +699,15 @@ class BrokerClient:
             self._invoke(self.on_disconnected)
 
     async def _supervise(self, first: asyncio.Future[None]) -> None:
+        try:
+            await self._reconnect_forever(first)
+        except Exception as exc:  # a bug: say so loudly rather than die silently
+            log.exception("the reconnect loop of %s failed", self.url)
+            if not first.done():
+                first.set_exception(exc)
+            self._incoming_inbox.close()
+
+    async def _reconnect_forever(self, first: asyncio.Future[None]) -> None:
         loop = asyncio.get_running_loop()
         delays = full_jitter(self.backoff_base, self.backoff_cap)
         while True:

@@ -9,7 +9,7 @@
     ├── ChannelClosed           the channel is closed: locally, by the peer, or with the connection
     ├── InvalidPayload          a payload is not JSON-serialisable (also a ``TypeError``); nothing
     │                           was sent
-    └── ProtocolViolation       the broker sent something the SDK cannot understand (its fault)
+    └── ProtocolViolation       the broker answered with a reply that does not fit the request
 
 ``NotConnected`` and its subclasses are the broker's or the network's condition; retrying after
 the client has reconnected is reasonable. ``RequestFailed`` is the broker's considered answer
@@ -116,4 +116,8 @@ class InvalidPayload(BrokerError, TypeError):
 
 
 class ProtocolViolation(BrokerError):
-    """The broker sent a frame or a reply the SDK cannot interpret."""
+    """The broker answered a request with a reply the SDK cannot interpret (the broker's bug).
+
+    Frames that answer no request (garbage, an ``error`` without ``replyTo``) are logged
+    instead, since nobody is waiting for them.
+    """

@@ -76,6 +76,7 @@ from shared.messages import (
 )
 
 __all__ = [
+    "UNEXPECTED_REPLY",
     "AbandonedChannel",
     "ChannelEnded",
     "ChannelIncoming",
@@ -97,6 +98,9 @@ __all__ = [
 ]
 
 RequestKind = Literal["register", "list_by_role", "open", "message", "close"]
+
+#: ``reply_type`` of a rejection the session made up: the reply did not fit the request.
+UNEXPECTED_REPLY: Final = "unexpected_reply"
 
 #: Notifications held for channels whose ``channel_opened`` has not arrived yet, at most.
 DEFAULT_MAX_EARLY: Final = 1024
@@ -419,7 +423,7 @@ class Session:
         tag = _tag(message)
         if tag != _SUCCESS_TYPE[pending.kind]:
             return self._rejected(
-                reply_to, pending, "unexpected_reply", f"{tag} does not answer {pending.kind}"
+                reply_to, pending, UNEXPECTED_REPLY, f"{tag} does not answer {pending.kind}"
             )
         match message:
             case Registered(connectionId=connection_id):
@@ -484,7 +488,7 @@ class Session:
         if pending.abandoned:
             return []
         events: list[Event] = [RequestRejected(reply_to, pending.kind, reply_type, error)]
-        if reply_type == "unexpected_reply":
+        if reply_type == UNEXPECTED_REPLY:
             events.insert(0, Violation(f"request {reply_to}: {error}"))
         return events
 
@@ -523,7 +527,7 @@ class Session:
                 case _:  # pragma: no cover
                     assert_never(pending.kind)
         except msgspec.ValidationError as exc:
-            return self._rejected(reply_to, pending, "unexpected_reply", f"invalid reply: {exc}")
+            return self._rejected(reply_to, pending, UNEXPECTED_REPLY, f"invalid reply: {exc}")
 
     # --- notifications --------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from client import BrokerClient, CloseReason, RequestFailed, RequestTimeout
+from client import BrokerClient, CloseReason, ProtocolViolation, RequestFailed, RequestTimeout
 from tests.client.helpers import client_tasks, eventually
 
 ME = "11111111-1111-4111-8111-111111111111"
@@ -135,6 +135,12 @@ async def test_error_frames(
         await listing
     assert caught.value.reply_type == "error"
     assert caught.value.error == "Unknown request type: x"
+
+    listing = asyncio.create_task(client.list_by_role("r"))
+    request = await broker.expect("list_by_role")
+    await broker.send(type="channel_closed", replyTo=request["id"], channelId=CHANNEL)
+    with pytest.raises(ProtocolViolation):
+        await listing
 
     with caplog.at_level(logging.WARNING, logger="client.client"):
         await broker.send(type="error", error="Message must be a JSON object")
