@@ -560,16 +560,24 @@ class BrokerCore:
         return actions
 
     def node_lost(self, node_id: NodeId) -> list[Action]:
-        """``node_id`` died or was reaped: close every channel to it, fail what waits on it."""
+        """``node_id`` died or was reaped: close every channel to it, fail what waits on it.
+
+        The lost node is also sent a ``Closed`` for each channel: if it was only thought lost
+        (its heartbeat vanished with an empty Redis), its clients hear of the closure too, so
+        no channel is left open at one end only. A dead node's inbox takes nothing.
+        """
         actions: list[Action] = []
-        for channel in [
-            c for c in self.channels.values() if node_id in (c.opener_node, c.target_node)
-        ]:
+        lost = [c for c in self.channels.values() if node_id in (c.opener_node, c.target_node)]
+        for channel in lost:
             self._drop_channel(channel)
             for end, end_node in channel.ends():
-                conn = self.connections.get(end) if end_node == self.node_id else None
-                if conn is not None:
-                    actions.append(self._closed_notification(conn, channel.channel_id))
+                if end_node == self.node_id:
+                    conn = self.connections.get(end)
+                    if conn is not None:
+                        actions.append(self._closed_notification(conn, channel.channel_id))
+                else:
+                    actions.append(Publish(end_node, Closed(channel.channel_id, end)))
+            actions.append(ForgetChannel(channel))
         for seq, pending in list(self._deliveries.items()):
             if pending.node_id == node_id:
                 del self._deliveries[seq]

@@ -326,6 +326,9 @@ def test_closed_from_another_node_and_node_lost(core: BrokerCore) -> None:
     assert {"type": "channel_closed_notification", "id": 5, "channelId": second.channel_id} in notes
     assert any(f.get("replyTo") == 40 and f["type"] == "channel_message_failed" for f in notes)
     assert not core.channels and core.remote_nodes() == set()
+    # The lost node hears of it too, in case it was only thought lost.
+    assert Publish(THERE, Closed(second.channel_id, B)) in actions
+    assert ForgetChannel(second) in actions
 
 
 def test_records_snapshot(core: BrokerCore) -> None:
