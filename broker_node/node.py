@@ -72,6 +72,7 @@ class BrokerNode:
             request_timeout=settings.request_timeout,
             clock=time.monotonic,
             stats=self.stats,
+            first_seq=time.time_ns() // 1000,
         )
         self.outbox = Outbox(
             self.backend.bus,

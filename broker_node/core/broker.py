@@ -79,6 +79,7 @@ NOT_CONFIRMED: Final = "Delivery not confirmed in time"
 TOO_MANY_UNCONFIRMED: Final = "Too many unconfirmed messages"
 TARGET_NODE_SILENT: Final = "Target's node did not answer in time"
 REGISTRY_UNAVAILABLE: Final = "Cluster registry unavailable, try again"
+LATE_DELIVERY: Final = "Delivery arrived out of order and was dropped"
 
 #: Failure reasons used as metric labels; any other text counts as "invalid_request".
 KNOWN_REASONS: Final = frozenset(
@@ -94,6 +95,7 @@ KNOWN_REASONS: Final = frozenset(
         TOO_MANY_UNCONFIRMED,
         TARGET_NODE_SILENT,
         REGISTRY_UNAVAILABLE,
+        LATE_DELIVERY,
     }
 )
 
@@ -141,6 +143,7 @@ class BrokerCore:
         request_timeout: float,
         clock: Callable[[], float],
         stats: NodeStats | None = None,
+        first_seq: int = 0,
     ) -> None:
         self.node_id = node_id
         self.max_role_length = max_role_length
@@ -152,7 +155,11 @@ class BrokerCore:
         self.channels: dict[ChannelId, ChannelRecord] = {}
         self._deliveries: dict[int, _PendingDelivery] = {}
         self._opens: dict[int, _PendingOpen] = {}
-        self._seq = 0
+        # Sequence numbers of this node's envelopes; the shell starts them from the wall clock
+        # so that they keep increasing across a restart under the same node id.
+        self._seq = first_seq
+        #: The last delivery seq accepted from each sending node.
+        self._last_delivery: dict[NodeId, int] = {}
 
     # --- connections --------------------------------------------------------------------
 
@@ -459,6 +466,14 @@ class BrokerCore:
         confirmations: dict[NodeId, tuple[list[int], list[tuple[int, str]]]],
     ) -> None:
         written, refused = confirmations.setdefault(envelope.sender_node, ([], []))
+        # A node's deliveries to this node carry increasing seqs in publish order. One that
+        # arrives behind a newer one is from a publish its sender saw fail (a Redis that
+        # stalled, then ran its buffered commands): its sender already reported it failed,
+        # and delivering it now would break the channel's order.
+        if envelope.seq <= self._last_delivery.get(envelope.sender_node, 0):
+            refused.append((envelope.seq, LATE_DELIVERY))
+            return
+        self._last_delivery[envelope.sender_node] = envelope.seq
         channel = self.channels.get(envelope.channel_id)
         recipient = self.connections.get(envelope.recipient)
         if channel is None or channel.peer_of(envelope.recipient) is None:
@@ -567,6 +582,7 @@ class BrokerCore:
         no channel is left open at one end only. A dead node's inbox takes nothing.
         """
         actions: list[Action] = []
+        self._last_delivery.pop(node_id, None)
         lost = [c for c in self.channels.values() if node_id in (c.opener_node, c.target_node)]
         for channel in lost:
             self._drop_channel(channel)

@@ -21,6 +21,7 @@ from broker_node.core.actions import (
 from broker_node.core.broker import (
     ALREADY_REGISTERED,
     CHANNEL_NOT_FOUND,
+    LATE_DELIVERY,
     NOT_AUTHORIZED,
     NOT_CONFIRMED,
     NOT_REGISTERED,
@@ -348,3 +349,17 @@ def test_core_and_shared_import_no_io() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_late_delivery_behind_a_newer_one_is_refused(core: BrokerCore) -> None:
+    registered(core, B)
+    record = ChannelRecord(ChannelId("ch"), A, THERE, B, HERE)
+    core.on_bus([Incoming(1, record)])
+    core.on_bus([Deliver(10, THERE, ChannelId("ch"), B, raw("new"))])
+    actions = core.on_bus([Deliver(7, THERE, ChannelId("ch"), B, raw("stale"))])
+    assert frames(actions, B) == []
+    assert actions == [Publish(THERE, Confirm([], [(7, LATE_DELIVERY)]))]
+    # Once the sending node is lost and comes back (same id), its new seqs are accepted.
+    core.node_lost(THERE)
+    core.on_bus([Incoming(2, record)])
+    assert frames(core.on_bus([Deliver(3, THERE, ChannelId("ch"), B, raw("again"))]), B)
