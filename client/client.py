@@ -274,6 +274,8 @@ class Channel:
                 self._response = None
                 if not waiter.done():
                     waiter.cancel()
+                elif not waiter.cancelled():
+                    waiter.exception()  # retrieved: send() may have raised first
 
     async def close(self) -> None:
         """Close the channel; the peer gets ``channel_closed_notification``.
