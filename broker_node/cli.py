@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -149,12 +150,24 @@ def run(settings: Settings) -> None:
     configure_logging(
         level=settings.log_level, log_format=settings.log_format, node_id=settings.node_id
     )
+    _raise_open_files_limit()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         asyncio.run(_serve(settings))
     else:
         uvloop.run(_serve(settings))
+
+
+def _raise_open_files_limit() -> None:
+    """One socket per client: allow as many as the hard limit does (often 1024 by default)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            logger.warning("could not raise the open files limit above %d", soft)
 
 
 async def _serve(settings: Settings) -> None:
