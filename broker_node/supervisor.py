@@ -6,8 +6,12 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Final
 
 logger = logging.getLogger("broker_node.supervisor")
+
+#: How long ``stop`` waits for the cancelled loops before cancelling the rest again.
+CANCEL_RETRY_INTERVAL: Final = 0.1
 
 BackoffFactory = Callable[[], Iterator[float]]
 
@@ -61,8 +65,17 @@ class Supervisor:
         return task is not None and not task.done()
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
+        pending = set(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # A cancellation can get lost in library code: CPython < 3.12's asyncio.wait_for, which
+        # redis-py uses to send every command, returns the result instead of raising when the
+        # send completed just as the cancel came (gh-86296). The loop then carries on to its
+        # next await and a single cancel() would leave stop() waiting for it forever: cancel
+        # again until every loop has ended.
+        while pending:
+            for task in pending:
+                task.cancel()
+            done, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_INTERVAL)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: _run logs failures itself
