@@ -175,11 +175,13 @@ async def _check_channels_across_every_pair_of_nodes(
     }
     node_ids = topology.node_ids()
     assert set(node_of.values()) == set(node_ids)
+    openers = {node_of.get(str(c.connection_id)): c for c in clients}
+    targets = {node_of.get(str(r.client.connection_id)): r.client for r in responders}
+    assert set(targets) == set(node_ids), f"responders on {sorted(map(str, targets))}"
     for a, b in itertools.permutations(node_ids, 2):
-        opener = next(c for c in clients if node_of.get(str(c.connection_id)) == a)
-        target = next(r for r in responders if node_of.get(str(r.client.connection_id)) == b)
-        assert target.client.connection_id is not None
-        channel = await opener.open_channel(target.client.connection_id)
+        target_id = targets[b].connection_id
+        assert target_id is not None
+        channel = await openers[a].open_channel(target_id)
         question = {"from": a, "to": b, "payload": ["any", 1, None, True, {"json": 2.5}]}
         assert await channel.request(question, timeout=REQUEST_TIMEOUT) == question
         await channel.close()

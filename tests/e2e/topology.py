@@ -71,7 +71,9 @@ class ComposeTopology:
     def start(self, timeout: float = 20.0) -> None:
         """Start every replica (each ready), then nginx (answering /lb-health)."""
         for port in self.ports:
-            self.nodes.append(self._node(port).start(timeout=timeout))
+            node = self._node(port)
+            self.nodes.append(node)  # before it starts: stop() ends it even if start() fails
+            node.start(timeout=timeout)
         conf = write_local_nginx_conf(
             backend_ports=self.ports, listen_port=self.lb_port, workdir=self.workdir
         )
@@ -87,13 +89,17 @@ class ComposeTopology:
                 raise TimeoutError(f"nginx not answering in {timeout}s:\n{self.nginx_log()}")
             time.sleep(0.05)
 
-    def restart(self, index: int, *, timeout: float = 20.0) -> RetiredNode:
+    def restart(
+        self, index: int, *, stop_timeout: float = 10.0, start_timeout: float = 20.0
+    ) -> RetiredNode:
         """SIGTERM replica ``index``, wait for its exit, start a new one on its port (ready).
 
-        Blocking: call it with ``asyncio.to_thread`` while clients run.
+        A node that has not exited ``stop_timeout`` seconds after SIGTERM is killed (exit
+        code -9). Blocking: call it with ``asyncio.to_thread`` while clients run.
         """
-        retired = self._retire(self.nodes[index], timeout=timeout)
-        self.nodes[index] = self._node(self.ports[index]).start(timeout=timeout)
+        retired = self._retire(self.nodes[index], timeout=stop_timeout)
+        node = self.nodes[index] = self._node(self.ports[index])
+        node.start(timeout=start_timeout)
         return retired
 
     def stop(self, timeout: float = 20.0) -> None:
