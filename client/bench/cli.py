@@ -41,6 +41,13 @@ def _check_local(urls: tuple[str, ...]) -> None:
             )
 
 
+def _describe(exc: BaseException) -> str:
+    # A failed setup arrives as an ExceptionGroup from the TaskGroup: show its first leaf.
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
 @click.group()
 def main() -> None:
     """Load generator for the connection broker: it verifies what it measures."""
@@ -110,7 +117,10 @@ def throughput(
         tick=tick,
         drain_timeout=drain_timeout,
     )
-    report = run_throughput(config, progress=not quiet)
+    try:
+        report = run_throughput(config, progress=not quiet)
+    except (OSError, RuntimeError, ExceptionGroup) as exc:
+        raise click.ClickException(f"the run could not start or finish: {_describe(exc)}") from exc
     if as_json:
         click.echo(msgspec.json.format(msgspec.json.encode(report).decode()))
     else:

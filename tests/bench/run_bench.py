@@ -275,7 +275,7 @@ def fmt(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.1f}"
 
 
-def machine() -> dict[str, str]:
+def machine(load_before: float) -> dict[str, str]:
     model = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -302,6 +302,8 @@ def machine() -> dict[str, str]:
         "redis-server": redis.stdout.split(" v=")[-1].split()[0] if redis.stdout else "?",
         "original package": PACKAGE,
         "our commit": commit.stdout.strip() or "?",
+        # Other work on the machine spoils the figures (p99 latency first): say how busy it was.
+        "1-min load average before / after": f"{load_before:.1f} / {os.getloadavg()[0]:.1f}",
     }
 
 
@@ -463,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         argv if argv is not None else sys.argv[1:]
     )
     args.results_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     rounds: list[dict[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="connection-broker-npm-") as npm_dir:
         broker_js = npm_install(Path(npm_dir)) if "original" in systems else Path()
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
                     results.update(measure_system(name, system, settings))
             rounds.append(results)
     table = medians(rounds)
-    info = machine()
+    info = machine(load_before)
     (args.results_dir / "results.json").write_text(
         json.dumps({"machine": info, "settings": settings.__dict__, "rounds": rounds}, indent=1)
     )
