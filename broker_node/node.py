@@ -326,6 +326,10 @@ class BrokerNode:
             return result
         except TimeoutError as exc:
             raise BackendUnavailable(operation, exc) from exc
+        except asyncio.CancelledError:
+            # The node is stopping: that says nothing about the backend.
+            failed = False
+            raise
         finally:
             self.stats.registry_call(operation, time.perf_counter() - started, failed)
             if failed:
