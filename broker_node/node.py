@@ -280,6 +280,9 @@ class BrokerNode:
             await self._registry_call("add_connection", self.registry.add_connection(plan))
         except BackendUnavailable:
             error = REGISTRY_UNAVAILABLE
+            # Outcome unknown: a stalled Redis runs the write when it resumes, which would
+            # list a connection that was refused. Rewrite this node's entries once it answers.
+            self._registry_dirty = True
         if error is None and not self.core.is_connected(cid):
             self._forget(ForgetConnection(plan))
         self.execute(self.core.finish_register(cid, request, error))
@@ -310,7 +313,12 @@ class BrokerNode:
             if isinstance(plan, list):
                 self.execute(plan)
                 return
-            await self._registry_call("add_channel", self.registry.add_channel(plan))
+            try:
+                await self._registry_call("add_channel", self.registry.add_channel(plan))
+            except BackendUnavailable:
+                # As for register: the channel may still be written; rewrite when back.
+                self._registry_dirty = True
+                raise
         except BackendUnavailable:
             self.execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
             return
