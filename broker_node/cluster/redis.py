@@ -6,18 +6,18 @@ Connections (sockets to Redis), three kinds, all made by one *pool factory* so t
 hand in fakeredis connections:
 
 * the registry's command pool (bounded, blocking up to the request timeout for a free slot);
-* ONE publisher connection (a pool of size one) for the bus. ``publish`` sends its whole batch
-  as one pipeline (``transaction=False``: one write, one read of N replies) under a lock, so
-  the publishes of this node reach Redis, and so every subscriber, in the order they were
-  made;
+* ONE publisher connection for the bus, driven by hand. ``publish`` sends its whole batch of
+  PUBLISH commands in one write and reads the N replies, under a lock, so the publishes of
+  this node reach Redis, and so every subscriber, in the order they were made;
 * ONE subscriber connection per ``subscribe`` call, driven by hand (``SUBSCRIBE``, then reads)
   rather than through ``redis.asyncio.PubSub``, whose retry layer reconnects and re-subscribes
   silently and so would lose messages unnoticed. A lost subscriber connection ends the
   iteration with ``BackendUnavailable``; an idle one is probed with ``PING``.
 
-Timeouts and errors: every connection has ``socket_timeout`` and ``socket_connect_timeout``
-equal to ``Settings.request_timeout``, no retries (a retried PUBLISH pipeline could duplicate or
-reorder), and every operation runs under one ``asyncio.timeout(request_timeout)``; the node
+Timeouts and errors: every connection has ``socket_connect_timeout`` equal to
+``Settings.request_timeout`` (and no ``socket_timeout``, see ``url_pool_factory``), no retries
+(a retried PUBLISH could duplicate or reorder), and every operation runs under one
+``asyncio.timeout(request_timeout)``; the node
 scripts ``reap``, ``leave`` and ``rejoin``, which run from background loops and may take long on
 a big node, use two connections of their own with ``max(request_timeout, heartbeat_interval)``.
 Any Redis error, socket error or timeout becomes ``BackendUnavailable``, which then means
@@ -79,7 +79,11 @@ def url_pool_factory(url: str) -> PoolFactory:
             url,
             max_connections=max_connections,
             timeout=timeout,  # waiting for a free connection of the pool
-            socket_timeout=timeout,
+            # No socket_timeout: redis-py would wrap every send in asyncio.wait_for, which costs
+            # a task per command and, on Python 3.11, can swallow a cancellation (gh-86296).
+            # Every operation here already runs under asyncio.timeout (see _guard), and the
+            # subscriber passes its own read timeout.
+            socket_timeout=None,
             socket_connect_timeout=timeout,
             socket_keepalive=True,
             # One attempt: a retry could re-send a PUBLISH pipeline (duplicates, reordering)
@@ -103,6 +107,17 @@ async def _guard(operation: str, seconds: float) -> AsyncIterator[None]:
             yield
     except _FAILURES as exc:
         raise BackendUnavailable(operation, exc) from exc
+
+
+def _packed_publish(channel: str, payload: bytes) -> bytes:
+    """``PUBLISH channel payload`` in RESP."""
+    name = channel.encode()
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        len(name),
+        name,
+        len(payload),
+        payload,
+    )
 
 
 def _text(value: bytes | str) -> str:
@@ -448,7 +463,8 @@ class RedisBus(Bus):
         self._pool_factory = pool_factory
         self._keys = keys
         self._timeout = timeout
-        self._publisher = Redis.from_pool(pool_factory(1, timeout))
+        self._publisher_pool = pool_factory(1, timeout)
+        self._publisher: AbstractConnection | None = None
         self._publish_lock = asyncio.Lock()
         self._subscribers: set[AbstractConnection] = set()
 
@@ -456,17 +472,34 @@ class RedisBus(Bus):
         if not messages:
             return []
         inbox = self._keys.inbox
+        # The whole batch as one write of RESP commands, then one read per reply, on a
+        # connection driven by hand: redis-py's pipeline machinery costs several times more
+        # CPU than the publishes themselves, and this is the bus' hot path.
+        packed = b"".join(_packed_publish(inbox(node_id), payload) for node_id, payload in messages)
         # The lock is taken inside the timeout: a caller never waits longer than the request
-        # timeout, behind a hung publish or not. One call's pipeline is sent and answered
-        # before the next starts, so batches never interleave and stay in call order.
-        async with (
-            _guard("publish", self._timeout),
-            self._publish_lock,
-            self._publisher.pipeline(transaction=False) as pipe,
-        ):
-            for node_id, payload in messages:
-                pipe.publish(inbox(node_id), payload)
-            counts: list[Any] = await pipe.execute()
+        # timeout, behind a hung publish or not. One call's batch is sent and answered before
+        # the next starts, so batches never interleave and stay in call order.
+        async with _guard("publish", self._timeout), self._publish_lock:
+            connection = self._publisher
+            if connection is None:
+                pool = self._publisher_pool
+                connection = self._publisher = pool.connection_class(**pool.connection_kwargs)
+            try:
+                # Nothing is expected on this connection between batches: data or EOF there
+                # means it went stale (e.g. Redis restarted while idle), so reconnect before
+                # sending rather than lose the batch.
+                if connection.is_connected and await connection.can_read():
+                    raise RedisError("unexpected data on the publisher connection")
+            except _FAILURES:
+                await connection.disconnect(nowait=True)
+            try:
+                await connection.send_packed_command(packed, check_health=False)
+                counts = [await connection.read_response() for _ in messages]
+            except BaseException:
+                # Replies may still be in flight: this connection can never be trusted again.
+                self._publisher = None
+                await connection.disconnect(nowait=True)
+                raise
         return [int(count) for count in counts]
 
     @asynccontextmanager
@@ -503,8 +536,12 @@ class RedisBus(Bus):
         for connection in list(self._subscribers):
             with suppress(*_FAILURES):
                 await connection.disconnect()
+        if self._publisher is not None:
+            with suppress(*_FAILURES):
+                await self._publisher.disconnect()
+            self._publisher = None
         with suppress(*_FAILURES):
-            await self._publisher.aclose()
+            await self._publisher_pool.aclose()
 
 
 class RedisBackend:

@@ -52,7 +52,9 @@ def test_url_options_and_timeouts_reach_the_connections() -> None:
     assert tls.connection_class is SSLConnection
     kwargs = tls.connection_kwargs
     assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("user", "p@ss", 2)
-    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 1.5
+    assert kwargs["socket_connect_timeout"] == 1.5
+    # Operations are bounded by asyncio.timeout instead (no wait_for per send).
+    assert kwargs["socket_timeout"] is None
     assert kwargs["retry"].get_retries() == 0
 
     unix = url_pool_factory("unix:///run/redis.sock?db=1")(1, 1.5)
