@@ -190,6 +190,9 @@ class ClientConnection(asyncio.Protocol):
         try:
             while self._backlog and not self.closed:
                 await self.node.handle_request(cid, self._backlog[0])
+                if self.closed:
+                    # The client left during the await (connection_lost cleared the backlog).
+                    break
                 self._backlog.popleft()
                 if self._reading_paused and len(self._backlog) < MAX_BACKLOG // 2:
                     self._reading_paused = False

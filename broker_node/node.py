@@ -96,6 +96,7 @@ class BrokerNode:
         self._registry_dirty = False
         self._subscribed_event = asyncio.Event()
         self._liveness_grace_until = 0.0
+        self._missing_once: set[NodeId] = set()
         self._stopped = asyncio.Event()
         self._no_sockets = asyncio.Event()
 
@@ -150,6 +151,8 @@ class BrokerNode:
                 await self._drain()
         except TimeoutError:
             logger.warning("drain timed out after %.1fs", self.settings.drain_timeout)
+        if self.server is not None:
+            self.server.close()
         for sock in list(self.sockets):
             sock.abort()
         await self.supervisor.stop()
@@ -157,8 +160,9 @@ class BrokerNode:
         logger.info("stopped")
 
     async def _drain(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        # The listening socket stays open until the end so that probes see /readyz answer
+        # 503 (and the load balancer moves on) rather than a refused connection; new
+        # WebSocket upgrades are refused with 503 meanwhile (see ClientConnection).
         for client in list(self.clients.values()):
             client.close(CLOSE_GOING_AWAY, "Server shutting down")
         self._flush_all()
@@ -173,8 +177,6 @@ class BrokerNode:
             await self.registry.leave(self.node_id)
         except BackendUnavailable:
             logger.warning("could not remove this node's registry entries (Redis unavailable)")
-        if self.server is not None:
-            await self.server.wait_closed()
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()
@@ -468,9 +470,15 @@ class BrokerNode:
     async def _check_peers(self) -> None:
         remote = self.core.remote_nodes()
         if not remote:
+            self._missing_once.clear()
             return
         live = await self._registry_call("live_nodes", self.registry.live_nodes())
-        for node_id in remote - live:
+        missing = remote - live
+        # A node counts as lost when it is missing twice in a row: a single miss can be the
+        # moment a node rewrites its registry entries (or Redis has just come back empty).
+        lost = missing & self._missing_once
+        self._missing_once = missing - lost
+        for node_id in lost:
             self.stats.lost_nodes += 1
             logger.info("node %s is gone; closing this node's channels to it", node_id)
             self.execute(self.core.node_lost(node_id))

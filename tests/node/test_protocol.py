@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+from websockets.exceptions import InvalidStatus
+
 from broker_node.node import BrokerNode
 from tests.support.nodes import http_get
 from tests.support.wire import WireClient, pair
@@ -233,3 +236,20 @@ async def test_graceful_stop_closes_clients_with_1001_and_refuses_new_ones(
     assert not node.ready
     status, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{node.port}/readyz")
     assert status == 0  # the listening socket is closed
+
+
+async def test_during_drain_readyz_is_503_and_new_clients_are_refused(
+    node: BrokerNode, url: str
+) -> None:
+    a, b, _ = await pair(url)
+    # The state the node is in between SIGTERM and the end of its drain.
+    node.draining = True
+    status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{node.port}/readyz")
+    assert status == 503 and "draining" in body
+    with pytest.raises(InvalidStatus) as refused:
+        async with WireClient(url):
+            pass
+    assert refused.value.response.status_code == 503
+    node.draining = False
+    await a.close()
+    await b.close()
