@@ -70,6 +70,9 @@ class Outbox:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            # One more loop turn: what the other clients' frames of this turn produce joins
+            # the same publish.
+            await asyncio.sleep(0)
             while self._pending:
                 pending, self._pending, self._size = self._pending, {}, 0
                 await self._publish(pending)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any
@@ -430,30 +431,48 @@ class _RedisSubscription(Subscription):
     def __init__(self, connection: AbstractConnection, timeout: float) -> None:
         self._connection = connection
         self._timeout = timeout
+        #: Whether anything arrived since the watchdog last looked.
+        self._traffic = True
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         connection = self._connection
+        # Reads carry no timeout of their own (a timeout context per message is a large part
+        # of the bus' cost); a watchdog probes an idle connection instead.
+        self._traffic = True
+        watchdog = asyncio.create_task(self._watch_idle(), name="subscriber-watchdog")
+        try:
+            while True:
+                try:
+                    reply = await connection.read_response(disable_decoding=True, timeout=math.inf)
+                except _FAILURES as exc:
+                    raise BackendUnavailable("subscription", exc) from exc
+                self._traffic = True
+                if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                    payload = reply[2]
+                    if isinstance(payload, bytes):
+                        yield payload
+        finally:
+            watchdog.cancel()
+
+    async def _watch_idle(self) -> None:
+        """After a timeout without traffic, PING; after another, drop the connection, which
+        ends the read above with an error (a hung Redis or a dropped route closes nothing)."""
         pinged = False
         while True:
+            await asyncio.sleep(self._timeout)
+            if self._traffic:
+                self._traffic = pinged = False
+                continue
+            if pinged:
+                logger.debug("subscriber connection does not answer PING; dropping it")
+                await self._connection.disconnect(nowait=True)
+                return
             try:
-                # An explicit read timeout makes redis-py return None instead of raising, and
-                # keeps the connection (hiredis buffers a partly read reply).
-                reply = await connection.read_response(disable_decoding=True, timeout=self._timeout)
-                if reply is None:
-                    if pinged:
-                        raise TimeoutError("the subscriber connection does not answer PING")
-                    # Idle: probe, since a hung Redis (or a dropped route) closes nothing.
-                    await connection.send_command("PING", check_health=False)
-                    pinged = True
-                    continue
-            except _FAILURES as exc:
-                raise BackendUnavailable("subscription", exc) from exc
-            # Any traffic shows that the connection is alive.
-            pinged = False
-            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-                payload = reply[2]
-                if isinstance(payload, bytes):
-                    yield payload
+                await self._connection.send_command("PING", check_health=False)
+            except _FAILURES:
+                await self._connection.disconnect(nowait=True)
+                return
+            pinged = True
 
 
 class RedisBus(Bus):
