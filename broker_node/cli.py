@@ -91,6 +91,18 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     help="Seconds a graceful stop may take.",
 )
 @_option(
+    "--ping-interval",
+    default=_DEFAULTS.ping_interval,
+    type=click.FloatRange(min=0),
+    help="Seconds between keepalive pings to each client (0: none).",
+)
+@_option(
+    "--ping-timeout",
+    default=_DEFAULTS.ping_timeout,
+    type=click.FloatRange(min=0.01),
+    help="Seconds a client may take to answer a ping before it is closed (1011).",
+)
+@_option(
     "--log-level",
     default=_DEFAULTS.log_level,
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
@@ -111,6 +123,8 @@ def main(
     max_unconfirmed: int,
     request_timeout: float,
     drain_timeout: float,
+    ping_interval: float,
+    ping_timeout: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -133,6 +147,8 @@ def main(
         max_unconfirmed=max_unconfirmed,
         request_timeout=request_timeout,
         drain_timeout=drain_timeout,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
         log_level=log_level,
         log_format="json" if log_format == "json" else "text",
     )

@@ -39,6 +39,12 @@ class Settings:
     request_timeout: float = 2.5
     #: Graceful stop: time to close clients and clean the registry before exiting.
     drain_timeout: float = 10.0
+    #: Keepalive: a ping to every client this often (0: never). It finds clients whose host
+    #: vanished without closing (they would stay listed by role), and keeps proxies from
+    #: cutting idle connections.
+    ping_interval: float = 20.0
+    #: A client that has not answered a ping within this many seconds is closed (1011).
+    ping_timeout: float = 20.0
 
     # Logging
     log_level: str = "info"

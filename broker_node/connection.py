@@ -39,6 +39,9 @@ CLOSE_TIMEOUT: Final = 2.0
 _TEXT: Final = Opcode.TEXT
 _CONT: Final = Opcode.CONT
 _BINARY: Final = Opcode.BINARY
+_PONG: Final = Opcode.PONG
+#: Close code for a client that stopped answering keepalive pings.
+CLOSE_PING_TIMEOUT: Final = 1011
 
 
 def text_frame(data: bytes) -> bytes:
@@ -73,6 +76,8 @@ class ClientConnection(asyncio.Protocol):
         self._reading_paused = False
         self._close_timer: asyncio.TimerHandle | None = None
         self.closed = False
+        #: When the unanswered keepalive ping was sent (loop time), or None.
+        self.ping_sent_at: float | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -151,6 +156,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 # A continuation of a binary message: its first frame was already refused.
                 pass
+        elif opcode is _PONG:
+            self.ping_sent_at = None
         elif opcode is _BINARY:
             self.node.bad_frame("binary")
             cid = self.connection_id
@@ -228,6 +235,19 @@ class ClientConnection(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
         self.node.client_closing(self)
+
+    def keepalive(self, now: float, timeout: float) -> None:
+        """Ping the client, or close it if the previous ping went unanswered for ``timeout``."""
+        if self.ws.state is not State.OPEN or self.connection_id is None:
+            return
+        if self.ping_sent_at is not None:
+            if now - self.ping_sent_at >= timeout:
+                logger.info("closing %s: no answer to a keepalive ping", self.connection_id)
+                self.close(CLOSE_PING_TIMEOUT, "keepalive ping timeout")
+            return
+        self.ping_sent_at = now
+        self.ws.send_ping(b"")
+        self._write_protocol_data()
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -107,6 +107,8 @@ class BrokerNode:
         self.supervisor.start("bus-publisher", self.outbox.run)
         self.supervisor.start("registry-writer", self._registry_writer_loop)
         self.supervisor.start("expiry", self._expiry_loop)
+        if self.settings.ping_interval > 0:
+            self.supervisor.start("keepalive", self._keepalive_loop)
         if not self.backend.standalone:
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
@@ -424,6 +426,16 @@ class BrokerNode:
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL)
             self.execute(self.core.expire())
+
+    async def _keepalive_loop(self) -> None:
+        interval = self.settings.ping_interval
+        timeout = self.settings.ping_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for client in list(self.clients.values()):
+                client.keepalive(now, timeout)
 
     # --- liveness: heartbeat, reaping, restore ----------------------------------------------
 

@@ -1,0 +1,53 @@
+"""Keepalive pings: live clients stay, clients that stopped answering are closed and forgotten."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from broker_node.config import Settings
+from broker_node.node import BrokerNode
+from shared.ids import NodeId
+from tests.support.wire import pair
+
+
+@pytest.fixture
+async def pinging_node() -> AsyncIterator[BrokerNode]:
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        node_id=NodeId("keepalive"),
+        ping_interval=0.1,
+        ping_timeout=0.3,
+    )
+    async with BrokerNode(settings) as running:
+        yield running
+
+
+async def test_clients_that_answer_pings_stay_connected(pinging_node: BrokerNode) -> None:
+    url = f"ws://127.0.0.1:{pinging_node.port}"
+    a, b, channel = await pair(url)
+    await asyncio.sleep(1.0)  # ten ping intervals, each answered by the client library
+    sent = await a.request("message", channelId=channel, payload="still here")
+    assert sent["type"] == "channel_message_sent"
+    assert (await b.notification("channel_message"))["payload"] == "still here"
+    await a.close()
+    await b.close()
+
+
+async def test_a_client_that_stops_answering_is_closed_and_forgotten(
+    pinging_node: BrokerNode,
+) -> None:
+    url = f"ws://127.0.0.1:{pinging_node.port}"
+    silent, peer, channel = await pair(url)
+    assert silent.ws is not None
+    # Its host "vanishes": nothing it receives is read any more, so no ping is answered.
+    silent.ws.transport.pause_reading()
+    note = await peer.notification("channel_closed_notification", timeout=5)
+    assert note["channelId"] == channel
+    listed = await peer.request("list_by_role", role="a")
+    assert listed["ids"] == []
+    silent.ws.transport.abort()
+    await peer.close()
