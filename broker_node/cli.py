@@ -55,6 +55,13 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     help="Seconds without a heartbeat after which a node counts as lost and is reaped.",
 )
 @_option(
+    "--bus-batch-delay",
+    default=_DEFAULTS.bus_batch_delay,
+    type=click.FloatRange(min=0, max=1),
+    help="Seconds to gather cross-node envelopes per Redis publish (0: one loop turn); "
+    "trades latency for CPU.",
+)
+@_option(
     "--max-message-size",
     default=_DEFAULTS.max_message_size,
     type=click.IntRange(min=1),
@@ -117,6 +124,7 @@ def main(
     node_id: str | None,
     heartbeat_interval: float,
     node_ttl: float,
+    bus_batch_delay: float,
     max_message_size: int,
     max_role_length: int,
     max_outbound_buffer: int,
@@ -141,6 +149,7 @@ def main(
         node_id=NodeId(node_id) if node_id else new_node_id(),
         heartbeat_interval=heartbeat_interval,
         node_ttl=node_ttl,
+        bus_batch_delay=bus_batch_delay,
         max_message_size=max_message_size,
         max_role_length=max_role_length,
         max_outbound_buffer=max_outbound_buffer,

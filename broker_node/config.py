@@ -24,6 +24,10 @@ class Settings:
     node_id: NodeId = field(default_factory=new_node_id)
     heartbeat_interval: float = 5.0
     node_ttl: float = 15.0
+    #: Seconds the bus outbox waits to gather envelopes before a publish (0: one loop turn).
+    #: A millisecond batches several cross-node messages per Redis publish: less CPU per
+    #: message for both nodes and Redis, about that much more latency per hop.
+    bus_batch_delay: float = 0.0
 
     # Limits
     max_message_size: int = 1024 * 1024

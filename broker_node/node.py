@@ -78,6 +78,7 @@ class BrokerNode:
             self.backend.bus,
             on_undeliverable=self._undeliverable,
             on_published=self._published,
+            batch_delay=settings.bus_batch_delay,
         )
         self.clients: dict[ConnectionId, ClientConnection] = {}
         self.sockets: set[ClientConnection] = set()

@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
 
-from broker_node.cluster.base import Bus
 from broker_node.core.envelopes import Envelope, encode_batch
 from broker_node.errors import BackendUnavailable
 from shared.ids import NodeId
@@ -23,6 +22,13 @@ logger = logging.getLogger("broker_node.outbox")
 
 #: Envelopes in one bus payload; a larger backlog goes out as several payloads.
 MAX_BATCH: Final = 512
+
+
+class Publisher(Protocol):
+    """What the outbox needs of a bus."""
+
+    async def publish(self, messages: Sequence[tuple[NodeId, bytes]]) -> list[int]: ...
+
 
 #: Called with the envelopes that could not be handed to a node.
 Undeliverable = Callable[[NodeId, list[Envelope]], None]
@@ -33,12 +39,14 @@ class Outbox:
 
     def __init__(
         self,
-        bus: Bus,
+        bus: Publisher,
         *,
         on_undeliverable: Undeliverable,
         on_published: Callable[[float, int], None] = lambda seconds, count: None,
+        batch_delay: float = 0.0,
     ) -> None:
         self._bus = bus
+        self._batch_delay = batch_delay
         self._on_undeliverable = on_undeliverable
         self._on_published = on_published
         self._pending: dict[NodeId, list[Envelope]] = {}
@@ -70,9 +78,9 @@ class Outbox:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            # One more loop turn: what the other clients' frames of this turn produce joins
-            # the same publish.
-            await asyncio.sleep(0)
+            # At least one more loop turn: what the other clients' frames of this turn
+            # produce joins the same publish (a batch delay gathers for longer).
+            await asyncio.sleep(self._batch_delay)
             while self._pending:
                 pending, self._pending, self._size = self._pending, {}, 0
                 await self._publish(pending)
