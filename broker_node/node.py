@@ -33,7 +33,7 @@ from broker_node.core.actions import (
     Send,
 )
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, BrokerCore
-from broker_node.core.envelopes import Envelope, decode_batch
+from broker_node.core.envelopes import Closed, Envelope, decode_batch
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
 from broker_node.health import http_response
@@ -52,6 +52,9 @@ _T = TypeVar("_T")
 EXPIRY_INTERVAL: Final = 0.25
 #: Registry removals waiting to be written; past this the node resynchronises instead.
 MAX_REGISTRY_BACKLOG: Final = 100_000
+#: Close notices kept to send again after an outage, and how often each is tried.
+MAX_CLOSED_RETRY: Final = 10_000
+CLOSED_ATTEMPTS: Final = 3
 #: Close code for clients of a node that was reaped while it could not reach Redis.
 CLOSE_SERVICE_RESTART: Final = 1012
 
@@ -98,6 +101,8 @@ class BrokerNode:
         self._subscribed_event = asyncio.Event()
         self._liveness_grace_until = 0.0
         self._missing_once: set[NodeId] = set()
+        self._closed_retry: list[tuple[NodeId, Closed, int]] = []
+        self._closed_attempts: dict[tuple[NodeId, Closed], int] = {}
         self._stopped = asyncio.Event()
         self._no_sockets = asyncio.Event()
 
@@ -415,7 +420,24 @@ class BrokerNode:
         self.execute(self.core.on_bus(envelopes))
 
     def _undeliverable(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
+        # A close notice that could not go out (Redis away) is sent again once Redis answers:
+        # otherwise the far end would keep a channel that is gone. A few attempts, then it is
+        # dropped (its node is likely gone too, and then its clients were told).
+        for envelope in envelopes:
+            if isinstance(envelope, Closed) and len(self._closed_retry) < MAX_CLOSED_RETRY:
+                attempts = self._closed_attempts.pop((node_id, envelope), 0) + 1
+                if attempts <= CLOSED_ATTEMPTS:
+                    self._closed_retry.append((node_id, envelope, attempts))
         self.execute(self.core.undeliverable(node_id, envelopes))
+
+    def _resend_closed(self) -> None:
+        retry, self._closed_retry = self._closed_retry, []
+        for node_id, envelope, attempts in retry:
+            self._closed_attempts[(node_id, envelope)] = attempts
+            self.outbox.put(node_id, envelope)
+        # Attempts of notices that went through are not needed any more; keep the map small.
+        if len(self._closed_attempts) > MAX_CLOSED_RETRY:
+            self._closed_attempts.clear()
 
     def _published(self, seconds: float, count: int) -> None:
         self.stats.bus_publishes += count
@@ -442,32 +464,39 @@ class BrokerNode:
 
     async def _liveness_loop(self) -> None:
         first = True
+        failed = False
         while True:
             try:
-                await self._liveness_round(first)
-                first = False
+                await self._liveness_round(first=first, after_outage=failed)
+                first = failed = False
                 self._backend_state(True)
             except BackendUnavailable as exc:
                 logger.debug("liveness round failed: %s", exc)
+                failed = True
                 self._backend_state(False)
             await asyncio.sleep(self.settings.heartbeat_interval)
 
-    async def _liveness_round(self, first: bool) -> None:
+    async def _liveness_round(self, *, first: bool, after_outage: bool) -> None:
         registry = self.registry
         ttl_ms = self.settings.node_ttl_ms
         beat = await self._registry_call("heartbeat", registry.heartbeat(self.node_id, ttl_ms))
         if beat is Heartbeat.FENCED:
             await self._fenced()
             return
-        if beat is Heartbeat.REJOINED:
-            # Every node's heartbeat vanished with the old Redis: give them a TTL to return.
+        if beat is Heartbeat.REJOINED or after_outage:
+            # Every node's heartbeat may have lapsed while Redis was away (or vanished with an
+            # empty Redis): give them a TTL to renew before judging them. Reaping a node now
+            # would close its clients for an outage that was nobody's fault.
             self._liveness_grace_until = time.monotonic() + self.settings.node_ttl
+        if beat is Heartbeat.REJOINED:
             if not first:
                 logger.warning("cluster backend came back empty; restoring this node's state")
             await self._restore()
         elif self._registry_dirty:
             await self._resync()
-        if self.backend.standalone:
+        if self._closed_retry:
+            self._resend_closed()
+        if self.backend.standalone or time.monotonic() < self._liveness_grace_until:
             return
         lapsed = await self._registry_call("lapsed_nodes", registry.lapsed_nodes())
         for node_id in lapsed:
@@ -477,8 +506,7 @@ class BrokerNode:
             if removed is not None:
                 self.stats.reaped_nodes += 1
                 logger.info("reaped lost node %s (%d channels)", node_id, len(removed))
-        if time.monotonic() >= self._liveness_grace_until:
-            await self._check_peers()
+        await self._check_peers()
 
     async def _check_peers(self) -> None:
         remote = self.core.remote_nodes()

@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     eventually,
     fast_args,
     list_role,
+    metric,
     send_confirmed,
     status,
     unread,
@@ -162,3 +163,61 @@ async def test_redis_stalled_requests_fail_in_time_and_node_recovers(cluster: Cl
     output = node.output()
     assert output.count("cluster backend lost") == 1, output
     assert output.count("cluster backend is back") == 1, output
+
+
+async def test_redis_stalled_longer_than_the_node_ttl_reaps_nobody(cluster: Cluster) -> None:
+    """Every heartbeat lapses while Redis is stopped; the first node back must not reap the
+    others (their clients would be closed for nothing): a node that just got Redis back gives
+    its peers a TTL to renew before it judges them."""
+    n0, n1, n2 = await cluster.start(3)
+    a = await cluster.client(n0, "a")
+    b = await cluster.client(n1, "b")
+    c = await cluster.client(n2, "c")
+    assert b.connection_id is not None and c.connection_id is not None
+    ab = await a.open(b.connection_id)
+    await b.notification("incoming_channel")
+    ac = await a.open(c.connection_id)
+    await c.notification("incoming_channel")
+
+    cluster.redis.pause()
+    try:
+        await asyncio.sleep(TTL * 2.5)  # the outage itself: longer than every TTL
+    finally:
+        cluster.redis.resume()
+
+    async def all_ready() -> bool:
+        return {await status(n) for n in (n0, n1, n2)} == {200}
+
+    await eventually(all_ready, timeout=TTL + 5 * HEARTBEAT + SLACK)
+    # Past one more TTL, when a wrongful reap would have happened.
+    await asyncio.sleep(TTL + 3 * HEARTBEAT)
+    for node in (n0, n1, n2):
+        assert await metric(node, "broker_reaped_nodes_total") == 0, node.output()
+        assert "reaped" not in node.output()
+    for client in (a, b, c):
+        assert not unread(client, "channel_closed_notification")
+    await send_confirmed(a, b, ab, "after the stall")
+    await send_confirmed(a, c, ac, "after the stall")
+    assert await list_role(a, "b") == {b.connection_id}
+
+
+async def test_a_close_during_an_outage_reaches_the_far_end_afterwards(cluster: Cluster) -> None:
+    n0, n1 = await cluster.start(2)
+    a = await cluster.client(n0, "a")
+    b = await cluster.client(n1, "b")
+    assert b.connection_id is not None
+    channel = await a.open(b.connection_id)
+    await b.notification("incoming_channel")
+
+    # Redis goes away with everything it held: a notice published now is lost for good,
+    # unless the closer's node sends it again once Redis is back.
+    await asyncio.to_thread(cluster.redis.kill)
+    closed = await a.request("close", channelId=channel)
+    assert closed["type"] == "channel_closed"  # the closer's node decides alone
+    await asyncio.sleep(HEARTBEAT * 2)  # the notice's publish fails meanwhile
+    await asyncio.to_thread(cluster.redis.start)
+
+    note = await b.notification("channel_closed_notification", timeout=TTL + 10 * HEARTBEAT + SLACK)
+    assert note["channelId"] == channel
+    refused = await b.request("message", channelId=channel, payload="gone?")
+    assert refused["type"] == "channel_message_failed" and refused["error"] == "Channel not found"
