@@ -21,7 +21,7 @@ from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
 from broker_node.cluster.base import Backend, Heartbeat
-from broker_node.cluster.memory import MemoryBackend
+from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
 from broker_node.connection import ClientConnection
 from broker_node.core.actions import (
@@ -558,15 +558,6 @@ class BrokerNode:
         await self._registry_call(
             "rejoin", self.registry.rejoin(self.node_id, self.settings.node_ttl_ms)
         )
-
-
-def create_backend(settings: Settings) -> Backend:
-    """The backend the settings name: in-process without a Redis URL."""
-    if settings.redis_url is None:
-        return MemoryBackend()
-    from broker_node.cluster.factory import create_backend as create_cluster_backend
-
-    return create_cluster_backend(settings)
 
 
 def _rejection_kind(rejection: Rejection) -> str:
