@@ -110,7 +110,6 @@ class BrokerNode:
 
     async def start(self) -> None:
         self.supervisor.start("bus-subscriber", self._subscriber_loop)
-        self.supervisor.start("bus-publisher", self.outbox.run)
         self.supervisor.start("registry-writer", self._registry_writer_loop)
         self.supervisor.start("expiry", self._expiry_loop)
         if self.settings.ping_interval > 0:
@@ -396,13 +395,13 @@ class BrokerNode:
     async def _subscriber_loop(self) -> None:
         while True:
             try:
-                async with self.backend.bus.subscribe(self.node_id) as subscription:
+                bus = self.backend.bus
+                async with bus.subscribe(self.node_id, self._on_bus_payload) as subscription:
                     if not self.subscribed:
                         logger.info("subscribed to this node's bus inbox")
                     self.subscribed = True
                     self._subscribed_event.set()
-                    async for payload in subscription:
-                        self._on_bus_payload(payload)
+                    await subscription.wait_lost()
             except BackendUnavailable:
                 if self.subscribed:
                     logger.warning("bus subscription lost; resubscribing")

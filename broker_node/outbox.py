@@ -1,9 +1,11 @@
-"""The node's side of the bus: envelopes batched per destination, published in order.
+"""The node's side of the bus: envelopes batched per destination, sent at the end of the turn.
 
-Everything the core asks to publish during one loop turn (and while the previous publish was
-in flight) goes out in the next publish: one payload per destination node, all of them in one
-pipelined round trip. Publishes never overlap, so a node's envelopes reach each destination in
-the order the core produced them; that order is what keeps messages ordered per channel.
+Everything the core asks to publish during one loop turn goes out in one ``Bus.send`` at the
+end of that turn (or after ``batch_delay``): one payload per destination node, all of them in
+one write. Sends are pipelined, never awaited, and a bus keeps them in order, so a node's
+envelopes reach each destination in the order the core produced them; that order is what keeps
+messages ordered per channel. Outcomes come back through a callback: envelopes a node did not
+receive (nobody listening, or Redis unavailable) are handed to ``on_undeliverable``.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from collections.abc import Callable
+from typing import Final
 
+from broker_node.cluster.base import Bus
 from broker_node.core.envelopes import Envelope, encode_batch
 from broker_node.errors import BackendUnavailable
 from shared.ids import NodeId
@@ -23,23 +26,16 @@ logger = logging.getLogger("broker_node.outbox")
 #: Envelopes in one bus payload; a larger backlog goes out as several payloads.
 MAX_BATCH: Final = 512
 
-
-class Publisher(Protocol):
-    """What the outbox needs of a bus."""
-
-    async def publish(self, messages: Sequence[tuple[NodeId, bytes]]) -> list[int]: ...
-
-
 #: Called with the envelopes that could not be handed to a node.
 Undeliverable = Callable[[NodeId, list[Envelope]], None]
 
 
 class Outbox:
-    """Batches envelopes per node and publishes them from one task."""
+    """Batches envelopes per node and sends them once per loop turn."""
 
     def __init__(
         self,
-        bus: Publisher,
+        bus: Bus,
         *,
         on_undeliverable: Undeliverable,
         on_published: Callable[[float, int], None] = lambda seconds, count: None,
@@ -51,7 +47,9 @@ class Outbox:
         self._on_published = on_published
         self._pending: dict[NodeId, list[Envelope]] = {}
         self._size = 0
-        self._wake = asyncio.Event()
+        self._flush_scheduled = False
+        #: Sends whose outcome has not come back yet.
+        self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -65,40 +63,49 @@ class Outbox:
         else:
             queue.append(envelope)
         self._size += 1
-        if self._size == 1:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             self._idle.clear()
-            self._wake.set()
+            # Callbacks scheduled now run after this turn's I/O callbacks: what the other
+            # clients' frames of this turn produce joins the same send.
+            loop = asyncio.get_running_loop()
+            if self._batch_delay > 0:
+                loop.call_later(self._batch_delay, self.flush)
+            else:
+                loop.call_soon(self.flush)
 
     async def wait_idle(self) -> None:
-        """Until everything put so far has been published (or reported undeliverable)."""
+        """Until everything put so far has been sent and answered (or reported undeliverable)."""
         await self._idle.wait()
 
-    async def run(self) -> None:
-        """The publishing loop; run it under a supervisor."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            # At least one more loop turn: what the other clients' frames of this turn
-            # produce joins the same publish (a batch delay gathers for longer).
-            await asyncio.sleep(self._batch_delay)
-            while self._pending:
-                pending, self._pending, self._size = self._pending, {}, 0
-                await self._publish(pending)
-            self._idle.set()
-
-    async def _publish(self, pending: dict[NodeId, list[Envelope]]) -> None:
+    def flush(self) -> None:
+        """Send what is pending now (normally called by the loop, once per turn)."""
+        self._flush_scheduled = False
+        if not self._pending:
+            self._settle()
+            return
+        pending, self._pending, self._size = self._pending, {}, 0
         batches: list[tuple[NodeId, list[Envelope]]] = []
         for node_id, envelopes in pending.items():
             for start in range(0, len(envelopes), MAX_BATCH):
                 batches.append((node_id, envelopes[start : start + MAX_BATCH]))
         payloads = [(node_id, encode_batch(envelopes)) for node_id, envelopes in batches]
         started = time.perf_counter()
-        try:
-            receivers = await self._bus.publish(payloads)
-        except BackendUnavailable as exc:
-            logger.debug("publish failed: %s", exc)
-            receivers = [0] * len(payloads)
-        self._on_published(time.perf_counter() - started, len(payloads))
-        for (node_id, envelopes), count in zip(batches, receivers, strict=True):
-            if count == 0:
-                self._on_undeliverable(node_id, envelopes)
+
+        def on_result(result: list[int] | BackendUnavailable) -> None:
+            self._in_flight -= 1
+            self._on_published(time.perf_counter() - started, len(payloads))
+            if isinstance(result, BackendUnavailable):
+                logger.debug("publish failed: %s", result)
+                result = [0] * len(batches)
+            for (node_id, envelopes), count in zip(batches, result, strict=True):
+                if count == 0:
+                    self._on_undeliverable(node_id, envelopes)
+            self._settle()
+
+        self._in_flight += 1
+        self._bus.send(payloads, on_result)
+
+    def _settle(self) -> None:
+        if self._in_flight == 0 and not self._pending:
+            self._idle.set()

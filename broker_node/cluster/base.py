@@ -10,7 +10,10 @@ liveness (a heartbeat with a TTL, plus a tombstone for nodes that were reaped).
 The *bus* carries envelopes between nodes. Each node listens on its own inbox; a node
 publishes only to the node that holds the recipient. Publishes of one node are delivered in
 the order they were published (one publisher connection, pipelined), which is what keeps
-messages ordered per channel and direction across nodes.
+messages ordered per channel and direction across nodes. The bus is the hot path of every
+cross-node message, so it works with callbacks, not awaits: ``send`` writes at once and reports
+the outcome later, and a subscription hands each payload to a callback as it is read; no task
+switch happens per publish or per payload.
 
 Every method may raise ``BackendUnavailable`` (and nothing else) when the backend cannot be
 reached within its timeout. Implementations: ``memory.py`` (standalone node, and several nodes
@@ -19,12 +22,14 @@ in one process for tests) and ``redis.py``. One contract test suite runs over al
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from broker_node.core.records import ChannelRecord, ConnectionRecord
+from broker_node.errors import BackendUnavailable
 from shared.ids import ConnectionId, NodeId
 
 
@@ -100,27 +105,57 @@ class Registry(Protocol):
 
 
 class Subscription(Protocol):
-    """A node's subscription to its inbox; iterate it for the payloads published to it."""
+    """A node's live subscription to its inbox; payloads go to the ``deliver`` callback."""
 
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
+    async def wait_lost(self) -> None:
+        """Wait while the subscription lasts; raises ``BackendUnavailable`` once it is lost
+        (it never returns normally)."""
+
+
+#: Receives one payload published to the subscribed inbox, in publish order.
+Deliver = Callable[[bytes], None]
+#: Receives the outcome of one ``send``: per payload, how many subscribers received it (0: the
+#: node is not listening, the payload is lost and its sender must be told), or the failure when
+#: the outcome is unknown (the payloads may or may not have reached their nodes).
+PublishResult = Callable[["list[int] | BackendUnavailable"], None]
 
 
 class Bus(Protocol):
     """Node-to-node delivery of opaque payloads."""
 
-    async def publish(self, messages: Sequence[tuple[NodeId, bytes]]) -> list[int]:
-        """Publish each payload to its node's inbox, in order, in one round trip.
+    def send(self, messages: Sequence[tuple[NodeId, bytes]], on_result: PublishResult) -> None:
+        """Publish each payload to its node's inbox, in order, without waiting.
 
-        Returns, per payload, how many subscribers received it (0: the node is not listening,
-        the payload is lost and its sender must be told).
+        The payloads of successive calls reach each node in call order. ``on_result`` is
+        called exactly once, never from within ``send`` (so a caller may send from a callback
+        without re-entering itself), and the results of successive calls come in call order.
         """
 
-    def subscribe(self, node_id: NodeId) -> AbstractAsyncContextManager[Subscription]:
-        """Listen on the node's inbox. Entering returns once the subscription is active;
-        iteration raises ``BackendUnavailable`` when the connection is lost."""
+    def subscribe(
+        self, node_id: NodeId, deliver: Deliver
+    ) -> AbstractAsyncContextManager[Subscription]:
+        """Listen on the node's inbox. Entering returns once the subscription is active; from
+        then on every payload published to the inbox is passed to ``deliver``."""
 
     async def aclose(self) -> None:
         """Release connections."""
+
+
+async def publish(bus: Bus, messages: Sequence[tuple[NodeId, bytes]]) -> list[int]:
+    """``Bus.send``, awaited: the per-payload subscriber counts, or ``BackendUnavailable``."""
+    outcome: asyncio.Future[list[int] | BackendUnavailable] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    def settle(result: list[int] | BackendUnavailable) -> None:
+        if not outcome.done():
+            outcome.set_result(result)
+
+    bus.send(messages, settle)
+    result = await outcome
+    if isinstance(result, BackendUnavailable):
+        raise result
+    return result
 
 
 class Backend(Protocol):

@@ -7,18 +7,21 @@ TTLs follow a clock that tests can replace, so liveness is tested without waitin
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from broker_node.cluster.base import Bus, Heartbeat, Registry, Subscription
+from broker_node.cluster.base import Bus, Deliver, Heartbeat, PublishResult, Registry, Subscription
 from broker_node.core.records import ChannelRecord, ConnectionRecord
+from broker_node.errors import BackendUnavailable
 from shared.ids import ChannelId, ConnectionId, NodeId
 
 _T = TypeVar("_T")
+logger = logging.getLogger(__name__)
 
 #: Payloads waiting in one node's inbox before further ones are dropped (as Redis drops a
 #: subscriber whose output buffer overflows): memory stays bounded.
@@ -42,7 +45,7 @@ class MemoryHub:
     #: node -> heartbeat deadline (clock seconds)
     nodes: dict[NodeId, float] = field(default_factory=dict)
     tombstones: set[NodeId] = field(default_factory=set)
-    inboxes: dict[NodeId, asyncio.Queue[bytes]] = field(default_factory=dict)
+    inboxes: dict[NodeId, _MemorySubscription] = field(default_factory=dict)
 
     def wipe(self) -> None:
         """Forget everything, as a Redis restarted empty would (subscriptions survive)."""
@@ -172,44 +175,74 @@ class MemoryRegistry(Registry):
 
 
 class _MemorySubscription(Subscription):
-    def __init__(self, inbox: asyncio.Queue[bytes]) -> None:
-        self._inbox = inbox
+    """An inbox: payloads queue here and reach ``deliver`` on the next loop turn, in order."""
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            yield await self._inbox.get()
+    def __init__(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+        self._queued: deque[bytes] = deque()
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def offer(self, payload: bytes) -> bool:
+        """Queue a payload; False when the inbox is full (the payload is dropped)."""
+        if len(self._queued) >= INBOX_LIMIT or self._lost.done():
+            return False
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self._drain)
+        self._queued.append(payload)
+        return True
+
+    def _drain(self) -> None:
+        queued = self._queued
+        while queued and not self._lost.done():
+            try:
+                self._deliver(queued.popleft())
+            except Exception:
+                # One payload's failure is not the subscription's (as on Redis): log, go on.
+                logger.exception("handling a bus payload failed")
+
+    def lose(self, reason: str) -> None:
+        if not self._lost.done():
+            self._lost.set_exception(BackendUnavailable(reason))
+            self._queued.clear()
+
+    async def wait_lost(self) -> None:
+        await asyncio.shield(self._lost)
 
 
 class MemoryBus(Bus):
     def __init__(self, hub: MemoryHub) -> None:
         self._hub = hub
+        self._subscriptions: set[_MemorySubscription] = set()
 
-    async def publish(self, messages: Sequence[tuple[NodeId, bytes]]) -> list[int]:
+    def send(self, messages: Sequence[tuple[NodeId, bytes]], on_result: PublishResult) -> None:
+        inboxes = self._hub.inboxes
         counts = []
         for node_id, payload in messages:
-            inbox = self._hub.inboxes.get(node_id)
-            if inbox is None or inbox.full():
-                counts.append(0)
-            else:
-                inbox.put_nowait(payload)
-                counts.append(1)
-        return counts
+            inbox = inboxes.get(node_id)
+            counts.append(1 if inbox is not None and inbox.offer(payload) else 0)
+        asyncio.get_running_loop().call_soon(on_result, counts)
 
     @asynccontextmanager
-    async def _subscribe(self, node_id: NodeId) -> AsyncIterator[Subscription]:
-        inbox: asyncio.Queue[bytes] = asyncio.Queue(INBOX_LIMIT)
+    async def _subscribe(self, node_id: NodeId, deliver: Deliver) -> AsyncIterator[Subscription]:
+        inbox = _MemorySubscription(deliver)
         self._hub.inboxes[node_id] = inbox
+        self._subscriptions.add(inbox)
         try:
-            yield _MemorySubscription(inbox)
+            yield inbox
         finally:
+            self._subscriptions.discard(inbox)
+            inbox.lose("unsubscribed")
             if self._hub.inboxes.get(node_id) is inbox:
                 del self._hub.inboxes[node_id]
 
-    def subscribe(self, node_id: NodeId) -> AbstractAsyncContextManager[Subscription]:
-        return self._subscribe(node_id)
+    def subscribe(
+        self, node_id: NodeId, deliver: Deliver
+    ) -> AbstractAsyncContextManager[Subscription]:
+        return self._subscribe(node_id, deliver)
 
     async def aclose(self) -> None:
-        return None
+        for inbox in list(self._subscriptions):
+            inbox.lose("bus closed")
 
 
 class MemoryBackend:
@@ -234,4 +267,4 @@ class MemoryBackend:
         return self._standalone
 
     async def aclose(self) -> None:
-        return None
+        await self._bus.aclose()

@@ -3,21 +3,23 @@
 Theory of operation
 -------------------
 Connections (sockets to Redis), three kinds, all made by one *pool factory* so that tests can
-hand in fakeredis connections:
+hand in fakeredis connections for the registry (the bus needs real sockets):
 
 * the registry's command pool (bounded, blocking up to the request timeout for a free slot);
-* ONE publisher connection for the bus, driven by hand. ``publish`` sends its whole batch of
-  PUBLISH commands in one write and reads the N replies, under a lock, so the publishes of
-  this node reach Redis, and so every subscriber, in the order they were made;
-* ONE subscriber connection per ``subscribe`` call, driven by hand (``SUBSCRIBE``, then reads)
-  rather than through ``redis.asyncio.PubSub``, whose retry layer reconnects and re-subscribes
-  silently and so would lose messages unnoticed. A lost subscriber connection ends the
-  iteration with ``BackendUnavailable``; an idle one is probed with ``PING``.
+* ONE publisher connection for the bus, a ``RespLink`` (see ``resp.py``). ``send`` writes its
+  whole batch of PUBLISH commands in one write, at once, and the replies are matched to sends
+  in order as they arrive, so the publishes of this node reach Redis, and so every
+  subscriber, in the order they were made; sends are pipelined, never awaited;
+* ONE subscriber connection per ``subscribe`` call, a ``RespLink`` too, rather than
+  ``redis.asyncio.PubSub``, whose retry layer reconnects and re-subscribes silently and so
+  would lose messages unnoticed. A lost subscriber connection makes ``wait_lost`` raise
+  ``BackendUnavailable``; an idle one is probed with ``PING``.
 
 Timeouts and errors: every connection has ``socket_connect_timeout`` equal to
 ``Settings.request_timeout`` (and no ``socket_timeout``, see ``url_pool_factory``), no retries
 (a retried PUBLISH could duplicate or reorder), and every operation runs under one
-``asyncio.timeout(request_timeout)``; the node
+``asyncio.timeout(request_timeout)`` (a publish gets one request timeout for its replies); the
+node
 scripts ``reap``, ``leave`` and ``rejoin``, which run from background loops and may take long on
 a big node, use two connections of their own with ``max(request_timeout, heartbeat_interval)``.
 Any Redis error, socket error or timeout becomes ``BackendUnavailable``, which then means
@@ -34,20 +36,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from typing import Any
+from typing import Any, Final
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from broker_node.cluster.base import Bus, Heartbeat, Registry, Subscription
+from broker_node.cluster.base import (
+    Bus,
+    Deliver,
+    Heartbeat,
+    PublishResult,
+    Registry,
+    Subscription,
+)
 from broker_node.cluster.keys import TOMBSTONE_TTL_MS, RedisKeys
+from broker_node.cluster.resp import ConnectionMaker, Reply, RespLink, command, open_link
 from broker_node.config import Settings
 from broker_node.core.records import ChannelRecord, ConnectionRecord
 from broker_node.errors import BackendUnavailable, ConfigurationError
@@ -425,142 +434,299 @@ class RedisRegistry(Registry):
                 await client.aclose()
 
 
-class _RedisSubscription(Subscription):
-    """Reads one subscriber connection; ends with BackendUnavailable when it is lost."""
+class _PendingPublish:
+    """One ``send`` call: its packed commands and the replies collected so far."""
 
-    def __init__(self, connection: AbstractConnection, timeout: float) -> None:
-        self._connection = connection
+    __slots__ = ("counts", "expected", "on_result", "packed", "since")
+
+    def __init__(self, packed: bytes, expected: int, on_result: PublishResult, since: float):
+        self.packed = packed
+        self.expected = expected
+        self.counts: list[int] = []
+        self.on_result = on_result
+        #: Loop time of the ``send``, then of the write: its deadline is one timeout later.
+        self.since = since
+
+
+def _report(pending: _PendingPublish, result: list[int] | BackendUnavailable) -> None:
+    # The callback runs inside the connection's data_received or a timer: a bug there must not
+    # take the publisher down with it.
+    try:
+        pending.on_result(result)
+    except Exception:
+        logger.exception("handling a publish outcome failed")
+
+
+class _Publisher:
+    """The bus' one publisher connection: writes pipelined, replies matched in order.
+
+    A send is written at once when the connection is up and Redis keeps reading; otherwise it
+    waits in ``_queued`` (in order) while a connection is made or the socket drains. Each send,
+    written or queued, gets one request timeout: a reply later than that drops the connection
+    (Redis hung, or the route is gone), and everything in flight is reported as failed.
+    """
+
+    def __init__(self, make_connection: ConnectionMaker, timeout: float) -> None:
+        self._make_connection = make_connection
         self._timeout = timeout
-        #: Whether anything arrived since the watchdog last looked.
-        self._traffic = True
+        self._loop = asyncio.get_running_loop()
+        self._link: RespLink | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._queued: deque[_PendingPublish] = deque()
+        self._in_flight: deque[_PendingPublish] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        connection = self._connection
-        # Reads carry no timeout of their own (a timeout context per message is a large part
-        # of the bus' cost); a watchdog probes an idle connection instead.
-        self._traffic = True
-        watchdog = asyncio.create_task(self._watch_idle(), name="subscriber-watchdog")
+    def send(self, packed: bytes, expected: int, on_result: PublishResult) -> None:
+        pending = _PendingPublish(packed, expected, on_result, self._loop.time())
+        if self._closed:
+            self._loop.call_soon(on_result, BackendUnavailable("publish (bus closed)"))
+            return
+        link = self._link
+        if link is not None and not self._queued and not link.writing_paused and link.open:
+            self._write(link, pending)
+        else:
+            self._queued.append(pending)
+            if link is None or not link.open:
+                self._connect_soon()
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._timeout, self._check_deadlines)
+
+    def _write(self, link: RespLink, pending: _PendingPublish) -> None:
+        pending.since = self._loop.time()
+        if pending.expected == 0 and not self._in_flight:
+            self._loop.call_soon(_report, pending, [])
+            return
+        # An empty send waits in line too (nothing written): its outcome keeps call order.
+        self._in_flight.append(pending)
+        link.write(pending.packed)
+
+    def _write_queued(self) -> None:
+        link = self._link
+        queued = self._queued
+        while queued and link is not None and link.open and not link.writing_paused:
+            self._write(link, queued.popleft())
+
+    def _on_reply(self, reply: Reply) -> None:
+        if type(reply) is not int or not self._in_flight:
+            assert self._link is not None
+            self._link.abort(f"unexpected reply {reply!r}")
+            return
+        in_flight = self._in_flight
+        pending = in_flight[0]
+        pending.counts.append(reply)
+        if len(pending.counts) == pending.expected:
+            in_flight.popleft()
+            _report(pending, pending.counts)
+            while in_flight and in_flight[0].expected == 0:
+                _report(in_flight.popleft(), [])
+
+    def _connect_soon(self) -> None:
+        if self._connecting is None and not self._closed:
+            self._connecting = asyncio.create_task(self._connect(), name="bus-publisher-connect")
+
+    async def _connect(self) -> None:
+        link = RespLink("bus publisher", self._on_reply, on_writable=self._write_queued)
         try:
-            while True:
-                try:
-                    reply = await connection.read_response(disable_decoding=True, timeout=math.inf)
-                except _FAILURES as exc:
-                    raise BackendUnavailable("subscription", exc) from exc
-                self._traffic = True
-                if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-                    payload = reply[2]
-                    if isinstance(payload, bytes):
-                        yield payload
+            async with asyncio.timeout(self._timeout):
+                await open_link(self._make_connection, link)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure is reported to the senders
+            failure = exc if isinstance(exc, BackendUnavailable) else None
+            if failure is None:
+                if not isinstance(exc, TimeoutError | ConfigurationError):
+                    logger.exception("connecting the bus publisher failed")
+                failure = BackendUnavailable("publish (connect)", exc)
+            self._fail(self._queued, failure)
+            return
         finally:
-            watchdog.cancel()
+            self._connecting = None
+        if self._closed:
+            link.close()
+            return
+        self._link = link
+        link.lost.add_done_callback(lambda lost: self._on_link_lost(link, lost.result()))
+        self._write_queued()
 
-    async def _watch_idle(self) -> None:
-        """After a timeout without traffic, PING; after another, drop the connection, which
-        ends the read above with an error (a hung Redis or a dropped route closes nothing)."""
-        pinged = False
-        while True:
-            await asyncio.sleep(self._timeout)
-            if self._traffic:
-                self._traffic = pinged = False
-                continue
-            if pinged:
-                logger.debug("subscriber connection does not answer PING; dropping it")
-                await self._connection.disconnect(nowait=True)
+    def _on_link_lost(self, link: RespLink, reason: BackendUnavailable) -> None:
+        if self._link is link:
+            self._link = None
+        self._fail(self._in_flight, reason)
+        if self._queued:
+            self._connect_soon()
+
+    def _fail(self, pendings: deque[_PendingPublish], reason: BackendUnavailable) -> None:
+        while pendings:
+            _report(pendings.popleft(), reason)
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        expired = now - self._timeout
+        if self._in_flight and self._in_flight[0].since <= expired and self._link is not None:
+            logger.warning("no reply from Redis to a publish within %.1fs", self._timeout)
+            self._link.abort("no reply in time")  # fails what is in flight
+        late = BackendUnavailable("publish (timed out waiting for a connection)")
+        while self._queued and self._queued[0].since <= expired:
+            _report(self._queued.popleft(), late)
+        oldest = [pendings[0].since for pendings in (self._in_flight, self._queued) if pendings]
+        if oldest:
+            delay = max(0.0, min(oldest) + self._timeout - now)
+            self._timer = self._loop.call_later(delay, self._check_deadlines)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._connecting
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        closed = BackendUnavailable("publish (bus closed)")
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        self._fail(self._in_flight, closed)
+        self._fail(self._queued, closed)
+
+
+class _RedisSubscription(Subscription):
+    """One subscriber connection; an idle one is probed with PING, then dropped."""
+
+    def __init__(self, link: RespLink, timeout: float) -> None:
+        self._link = link
+        self._timeout = timeout
+        self._pinged = False
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            timeout, self._watch_idle
+        )
+
+    async def wait_lost(self) -> None:
+        raise await asyncio.shield(self._link.lost)
+
+    def _watch_idle(self) -> None:
+        # Reads carry no timeout of their own; a hung Redis or a dropped route closes nothing,
+        # so after a timeout without traffic: PING; after another: drop the connection.
+        self._timer = None
+        link = self._link
+        if not link.open:
+            return
+        if link.saw_traffic:
+            link.saw_traffic = self._pinged = False
+        elif self._pinged:
+            logger.debug("subscriber connection does not answer PING; dropping it")
+            link.abort("no answer to PING")
+            return
+        else:
+            link.write(_PING)
+            self._pinged = True
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._watch_idle)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+_PING: Final = command(b"PING")
+
+
+def _subscriber_replies(
+    deliver: Deliver, confirmed: asyncio.Future[None]
+) -> Callable[[Reply], None]:
+    """What a subscriber connection does with each reply: payloads to ``deliver``."""
+
+    def on_reply(reply: Reply) -> None:
+        if type(reply) is list and len(reply) == 3:
+            kind = reply[0]
+            if kind == b"message":
+                try:
+                    deliver(reply[2])
+                except Exception:
+                    # One payload's failure is not the subscription's: log it, go on.
+                    logger.exception("handling a bus payload failed")
                 return
-            try:
-                await self._connection.send_command("PING", check_health=False)
-            except _FAILURES:
-                await self._connection.disconnect(nowait=True)
+            if kind == b"subscribe":
+                if not confirmed.done():
+                    confirmed.set_result(None)
                 return
-            pinged = True
+        # Anything else (PING's ["pong", ""], UNSUBSCRIBE's confirmation) needs no action.
+
+    return on_reply
 
 
 class RedisBus(Bus):
-    """Node inboxes on Redis pub/sub: one publisher connection, one subscriber per inbox."""
+    """Node inboxes on Redis pub/sub: one publisher connection, one subscriber per inbox.
+
+    Both are ``RespLink``s (see ``resp.py``): a send is one write of PUBLISH commands whose
+    replies are matched in order as they arrive, and a subscriber hands each payload to its
+    callback straight from ``data_received``; no task runs per publish or per payload.
+    """
 
     def __init__(self, pool_factory: PoolFactory, keys: RedisKeys, *, timeout: float) -> None:
-        self._pool_factory = pool_factory
         self._keys = keys
         self._timeout = timeout
-        self._publisher_pool = pool_factory(1, timeout)
-        self._publisher: AbstractConnection | None = None
-        self._publish_lock = asyncio.Lock()
-        self._subscribers: set[AbstractConnection] = set()
+        # Connections are made outside any pool (nothing reconnects them behind our back); the
+        # pool only carries the URL's connection settings.
+        pool = pool_factory(1, timeout)
+        self._make_connection: ConnectionMaker = lambda: pool.connection_class(
+            **pool.connection_kwargs
+        )
+        self._publisher: _Publisher | None = None
+        self._subscribers: set[RespLink] = set()
 
-    async def publish(self, messages: Sequence[tuple[NodeId, bytes]]) -> list[int]:
-        if not messages:
-            return []
+    def send(self, messages: Sequence[tuple[NodeId, bytes]], on_result: PublishResult) -> None:
+        if self._publisher is None:
+            self._publisher = _Publisher(self._make_connection, self._timeout)
         inbox = self._keys.inbox
-        # The whole batch as one write of RESP commands, then one read per reply, on a
-        # connection driven by hand: redis-py's pipeline machinery costs several times more
-        # CPU than the publishes themselves, and this is the bus' hot path.
         packed = b"".join(_packed_publish(inbox(node_id), payload) for node_id, payload in messages)
-        # The lock is taken inside the timeout: a caller never waits longer than the request
-        # timeout, behind a hung publish or not. One call's batch is sent and answered before
-        # the next starts, so batches never interleave and stay in call order.
-        async with _guard("publish", self._timeout), self._publish_lock:
-            connection = self._publisher
-            if connection is None:
-                pool = self._publisher_pool
-                connection = self._publisher = pool.connection_class(**pool.connection_kwargs)
-            try:
-                # Nothing is expected on this connection between batches: data or EOF there
-                # means it went stale (e.g. Redis restarted while idle), so reconnect before
-                # sending rather than lose the batch.
-                if connection.is_connected and await connection.can_read():
-                    raise RedisError("unexpected data on the publisher connection")
-            except _FAILURES:
-                await connection.disconnect(nowait=True)
-            try:
-                await connection.send_packed_command(packed, check_health=False)
-                counts = [await connection.read_response() for _ in messages]
-            except BaseException:
-                # Replies may still be in flight: this connection can never be trusted again.
-                self._publisher = None
-                await connection.disconnect(nowait=True)
-                raise
-        return [int(count) for count in counts]
+        self._publisher.send(packed, len(messages), on_result)
 
     @asynccontextmanager
-    async def _subscribe(self, node_id: NodeId) -> AsyncIterator[Subscription]:
+    async def _subscribe(self, node_id: NodeId, deliver: Deliver) -> AsyncIterator[Subscription]:
         channel = self._keys.inbox(node_id)
-        # A connection of our own, outside any pool: nothing reconnects it behind our back.
-        pool = self._pool_factory(1, self._timeout)
-        connection = pool.connection_class(**pool.connection_kwargs)
-        self._subscribers.add(connection)
+        confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        link = RespLink("bus subscriber", _subscriber_replies(deliver, confirmed))
+        self._subscribers.add(link)
+        subscription: _RedisSubscription | None = None
         try:
-            async with _guard("subscribe", self._timeout):
-                await connection.send_command("SUBSCRIBE", channel)  # connects first
-                reply = await connection.read_response(disable_decoding=True)
-            if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
-                raise BackendUnavailable("subscribe", RedisError(f"unexpected reply {reply!r}"))
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await open_link(self._make_connection, link)
+                    link.write(command(b"SUBSCRIBE", channel.encode()))
+                    await asyncio.wait((confirmed, link.lost), return_when=asyncio.FIRST_COMPLETED)
+            except TimeoutError as exc:
+                raise BackendUnavailable("subscribe", exc) from exc
+            if not confirmed.done():
+                raise link.lost.result()
             logger.debug("subscribed to %s", channel)
-            yield _RedisSubscription(connection, self._timeout)
+            subscription = _RedisSubscription(link, self._timeout)
+            yield subscription
         finally:
-            self._subscribers.discard(connection)
-            with suppress(*_FAILURES):
-                if connection.is_connected:
-                    # Closing the socket unsubscribes on a real Redis; saying so first (without
-                    # waiting for the reply) also serves servers and fakes that keep the
-                    # subscription of a closed connection a little longer.
-                    async with asyncio.timeout(self._timeout):
-                        await connection.send_command("UNSUBSCRIBE", check_health=False)
-                await connection.disconnect()
+            if subscription is not None:
+                subscription.stop()
+            self._subscribers.discard(link)
+            if link.open:
+                # Closing the socket unsubscribes on a real Redis; saying so first also serves
+                # servers that keep the subscription of a closed connection a little longer.
+                link.write(command(b"UNSUBSCRIBE"))
+                link.close()
+            else:
+                link.abort("unsubscribed")
 
-    def subscribe(self, node_id: NodeId) -> AbstractAsyncContextManager[Subscription]:
-        return self._subscribe(node_id)
+    def subscribe(
+        self, node_id: NodeId, deliver: Deliver
+    ) -> AbstractAsyncContextManager[Subscription]:
+        return self._subscribe(node_id, deliver)
 
     async def aclose(self) -> None:
-        # Closing a live subscriber's connection makes its iteration raise BackendUnavailable.
-        for connection in list(self._subscribers):
-            with suppress(*_FAILURES):
-                await connection.disconnect()
+        # Closing a live subscriber's connection makes its ``wait_lost`` raise.
+        for link in list(self._subscribers):
+            link.abort("bus closed")
         if self._publisher is not None:
-            with suppress(*_FAILURES):
-                await self._publisher.disconnect()
-            self._publisher = None
-        with suppress(*_FAILURES):
-            await self._publisher_pool.aclose()
+            await self._publisher.aclose()
 
 
 class RedisBackend:

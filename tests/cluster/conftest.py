@@ -71,3 +71,18 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         yield made
     finally:
         await made.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def bus_harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """The bus's backends: it drives sockets of its own, which fakeredis cannot give it."""
+    kind: str = request.param
+    if kind == "memory":
+        made = memory_harness()
+    else:
+        made = real_redis_harness(request.getfixturevalue("redis_server"))
+    await made.wipe()
+    try:
+        yield made
+    finally:
+        await made.aclose()

@@ -1,5 +1,8 @@
 """One view of each backend for the contract suite: memory, fakeredis and a real redis-server.
 
+The bus runs over memory and the real server only: it drives sockets of its own (``resp.py``),
+which fakeredis cannot provide.
+
 A ``Harness`` holds a backend under test plus what a test needs around it: more backends on the
 same store (other nodes), a way to let heartbeat time pass, a wipe (an empty Redis after a
 restart) and the set of stored keys, named as ``keys.py`` names them (the memory hub's state is
@@ -9,12 +12,13 @@ mapped to the same names, so that one assertion fits all three).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from broker_node.cluster.base import Backend, Subscription
+from broker_node.cluster.base import Backend, Bus, Subscription
 from broker_node.cluster.keys import RedisKeys
 from broker_node.cluster.memory import MemoryBackend, MemoryHub
 from broker_node.config import Settings
@@ -159,11 +163,39 @@ async def eventually(condition: Callable[[], Awaitable[bool]], within: float = 3
             await asyncio.sleep(0.01)
 
 
-async def receive(subscription: Subscription, count: int) -> list[bytes]:
-    """The next ``count`` payloads of ``subscription``."""
-    iterator: AsyncIterator[bytes] = aiter(subscription)
+@dataclass
+class Listener:
+    """A live subscription and the payloads it has delivered so far."""
+
+    subscription: Subscription
+    payloads: asyncio.Queue[bytes]
+
+
+@asynccontextmanager
+async def listen(bus: Bus, node_id: NodeId) -> AsyncIterator[Listener]:
+    """Subscribe ``node_id``'s inbox, collecting what it delivers."""
+    payloads: asyncio.Queue[bytes] = asyncio.Queue()
+    async with bus.subscribe(node_id, payloads.put_nowait) as subscription:
+        yield Listener(subscription, payloads)
+
+
+async def receive(listener: Listener, count: int) -> list[bytes]:
+    """The next ``count`` payloads; ``BackendUnavailable`` once the subscription is lost with
+    fewer delivered."""
+    received: list[bytes] = []
+    lost = asyncio.ensure_future(listener.subscription.wait_lost())
     try:
-        return [await anext(iterator) for _ in range(count)]
+        while len(received) < count:
+            if not listener.payloads.empty():
+                received.append(listener.payloads.get_nowait())
+                continue
+            arrival = asyncio.ensure_future(listener.payloads.get())
+            await asyncio.wait((arrival, lost), return_when=asyncio.FIRST_COMPLETED)
+            if arrival.done():
+                received.append(arrival.result())
+            else:
+                arrival.cancel()
+                lost.result()  # raises BackendUnavailable
+        return received
     finally:
-        if isinstance(iterator, AsyncGenerator):
-            await iterator.aclose()
+        lost.cancel()

@@ -1,10 +1,12 @@
-"""The cluster seam's contract, run over memory, fakeredis and a real redis-server alike."""
+"""The cluster seam's contract, run over memory, fakeredis and a real redis-server alike (the
+bus over memory and the real server: it needs real sockets)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from broker_node.cluster.base import Heartbeat
+from broker_node.cluster.base import Heartbeat, PublishResult, publish
+from broker_node.errors import BackendUnavailable
 from shared.ids import NodeId
 from tests.cluster.harness import (
     KEYS,
@@ -17,6 +19,7 @@ from tests.cluster.harness import (
     channel,
     connection,
     eventually,
+    listen,
     receive,
 )
 
@@ -280,17 +283,17 @@ async def test_restore_nothing(harness: Harness) -> None:
 # Bus
 
 
-async def test_publish_order_is_kept_across_pipelined_batches(harness: Harness) -> None:
-    bus = harness.backend.bus
+async def test_publish_order_is_kept_across_pipelined_batches(bus_harness: Harness) -> None:
+    bus = bus_harness.backend.bus
     total, batches = 10_000, 5
     payloads = [b'{"n":%d}' % i for i in range(total)]
     size = total // batches
-    async with harness.peer().bus.subscribe(B) as subscription:
+    async with listen(bus_harness.peer().bus, B) as subscription:
 
         async def publish_all() -> list[int]:
             counts: list[int] = []
             for start in range(0, total, size):
-                counts += await bus.publish([(B, p) for p in payloads[start : start + size]])
+                counts += await publish(bus, [(B, p) for p in payloads[start : start + size]])
             return counts
 
         async with asyncio.timeout(20):
@@ -299,12 +302,12 @@ async def test_publish_order_is_kept_across_pipelined_batches(harness: Harness) 
     assert received == payloads
 
 
-async def test_concurrent_publishes_do_not_interleave(harness: Harness) -> None:
-    bus = harness.backend.bus
+async def test_concurrent_publishes_do_not_interleave(bus_harness: Harness) -> None:
+    bus = bus_harness.backend.bus
     batches = [[(A, b"%d:%d" % (call, i)) for i in range(200)] for call in range(6)]
-    async with bus.subscribe(A) as subscription, asyncio.timeout(10):
+    async with listen(bus, A) as subscription, asyncio.timeout(10):
         receiving = asyncio.create_task(receive(subscription, 1200))
-        counts = await asyncio.gather(*(bus.publish(batch) for batch in batches))
+        counts = await asyncio.gather(*(publish(bus, batch) for batch in batches))
         received = await receiving
     assert counts == [[1] * 200] * 6
     # Each call's payloads arrive together and in order; calls come one after another.
@@ -312,30 +315,80 @@ async def test_concurrent_publishes_do_not_interleave(harness: Harness) -> None:
     assert sorted(runs) == sorted([payload for _, payload in batch] for batch in batches)
 
 
-async def test_publish_routes_to_the_addressed_node_only(harness: Harness) -> None:
-    bus = harness.backend.bus
-    async with bus.subscribe(A) as to_a, harness.peer().bus.subscribe(B) as to_b:
-        counts = await bus.publish([(B, b"for b"), (A, b"for a"), (C, b"for nobody")])
+async def test_publish_routes_to_the_addressed_node_only(bus_harness: Harness) -> None:
+    bus = bus_harness.backend.bus
+    async with listen(bus, A) as to_a, listen(bus_harness.peer().bus, B) as to_b:
+        counts = await publish(bus, [(B, b"for b"), (A, b"for a"), (C, b"for nobody")])
         assert counts == [1, 1, 0]
         async with asyncio.timeout(5):
             assert await receive(to_a, 1) == [b"for a"]
             assert await receive(to_b, 1) == [b"for b"]
 
 
-async def test_publish_without_subscriber_returns_zero(harness: Harness) -> None:
-    bus = harness.backend.bus
-    assert await bus.publish([]) == []
-    assert await bus.publish([(C, b"lost")]) == [0]
-    async with bus.subscribe(C):
-        assert await bus.publish([(C, b"heard")]) == [1]
+async def test_publish_without_subscriber_returns_zero(bus_harness: Harness) -> None:
+    bus = bus_harness.backend.bus
+    assert await publish(bus, []) == []
+    assert await publish(bus, [(C, b"lost")]) == [0]
+    async with listen(bus, C):
+        assert await publish(bus, [(C, b"heard")]) == [1]
     # Leaving the context ends the subscription.
-    assert await bus.publish([(C, b"lost again")]) == [0]
+    assert await publish(bus, [(C, b"lost again")]) == [0]
 
 
-async def test_payloads_are_opaque_bytes(harness: Harness) -> None:
-    bus = harness.backend.bus
+async def test_payloads_are_opaque_bytes(bus_harness: Harness) -> None:
+    bus = bus_harness.backend.bus
     payloads = [b"", b"\x00\xff\r\n", "ünïcødé".encode(), b"x" * 100_000]
-    async with bus.subscribe(A) as subscription:
-        assert await bus.publish([(A, p) for p in payloads]) == [1] * len(payloads)
+    async with listen(bus, A) as subscription:
+        assert await publish(bus, [(A, p) for p in payloads]) == [1] * len(payloads)
         async with asyncio.timeout(5):
             assert await receive(subscription, len(payloads)) == payloads
+
+
+async def test_send_reports_later_in_call_order(bus_harness: Harness) -> None:
+    bus = bus_harness.backend.bus
+    outcomes: list[tuple[str, list[int] | BackendUnavailable]] = []
+
+    def record(name: str) -> PublishResult:
+        return lambda result: outcomes.append((name, result))
+
+    async with listen(bus, A) as subscription:
+        for name in ("first", "second", "empty", "third"):
+            batch = [] if name == "empty" else [(A, name.encode()), (C, b"nobody")]
+            bus.send(batch, record(name))
+        # Never from within send: a caller may send again from its callback.
+        assert outcomes == []
+        async with asyncio.timeout(5):
+            assert await receive(subscription, 3) == [b"first", b"second", b"third"]
+
+        async def all_reported() -> bool:
+            return len(outcomes) == 4
+
+        await eventually(all_reported)
+    assert outcomes == [
+        ("first", [1, 0]),
+        ("second", [1, 0]),
+        ("empty", []),
+        ("third", [1, 0]),
+    ]
+
+
+async def test_a_failing_deliver_callback_does_not_end_the_subscription(
+    bus_harness: Harness,
+) -> None:
+    bus = bus_harness.backend.bus
+    seen: list[bytes] = []
+
+    def deliver(payload: bytes) -> None:
+        seen.append(payload)
+        if payload == b"bad":
+            raise ValueError("a bug in the consumer")
+
+    async with bus.subscribe(A, deliver):
+        assert await publish(bus, [(A, b"bad"), (A, b"good")]) == [1, 1]
+        await publish(bus, [(A, b"later")])
+
+        async def all_seen() -> bool:
+            return len(seen) == 3
+
+        await eventually(all_seen)
+    assert seen == [b"bad", b"good", b"later"]

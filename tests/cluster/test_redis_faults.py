@@ -12,12 +12,23 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+from redis.asyncio import Redis
 
-from broker_node.cluster.base import Backend, Heartbeat
+from broker_node.cluster.base import Backend, Heartbeat, PublishResult, publish
 from broker_node.cluster.redis import RedisBackend
 from broker_node.errors import BackendUnavailable
 from shared.ids import NodeId
-from tests.cluster.harness import LONG_TTL_MS, A, B, channel, connection, receive, settings_for
+from tests.cluster.harness import (
+    LONG_TTL_MS,
+    A,
+    B,
+    channel,
+    connection,
+    eventually,
+    listen,
+    receive,
+    settings_for,
+)
 from tests.support.redis_server import RedisServer
 
 TIMEOUT = 0.3
@@ -46,7 +57,7 @@ def every_call(backend: Backend) -> dict[str, Callable[[], Awaitable[object]]]:
     chan = channel(a, b)
 
     async def subscribe() -> None:
-        async with bus.subscribe(NodeId("listener")):
+        async with bus.subscribe(NodeId("listener"), lambda payload: None):
             pass
 
     return {
@@ -64,7 +75,7 @@ def every_call(backend: Backend) -> dict[str, Callable[[], Awaitable[object]]]:
         "leave": lambda: registry.leave(B),
         "restore": lambda: registry.restore(A, [a], [chan]),
         "ping": registry.ping,
-        "publish": lambda: bus.publish([(B, b"x")]),
+        "publish": lambda: publish(bus, [(B, b"x")]),
         "subscribe": subscribe,
     }
 
@@ -121,19 +132,18 @@ async def test_every_call_fails_within_the_timeout_while_paused(
 async def test_subscription_raises_when_the_server_is_killed(
     server: RedisServer, backend: Backend
 ) -> None:
-    async with backend.bus.subscribe(A) as subscription:
-        assert await backend.bus.publish([(A, b"before")]) == [1]
-        iterator = aiter(subscription)
+    async with listen(backend.bus, A) as subscription:
+        assert await publish(backend.bus, [(A, b"before")]) == [1]
         async with asyncio.timeout(BOUND):
-            assert await anext(iterator) == b"before"
+            assert await receive(subscription, 1) == [b"before"]
         server.kill()
         with pytest.raises(BackendUnavailable):
             async with asyncio.timeout(BOUND):
-                await anext(iterator)
+                await subscription.subscription.wait_lost()
 
     server.start()
-    async with backend.bus.subscribe(A) as subscription:  # what a supervisor does next
-        assert await backend.bus.publish([(A, b"after")]) == [1]
+    async with listen(backend.bus, A) as subscription:  # what a supervisor does next
+        assert await publish(backend.bus, [(A, b"after")]) == [1]
         async with asyncio.timeout(BOUND):
             assert await receive(subscription, 1) == [b"after"]
 
@@ -141,7 +151,7 @@ async def test_subscription_raises_when_the_server_is_killed(
 async def test_idle_subscription_notices_a_paused_server(
     server: RedisServer, backend: Backend
 ) -> None:
-    async with backend.bus.subscribe(A) as subscription:
+    async with listen(backend.bus, A) as subscription:
         server.pause()
         try:
             started = time.monotonic()
@@ -155,7 +165,7 @@ async def test_idle_subscription_notices_a_paused_server(
 
 
 async def test_closing_the_backend_ends_a_live_subscription(backend: Backend) -> None:
-    async with backend.bus.subscribe(A) as subscription:
+    async with listen(backend.bus, A) as subscription:
         receiving = asyncio.create_task(receive(subscription, 1))
         await backend.aclose()
         with pytest.raises(BackendUnavailable):
@@ -174,6 +184,62 @@ async def test_password_from_the_url() -> None:
             await assert_every_call_works(good)
             with pytest.raises(BackendUnavailable):
                 await wrong.registry.ping()
+            with pytest.raises(BackendUnavailable):
+                await publish(wrong.bus, [(A, b"x")])
+            with pytest.raises(BackendUnavailable):
+                async with wrong.bus.subscribe(A, lambda payload: None):
+                    pass
         finally:
             await good.aclose()
             await wrong.aclose()
+
+
+async def test_publisher_reconnects_after_redis_drops_its_connection(
+    server: RedisServer, backend: Backend
+) -> None:
+    admin = Redis.from_url(server.url)
+    try:
+        async with listen(backend.bus, A) as subscription:
+            assert await publish(backend.bus, [(A, b"before")]) == [1]
+            # Drops every connection but the subscriber's (the publisher's included).
+            await admin.client_kill_filter(_type="normal", skipme=True)
+            assert await publish(backend.bus, [(A, b"after")]) == [1]
+            async with asyncio.timeout(BOUND):
+                assert await receive(subscription, 2) == [b"before", b"after"]
+    finally:
+        await admin.aclose()
+
+
+async def test_sends_in_flight_to_a_hung_redis_fail_in_order_after_one_timeout(
+    server: RedisServer, backend: Backend
+) -> None:
+    assert await publish(backend.bus, [(B, b"warm")]) == [0]  # the connection is up
+    outcomes: list[tuple[int, object]] = []
+
+    def record(n: int) -> PublishResult:
+        return lambda result: outcomes.append((n, result))
+
+    server.pause()
+    try:
+        started = time.monotonic()
+        for n in range(3):
+            backend.bus.send([(B, b"%d" % n)], record(n))
+
+        async def all_reported() -> bool:
+            return len(outcomes) == 3
+
+        await eventually(all_reported, within=3 * BOUND)
+        assert time.monotonic() - started < BOUND
+    finally:
+        server.resume()
+    assert [n for n, _ in outcomes] == [0, 1, 2]
+    assert all(isinstance(result, BackendUnavailable) for _, result in outcomes)
+    # A fresh connection serves the next send.
+    assert await publish(backend.bus, [(B, b"later")]) == [0]
+
+
+async def test_sends_after_the_backend_closed_fail(backend: Backend) -> None:
+    assert await publish(backend.bus, [(B, b"x")]) == [0]
+    await backend.aclose()
+    with pytest.raises(BackendUnavailable):
+        await publish(backend.bus, [(B, b"y")])

@@ -1,10 +1,12 @@
-"""The outbox: per-node batches, publish order, undeliverable envelopes reported."""
+"""The outbox: per-node batches, one send per loop turn, undeliverable envelopes reported."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 
+from broker_node.cluster.base import Deliver, PublishResult, Subscription
 from broker_node.cluster.memory import MemoryBackend
 from broker_node.core.envelopes import Closed, Envelope, decode_batch
 from broker_node.errors import BackendUnavailable
@@ -19,76 +21,109 @@ def closed(n: int) -> Closed:
 
 
 class RecordingBus:
-    """A bus that records each publish call (or fails them all)."""
+    """A bus that records each send (and answers it on the next turn, or fails it)."""
 
     def __init__(self, *, fail: bool = False) -> None:
         self.calls: list[list[tuple[NodeId, list[Envelope]]]] = []
         self.fail = fail
 
-    async def publish(self, messages: Sequence[tuple[NodeId, bytes]]) -> list[int]:
-        if self.fail:
-            raise BackendUnavailable("publish")
+    def send(self, messages: Sequence[tuple[NodeId, bytes]], on_result: PublishResult) -> None:
         self.calls.append([(node, decode_batch(payload)) for node, payload in messages])
-        return [1] * len(messages)
+        result: list[int] | BackendUnavailable = (
+            BackendUnavailable("publish") if self.fail else [1] * len(messages)
+        )
+        asyncio.get_running_loop().call_soon(on_result, result)
+
+    def subscribe(
+        self, node_id: NodeId, deliver: Deliver
+    ) -> AbstractAsyncContextManager[Subscription]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
 
 
 async def run_until_idle(outbox: Outbox) -> None:
     async with asyncio.timeout(5):
-        await asyncio.sleep(0)
         await outbox.wait_idle()
 
 
-async def test_one_payload_per_node_in_put_order() -> None:
+async def test_one_send_per_turn_one_payload_per_node_in_put_order() -> None:
     bus = RecordingBus()
     outbox = Outbox(bus, on_undeliverable=lambda node, envelopes: None)
-    task = asyncio.create_task(outbox.run())
     for n in range(5):
         outbox.put(A if n % 2 == 0 else B, closed(n))
+    assert bus.calls == []  # nothing goes out before the end of the turn
     await run_until_idle(outbox)
     assert bus.calls == [[(A, [closed(0), closed(2), closed(4)]), (B, [closed(1), closed(3)])]]
-    task.cancel()
+
+
+async def test_each_turn_sends_without_waiting_for_the_previous_outcome() -> None:
+    bus = RecordingBus()
+    outcomes: list[int] = []
+    outbox = Outbox(
+        bus,
+        on_undeliverable=lambda node, envelopes: None,
+        on_published=lambda seconds, count: outcomes.append(count),
+    )
+    outbox.put(A, closed(1))
+    await asyncio.sleep(0)  # the first send goes out; its outcome comes a turn later
+    outbox.put(A, closed(2))
+    await asyncio.sleep(0)
+    assert len(bus.calls) == 2
+    await run_until_idle(outbox)
+    assert outcomes == [1, 1]
+    assert len(outbox) == 0
 
 
 async def test_large_backlogs_are_split_without_reordering() -> None:
     bus = RecordingBus()
     outbox = Outbox(bus, on_undeliverable=lambda node, envelopes: None)
-    task = asyncio.create_task(outbox.run())
     for n in range(MAX_BATCH + 10):
         outbox.put(A, closed(n))
+    assert len(outbox) == MAX_BATCH + 10
     await run_until_idle(outbox)
     [call] = bus.calls
     assert [len(envelopes) for _, envelopes in call] == [MAX_BATCH, 10]
     assert [e for _, envelopes in call for e in envelopes] == [
         closed(n) for n in range(MAX_BATCH + 10)
     ]
-    task.cancel()
 
 
-async def test_batch_delay_gathers_later_puts_into_the_same_publish() -> None:
+async def test_batch_delay_gathers_later_puts_into_the_same_send() -> None:
     bus = RecordingBus()
     outbox = Outbox(bus, on_undeliverable=lambda node, envelopes: None, batch_delay=0.05)
-    task = asyncio.create_task(outbox.run())
     outbox.put(A, closed(1))
     await asyncio.sleep(0.01)
     outbox.put(A, closed(2))
     await run_until_idle(outbox)
     assert bus.calls == [[(A, [closed(1), closed(2)])]]
-    task.cancel()
 
 
-async def test_unreachable_node_and_failed_publish_are_reported() -> None:
+async def test_unreachable_node_and_failed_send_are_reported() -> None:
     backend = MemoryBackend()
     reported: list[tuple[NodeId, list[Envelope]]] = []
     outbox = Outbox(backend.bus, on_undeliverable=lambda node, envs: reported.append((node, envs)))
-    task = asyncio.create_task(outbox.run())
     outbox.put(B, closed(1))  # nobody listens on B's inbox
     await run_until_idle(outbox)
     assert reported == [(B, [closed(1)])]
 
     failing = Outbox(RecordingBus(fail=True), on_undeliverable=lambda n, e: reported.append((n, e)))
-    failing_task = asyncio.create_task(failing.run())
     failing.put(A, closed(2))
+    failing.put(B, closed(3))
     await run_until_idle(failing)
-    assert reported[-1] == (A, [closed(2)])
-    task.cancel()
-    failing_task.cancel()
+    assert reported[1:] == [(A, [closed(2)]), (B, [closed(3)])]
+
+
+async def test_wait_idle_waits_for_the_outcome_not_just_the_send() -> None:
+    bus = RecordingBus()
+    answered: list[int] = []
+    outbox = Outbox(
+        bus,
+        on_undeliverable=lambda node, envelopes: None,
+        on_published=lambda seconds, count: answered.append(count),
+    )
+    await run_until_idle(outbox)  # idle from the start
+    outbox.put(A, closed(1))
+    await run_until_idle(outbox)
+    assert answered == [1]
