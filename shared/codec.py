@@ -7,6 +7,7 @@ says how the bad-input table of ``docs/cluster-semantics.md`` answers the frame:
 input                                                       rejection
 ==========================================================  ==================================
 text frame that is not JSON, or a binary frame              ``CloseConnection(1003, reason)``
+text frame that is not UTF-8                                ``CloseConnection(1007, reason)``
 JSON that is not an object, or without a usable integer id  ``ErrorReply(None, error)``
 unknown ``type`` with a usable ``id``                       ``ErrorReply(id, "Unknown ...")``
 known ``type``, missing or ill-typed fields                 ``FailedReply`` naming the field
@@ -25,6 +26,7 @@ import msgspec
 from shared.messages import FAILURE_TYPE, REQUEST_TYPES, BrokerMessage, Request
 
 CLOSE_UNSUPPORTED_DATA: Final = 1003
+CLOSE_INVALID_DATA: Final = 1007
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
 CLOSE_POLICY_VIOLATION: Final = 1008
 CLOSE_GOING_AWAY: Final = 1001
@@ -73,12 +75,31 @@ SUBJECT_FIELD: Final[dict[str, str]] = {
 }
 
 
+_NOT_UTF8: Final = CloseConnection(CLOSE_INVALID_DATA, "Invalid UTF-8")
+
+
 def decode_request(frame: bytes | bytearray | memoryview | str) -> Request | Rejection:
     """Decode one text frame from a client."""
+    # msgspec checks the UTF-8 of the strings it decodes (raising UnicodeDecodeError, not a
+    # DecodeError) but not of a Raw payload, which would reach the recipient, whose client
+    # library would then fail its connection: check the whole frame first.
+    if not isinstance(frame, str) and not _is_utf8(frame):
+        return _NOT_UTF8
     try:
         return _request_decoder.decode(frame)
     except msgspec.DecodeError:
         return _diagnose(frame)
+
+
+def _is_utf8(frame: bytes | bytearray | memoryview) -> bool:
+    # ASCII, nearly every frame, is recognised by a C loop at memory speed; decode the rest.
+    if type(frame) is not memoryview and frame.isascii():
+        return True
+    try:
+        str(frame, "utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _diagnose(frame: bytes | bytearray | memoryview | str) -> Rejection:

@@ -83,3 +83,33 @@ def test_every_request_type_has_a_failure_type() -> None:
     assert set(FAILURE_TYPE) == set(REQUEST_TYPES)
     assert failure_type("open") == "channel_open_failed"
     assert failure_type("message") == "channel_message_failed"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"\xff",
+        b'{"type":"register","id":1,"role":"\xff"}',
+        b'{"type":"register","id":1,"role":"\xed\xa0\x80"}',
+        b'{"type":"register","id":1,"role":"\xc0\xaf"}',
+        # msgspec alone passes a Raw payload through without checking it.
+        b'{"type":"message","id":1,"channelId":"c","payload":"\xe9t\xe9"}',
+        bytearray(b'{"type":"message","id":1,"channelId":"c","payload":"\xe9"}'),
+        memoryview(b'{"type":"message","id":1,"channelId":"c","payload":"\xe9"}'),
+    ],
+)
+def test_text_that_is_not_utf8_closes_with_1007(frame: bytes | bytearray | memoryview) -> None:
+    assert decode_request(frame) == CloseConnection(1007, "Invalid UTF-8")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"register","id":1,"role":"été 🚀"}'.encode(),
+        bytearray('{"type":"register","id":1,"role":"été 🚀"}'.encode()),
+        memoryview('{"type":"register","id":1,"role":"été 🚀"}'.encode()),
+        '{"type":"register","id":1,"role":"été 🚀"}',
+    ],
+)
+def test_non_ascii_utf8_decodes(frame: bytes | bytearray | memoryview | str) -> None:
+    assert decode_request(frame) == Register(id=1, role="été 🚀")
