@@ -3,7 +3,17 @@
 Built on websockets' Sans-I/O ``ServerProtocol`` driven from an ``asyncio.Protocol``: frames are
 handled synchronously in ``data_received`` and outgoing frames are coalesced into one write per
 connection per event-loop turn (see docs/performance-notes.md). The adapter does the same few
-steps for every frame: decode, let the core decide, execute; it holds no protocol rule.
+steps for every frame: decode, let the core decide, execute; it holds no rule of the broker's
+protocol.
+
+Incoming frames take a fast path once the connection is open: a ``FrameScanner`` splits the
+bytes received into frames, and each whole, unfragmented, masked text frame within the size
+limit is unmasked and decoded right here, without websockets' general parser (which costs about
+four times as much per frame). Every other frame (control frames, binary or fragmented
+messages, reserved bits, unmasked or oversized frames) goes to websockets whole and in its
+place in the stream, so websockets still answers pings, assembles fragments, enforces the
+WebSocket protocol and runs the closing handshake. Websockets parses everything itself before
+the handshake completes, and again from the moment it is no longer open (closing, or failed).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
+from broker_node.frame_scanner import FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
 from shared.codec import CLOSE_POLICY_VIOLATION, decode_request
 from shared.ids import ConnectionId, new_connection_id
 from shared.messages import Close, Message, Request
@@ -40,6 +51,7 @@ _TEXT: Final = Opcode.TEXT
 _CONT: Final = Opcode.CONT
 _BINARY: Final = Opcode.BINARY
 _PONG: Final = Opcode.PONG
+_OPEN: Final = State.OPEN
 #: Close code for a client that stopped answering keepalive pings.
 CLOSE_PING_TIMEOUT: Final = 1011
 
@@ -78,6 +90,9 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         #: When the unanswered keepalive ping was sent (loop time), or None.
         self.ping_sent_at: float | None = None
+        #: Splits incoming bytes into frames while the fast path is on; None: websockets
+        #: parses everything (see the module docstring).
+        self._scanner: FrameScanner | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -89,15 +104,23 @@ class ClientConnection(asyncio.Protocol):
         self.node.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
-        self.ws.receive_data(data)
-        for event in self.ws.events_received():
-            if type(event) is Frame:
-                self._on_frame(event)
-            elif isinstance(event, HttpRequest):
-                self._on_http_request(event)
+        scanner = self._scanner
+        if scanner is not None:
+            self._receive_frames(scanner, data)
+        else:
+            self._receive_via_websockets(data)
+            if self._websockets_between_frames():
+                self._scanner = FrameScanner(self.node.settings.max_message_size)
         self._write_protocol_data()
 
     def eof_received(self) -> bool | None:
+        scanner = self._scanner
+        if scanner is not None:
+            self._scanner = None
+            # A frame cut short by the EOF: websockets reports it as it always did.
+            rest = scanner.take_rest()
+            if rest:
+                self._receive_via_websockets(rest)
         self.ws.receive_eof()
         self._write_protocol_data()
         return None
@@ -138,6 +161,55 @@ class ClientConnection(asyncio.Protocol):
             self.node.client_accepted(self, legacy_errors=wants_legacy_errors(request.path))
 
     # --- frames in --------------------------------------------------------------------------
+
+    def _receive_frames(self, scanner: FrameScanner, data: bytes) -> None:
+        """The fast path: frames one by one, in order, each to ``_on_text`` or to websockets."""
+        scanner.receive(data)
+        ws = self.ws
+        on_text = self._on_text
+        # Reading may pause on the way (a long backlog); every whole frame already received is
+        # still handled now, in order, as websockets' parser did, and a partial one waits here.
+        while ws.state is _OPEN:
+            verdict, frame = scanner.next_frame()
+            if verdict == FAST_TEXT:
+                on_text(frame)
+            elif verdict == NEED_MORE:
+                return
+            elif verdict == HAND_OVER:
+                # Websockets keeps the unfinished frame: it owns the stream from here on.
+                self._scanner = None
+                self._receive_via_websockets(frame)
+                return
+            else:
+                self._receive_via_websockets(frame)
+        # The connection is closing (from either side) or failed: websockets takes the rest.
+        self._scanner = None
+        rest = scanner.take_rest()
+        if rest:
+            self._receive_via_websockets(rest)
+
+    def _receive_via_websockets(self, data: bytes | bytearray) -> None:
+        self.ws.receive_data(data)
+        for event in self.ws.events_received():
+            if type(event) is Frame:
+                self._on_frame(event)
+            elif isinstance(event, HttpRequest):
+                self._on_http_request(event)
+
+    def _websockets_between_frames(self) -> bool:
+        """Open, holding no partial frame and no unfinished message: the fast path may start.
+
+        Frames a client sent right behind its handshake request are parsed by websockets along
+        with it; the scanner starts only at a frame boundary so that both never share a frame.
+        """
+        ws = self.ws
+        return (
+            ws.state is _OPEN
+            and not ws.reader.buffer
+            and ws.current_size is None
+            # The scanner knows no extension (none is negotiated: no compressed frames).
+            and not ws.extensions
+        )
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
