@@ -560,10 +560,12 @@ class BrokerNode:
 
 
 def _rejection_kind(rejection: Rejection) -> str:
-    from shared.codec import ErrorReply, FailedReply
+    from shared.codec import CLOSE_INVALID_DATA, CloseConnection, ErrorReply, FailedReply
 
     if isinstance(rejection, FailedReply):
         return "bad_fields"
     if isinstance(rejection, ErrorReply):
         return "unknown_type" if rejection.reply_to is not None else "bad_shape"
+    if isinstance(rejection, CloseConnection) and rejection.code == CLOSE_INVALID_DATA:
+        return "invalid_utf8"
     return "invalid_json"

@@ -24,7 +24,8 @@ class NodeStats:
     bus_publish_seconds: float = 0.0
     #: ``*_failed`` / ``error`` replies by reply type and reason (bounded label sets).
     failures: Counter[tuple[str, str]] = field(default_factory=Counter)
-    #: Refused frames by kind (invalid_json, binary, too_big, bad_shape, unknown_type, bad_fields).
+    #: Refused frames by kind (invalid_json, invalid_utf8, binary, too_big, bad_shape,
+    #: unknown_type, bad_fields).
     bad_frames: Counter[str] = field(default_factory=Counter)
     #: Registry calls: operation -> [count, total seconds, errors].
     registry_calls: dict[str, list[float]] = field(default_factory=dict)

@@ -256,6 +256,7 @@ async def test_text_that_is_not_utf8_closes_1007(node: BrokerNode, frames: list[
         first, last = frames
         await raw.write(client_frame(first, fin=False) + client_frame(last, opcode=OP_CONT))
     assert await raw.close_code() == 1007
+    assert node.stats.bad_frames["invalid_utf8"] == 1
     await raw.aclose()
 
 
