@@ -90,6 +90,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         #: When the unanswered keepalive ping was sent (loop time), or None.
         self.ping_sent_at: float | None = None
+        #: Which slice of the ping interval this client is pinged in (see the node's loop).
+        self.keepalive_slice = 0
         #: Splits incoming bytes into frames while the fast path is on; None: websockets
         #: parses everything (see the module docstring).
         self._scanner: FrameScanner | None = None

@@ -50,6 +50,8 @@ _T = TypeVar("_T")
 
 #: How often cross-node work is checked against the request timeout.
 EXPIRY_INTERVAL: Final = 0.25
+#: Keepalive pings go out in this many slices per ping interval.
+KEEPALIVE_SLICES: Final = 20
 #: Registry removals waiting to be written; past this the node resynchronises instead.
 MAX_REGISTRY_BACKLOG: Final = 100_000
 #: Close notices kept to send again after an outage, and how often each is tried.
@@ -95,6 +97,7 @@ class BrokerNode:
         self.backend_up = True
         self._dirty: list[ClientConnection] = []
         self._flush_scheduled = False
+        self._accepted = 0
         self._registry_backlog: list[ForgetChannel | ForgetConnection] = []
         self._registry_wake = asyncio.Event()
         self._registry_dirty = False
@@ -207,6 +210,8 @@ class BrokerNode:
 
     def client_accepted(self, sock: ClientConnection, *, legacy_errors: bool) -> None:
         assert sock.connection_id is not None
+        self._accepted += 1
+        sock.keepalive_slice = self._accepted % KEEPALIVE_SLICES
         self.clients[sock.connection_id] = sock
         self.core.connect(sock.connection_id, legacy_errors=legacy_errors)
 
@@ -450,14 +455,19 @@ class BrokerNode:
             self.execute(self.core.expire())
 
     async def _keepalive_loop(self) -> None:
+        # Clients are pinged a slice at a time, each slice once per interval: tens of thousands
+        # of pings in one loop turn would stall every message behind them.
         interval = self.settings.ping_interval
         timeout = self.settings.ping_timeout
         loop = asyncio.get_running_loop()
+        current = 0
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval / KEEPALIVE_SLICES)
             now = loop.time()
             for client in list(self.clients.values()):
-                client.keepalive(now, timeout)
+                if client.keepalive_slice == current:
+                    client.keepalive(now, timeout)
+            current = (current + 1) % KEEPALIVE_SLICES
 
     # --- liveness: heartbeat, reaping, restore ----------------------------------------------
 

@@ -6,11 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from websockets.server import ServerProtocol
 
 from broker_node.config import Settings
 from broker_node.node import BrokerNode
 from shared.ids import NodeId
-from tests.support.wire import pair
+from tests.support.wire import WireClient, pair
 
 
 @pytest.fixture
@@ -51,3 +52,30 @@ async def test_a_client_that_stops_answering_is_closed_and_forgotten(
     assert listed["ids"] == []
     silent.ws.transport.abort()
     await peer.close()
+
+
+async def test_pings_are_spread_over_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Many thousand clients pinged in one loop turn would stall every message behind them.
+    interval = 0.4
+    settings = Settings(host="127.0.0.1", port=0, node_id=NodeId("spread"), ping_interval=interval)
+    pinged_at: dict[int, list[float]] = {}
+    send_ping = ServerProtocol.send_ping
+
+    def recording_send_ping(ws: ServerProtocol, data: bytes) -> None:
+        pinged_at.setdefault(id(ws), []).append(asyncio.get_running_loop().time())
+        send_ping(ws, data)
+
+    monkeypatch.setattr(ServerProtocol, "send_ping", recording_send_ping)
+    async with BrokerNode(settings) as node:
+        clients = [await WireClient(f"ws://127.0.0.1:{node.port}").__aenter__() for _ in range(40)]
+        try:
+            await asyncio.sleep(interval * 2.2)
+        finally:
+            for client in clients:
+                await client.close()
+    assert len(pinged_at) == 40
+    firsts = [times[0] for times in pinged_at.values()]
+    # A twentieth of the clients per slice: pings went out in many loop turns, not one...
+    assert len(set(firsts)) >= 10
+    # ...and each client is pinged once per interval, no more.
+    assert all(1 <= len(times) <= 3 for times in pinged_at.values())
