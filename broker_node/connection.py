@@ -30,7 +30,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
-from broker_node.frame_scanner import FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
+from broker_node.frame_scanner import FAST_PONG, FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
 from shared.codec import CLOSE_POLICY_VIOLATION, decode_request
 from shared.ids import ConnectionId, new_connection_id
 from shared.messages import Close, Message, Request
@@ -54,6 +54,10 @@ _PONG: Final = Opcode.PONG
 _OPEN: Final = State.OPEN
 #: Close code for a client that stopped answering keepalive pings.
 CLOSE_PING_TIMEOUT: Final = 1011
+
+
+#: An unmasked server-to-client ping with no payload.
+PING_FRAME: Final = b"\x89\x00"
 
 
 def text_frame(data: bytes) -> bytes:
@@ -177,6 +181,8 @@ class ClientConnection(asyncio.Protocol):
                 on_text(frame)
             elif verdict == NEED_MORE:
                 return
+            elif verdict == FAST_PONG:
+                self.ping_sent_at = None
             elif verdict == HAND_OVER:
                 # Websockets keeps the unfinished frame: it owns the stream from here on.
                 self._scanner = None
@@ -320,8 +326,10 @@ class ClientConnection(asyncio.Protocol):
                 self.close(CLOSE_PING_TIMEOUT, "keepalive ping timeout")
             return
         self.ping_sent_at = now
-        self.ws.send_ping(b"")
-        self._write_protocol_data()
+        # Written as text frames are, bypassing websockets (which keeps no state for a ping
+        # it did not send: the pong comes back as a frame like any other).
+        if self.transport is not None:
+            self.transport.write(PING_FRAME)
 
     def abort(self) -> None:
         if self.transport is not None:

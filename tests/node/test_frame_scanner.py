@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker_node.frame_scanner import (
+    FAST_PONG,
     FAST_TEXT,
     FOR_WEBSOCKETS,
     HAND_OVER,
@@ -55,6 +56,9 @@ MEDIUM = b'{"payload":"' + b"m" * 300 + b'"}'
 LARGE = b'{"payload":"' + b"L" * 66_000 + b'"}'
 PING = client_frame(b"are you there", opcode=OP_PING)
 PONG = client_frame(b"", opcode=OP_PONG)
+# Not pongs a well-behaved client sends: websockets answers them (with 1002).
+LONG_PONG = client_frame(b"p" * 126, opcode=OP_PONG, length_bytes=2)
+UNFINISHED_PONG = client_frame(b"", opcode=OP_PONG, fin=False)
 BINARY = client_frame(b"\x00\x01", opcode=OP_BINARY)
 FIRST_PART = client_frame(b'{"type":', fin=False)
 MIDDLE_PART = client_frame(b'"list_by_role",', opcode=OP_CONT, fin=False)
@@ -71,7 +75,9 @@ STREAM: list[tuple[bytes, Verdict]] = [
     (MIDDLE_PART, (FOR_WEBSOCKETS, MIDDLE_PART)),
     (LAST_PART, (FOR_WEBSOCKETS, LAST_PART)),
     (client_frame(LARGE), (FAST_TEXT, LARGE)),
-    (PONG, (FOR_WEBSOCKETS, PONG)),
+    (PONG, (FAST_PONG, b"")),
+    (LONG_PONG, (FOR_WEBSOCKETS, LONG_PONG)),
+    (UNFINISHED_PONG, (FOR_WEBSOCKETS, UNFINISHED_PONG)),
     (BINARY, (FOR_WEBSOCKETS, BINARY)),
     (client_frame("é €".encode()), (FAST_TEXT, "é €".encode())),
 ]

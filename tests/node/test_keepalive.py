@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from websockets.server import ServerProtocol
 
 from broker_node.config import Settings
+from broker_node.connection import ClientConnection
 from broker_node.node import BrokerNode
 from shared.ids import NodeId
 from tests.support.wire import WireClient, pair
@@ -59,13 +59,15 @@ async def test_pings_are_spread_over_the_interval(monkeypatch: pytest.MonkeyPatc
     interval = 0.4
     settings = Settings(host="127.0.0.1", port=0, node_id=NodeId("spread"), ping_interval=interval)
     pinged_at: dict[int, list[float]] = {}
-    send_ping = ServerProtocol.send_ping
+    keepalive = ClientConnection.keepalive
 
-    def recording_send_ping(ws: ServerProtocol, data: bytes) -> None:
-        pinged_at.setdefault(id(ws), []).append(asyncio.get_running_loop().time())
-        send_ping(ws, data)
+    def recording_keepalive(sock: ClientConnection, now: float, timeout: float) -> None:
+        was_waiting = sock.ping_sent_at is not None
+        keepalive(sock, now, timeout)
+        if not was_waiting and sock.ping_sent_at is not None:
+            pinged_at.setdefault(id(sock), []).append(now)
 
-    monkeypatch.setattr(ServerProtocol, "send_ping", recording_send_ping)
+    monkeypatch.setattr(ClientConnection, "keepalive", recording_keepalive)
     async with BrokerNode(settings) as node:
         clients = [await WireClient(f"ws://127.0.0.1:{node.port}").__aenter__() for _ in range(40)]
         try:
