@@ -57,8 +57,7 @@ def real_redis_harness(server: RedisServer) -> Harness:
     return redis_harness("redis", make_backend, Redis.from_url(server.url))
 
 
-@pytest.fixture(params=["memory", "fakeredis", "redis"])
-async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+async def made_harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     kind: str = request.param
     if kind == "memory":
         made = memory_harness()
@@ -73,16 +72,14 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         await made.aclose()
 
 
+@pytest.fixture(params=["memory", "fakeredis", "redis"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    async for made in made_harness(request):
+        yield made
+
+
 @pytest.fixture(params=["memory", "redis"])
 async def bus_harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     """The bus's backends: it drives sockets of its own, which fakeredis cannot give it."""
-    kind: str = request.param
-    if kind == "memory":
-        made = memory_harness()
-    else:
-        made = real_redis_harness(request.getfixturevalue("redis_server"))
-    await made.wipe()
-    try:
+    async for made in made_harness(request):
         yield made
-    finally:
-        await made.aclose()

@@ -43,6 +43,17 @@ class RecordingBus:
         return None
 
 
+def counting_outbox(bus: RecordingBus) -> tuple[Outbox, list[int]]:
+    """An outbox on ``bus`` and the payload counts of the sends answered so far."""
+    answered: list[int] = []
+    outbox = Outbox(
+        bus,
+        on_undeliverable=lambda node, envelopes: None,
+        on_published=lambda seconds, count: answered.append(count),
+    )
+    return outbox, answered
+
+
 async def run_until_idle(outbox: Outbox) -> None:
     async with asyncio.timeout(5):
         await outbox.wait_idle()
@@ -60,12 +71,7 @@ async def test_one_send_per_turn_one_payload_per_node_in_put_order() -> None:
 
 async def test_each_turn_sends_without_waiting_for_the_previous_outcome() -> None:
     bus = RecordingBus()
-    outcomes: list[int] = []
-    outbox = Outbox(
-        bus,
-        on_undeliverable=lambda node, envelopes: None,
-        on_published=lambda seconds, count: outcomes.append(count),
-    )
+    outbox, outcomes = counting_outbox(bus)
     outbox.put(A, closed(1))
     await asyncio.sleep(0)  # the first send goes out; its outcome comes a turn later
     outbox.put(A, closed(2))
@@ -116,13 +122,7 @@ async def test_unreachable_node_and_failed_send_are_reported() -> None:
 
 
 async def test_wait_idle_waits_for_the_outcome_not_just_the_send() -> None:
-    bus = RecordingBus()
-    answered: list[int] = []
-    outbox = Outbox(
-        bus,
-        on_undeliverable=lambda node, envelopes: None,
-        on_published=lambda seconds, count: answered.append(count),
-    )
+    outbox, answered = counting_outbox(RecordingBus())
     await run_until_idle(outbox)  # idle from the start
     outbox.put(A, closed(1))
     await run_until_idle(outbox)
