@@ -526,22 +526,28 @@ class _Publisher:
             self._connecting = asyncio.create_task(self._connect(), name="bus-publisher-connect")
 
     async def _connect(self) -> None:
+        started = self._loop.time()
         link = RespLink("bus publisher", self._on_reply, on_writable=self._write_queued)
         try:
             async with asyncio.timeout(self._timeout):
                 await open_link(self._make_connection, link)
         except asyncio.CancelledError:
+            self._connecting = None
             raise
         except Exception as exc:  # every failure is reported to the senders
+            self._connecting = None
             failure = exc if isinstance(exc, BackendUnavailable) else None
             if failure is None:
                 if not isinstance(exc, TimeoutError | ConfigurationError):
                     logger.exception("connecting the bus publisher failed")
                 failure = BackendUnavailable("publish (connect)", exc)
-            self._fail(self._queued, failure)
+            # Sends made while this attempt was under way get an attempt of their own.
+            while self._queued and self._queued[0].since <= started:
+                _report(self._queued.popleft(), failure)
+            if self._queued:
+                self._connect_soon()
             return
-        finally:
-            self._connecting = None
+        self._connecting = None
         if self._closed:
             link.close()
             return

@@ -144,8 +144,14 @@ async def open_link(make_connection: ConnectionMaker, link: RespLink) -> None:
     connection = make_connection()
     try:
         await connection.connect()  # type: ignore[attr-defined]
-    except _RECEIVE_FAILURES as exc:
-        raise BackendUnavailable(f"connect ({link.purpose})", exc) from exc
+    except BaseException as exc:
+        # A handshake cut short (a timeout, a cancellation) leaves its socket open.
+        half_open = getattr(connection, "_writer", None)
+        if isinstance(half_open, asyncio.StreamWriter):
+            half_open.close()
+        if isinstance(exc, _RECEIVE_FAILURES):
+            raise BackendUnavailable(f"connect ({link.purpose})", exc) from exc
+        raise
     # redis-py keeps the stream pair in these two attributes (redis.asyncio.connection); the
     # check below turns a change there into a clear error instead of a silent misbehaviour.
     reader = getattr(connection, "_reader", None)

@@ -243,3 +243,18 @@ async def test_sends_after_the_backend_closed_fail(backend: Backend) -> None:
     await backend.aclose()
     with pytest.raises(BackendUnavailable):
         await publish(backend.bus, [(B, b"y")])
+
+
+async def test_a_first_send_to_a_hung_redis_fails_within_the_timeout(
+    server: RedisServer, backend: Backend
+) -> None:
+    # No publisher connection yet: the handshake itself gets no answer.
+    server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await publish(backend.bus, [(B, b"x")])
+        assert time.monotonic() - started < BOUND
+    finally:
+        server.resume()
+    assert await publish(backend.bus, [(B, b"y")]) == [0]

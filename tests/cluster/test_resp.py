@@ -1,0 +1,113 @@
+"""The bus's hand-driven Redis connection, without Redis: bytes in, replies out, faults."""
+
+from __future__ import annotations
+
+import asyncio
+
+import fakeredis
+import pytest
+from fakeredis.aioredis import FakeAsyncRedisConnection
+from redis.asyncio.connection import Connection
+
+from broker_node.cluster.resp import Reply, RespLink, command, open_link
+from broker_node.errors import BackendUnavailable, ConfigurationError
+from tests.support.ports import free_port
+
+
+class FakeTransport:
+    """What a link does to its socket."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.aborted = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.aborted or self.closed
+
+
+def connected_link() -> tuple[RespLink, list[Reply], FakeTransport]:
+    replies: list[Reply] = []
+    link = RespLink("test link", replies.append)
+    transport = FakeTransport()
+    link.connection_made(transport)  # type: ignore[arg-type]
+    return link, replies, transport
+
+
+def test_command_is_resp() -> None:
+    assert command(b"PUBLISH", b"ch", b"") == b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$0\r\n\r\n"
+
+
+async def test_replies_are_parsed_across_and_within_reads() -> None:
+    link, replies, _ = connected_link()
+    stream = b":1\r\n*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n:0\r\n"
+    for cut in range(len(stream) + 1):
+        replies.clear()
+        link.data_received(stream[:cut])
+        link.data_received(stream[cut:])
+        assert replies == [1, [b"message", b"ch", b"hello"], 0], cut
+    assert link.open and link.saw_traffic
+
+
+async def test_an_error_reply_drops_the_connection() -> None:
+    link, replies, transport = connected_link()
+    link.data_received(b":1\r\n-NOAUTH Authentication required.\r\n:2\r\n")
+    assert replies == [1]  # nothing after the error is believed
+    assert transport.aborted and not link.open
+    lost = await link.lost
+    assert isinstance(lost, BackendUnavailable)
+    assert "NOAUTH" in str(lost)
+
+
+async def test_unparsable_data_drops_the_connection() -> None:
+    link, replies, transport = connected_link()
+    link.data_received(b"?what\r\n")
+    assert replies == [] and transport.aborted
+    assert "protocol error" in str(await link.lost)
+    link.data_received(b":1\r\n")  # a late read after the loss is ignored
+    assert replies == []
+
+
+async def test_eof_and_loss_resolve_lost_once() -> None:
+    link, _, _ = connected_link()
+    link.eof_received()
+    link.connection_lost(None)
+    assert "closed by Redis" in str(await link.lost)
+    link.write(b"ignored")  # writing to a lost link does nothing
+
+
+async def test_writes_and_backpressure() -> None:
+    woken: list[bool] = []
+    link = RespLink("test link", lambda reply: None, on_writable=lambda: woken.append(True))
+    transport = FakeTransport()
+    link.connection_made(transport)  # type: ignore[arg-type]
+    link.write(b"one")
+    link.pause_writing()
+    assert link.writing_paused
+    link.resume_writing()
+    assert not link.writing_paused and woken == [True]
+    link.close()
+    assert transport.closed and transport.written == [b"one"]
+
+
+async def test_a_connection_that_is_not_a_socket_is_refused() -> None:
+    server = fakeredis.FakeServer()
+    link = RespLink("test link", lambda reply: None)
+    with pytest.raises(ConfigurationError):
+        await open_link(lambda: FakeAsyncRedisConnection(server=server), link)
+
+
+async def test_an_unreachable_redis_is_backend_unavailable() -> None:
+    link = RespLink("test link", lambda reply: None)
+    with pytest.raises(BackendUnavailable):
+        async with asyncio.timeout(5):
+            await open_link(lambda: Connection(port=free_port(), socket_connect_timeout=1), link)
