@@ -16,8 +16,9 @@ the outcome later, and a subscription hands each payload to a callback as it is 
 switch happens per publish or per payload.
 
 Every method may raise ``BackendUnavailable`` (and nothing else) when the backend cannot be
-reached within its timeout; ``Bus.send`` hands that failure to its callback instead. Implementations: ``memory.py`` (standalone node, and several nodes
-in one process for tests) and ``redis.py``. One contract test suite runs over all of them.
+reached within its timeout; ``Bus.send`` hands that failure to its callback instead.
+Implementations: ``memory.py`` (standalone node, and several nodes in one process for tests)
+and ``redis.py``. One contract test suite runs over all of them.
 """
 
 from __future__ import annotations
