@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
 
-from broker_node.cluster.base import Bus
+from broker_node.cluster.base import PublishResult
 from broker_node.core.envelopes import Envelope, encode_batch
 from broker_node.errors import BackendUnavailable
 from shared.ids import NodeId
@@ -25,6 +25,13 @@ logger = logging.getLogger("broker_node.outbox")
 
 #: Envelopes in one bus payload; a larger backlog goes out as several payloads.
 MAX_BATCH: Final = 512
+
+
+class Sender(Protocol):
+    """What the outbox needs of a bus (``Bus.send``)."""
+
+    def send(self, messages: Sequence[tuple[NodeId, bytes]], on_result: PublishResult) -> None: ...
+
 
 #: Called with the envelopes that could not be handed to a node.
 Undeliverable = Callable[[NodeId, list[Envelope]], None]
@@ -35,7 +42,7 @@ class Outbox:
 
     def __init__(
         self,
-        bus: Bus,
+        bus: Sender,
         *,
         on_undeliverable: Undeliverable,
         on_published: Callable[[float, int], None] = lambda seconds, count: None,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 
-from broker_node.cluster.base import Deliver, PublishResult, Subscription
+from broker_node.cluster.base import PublishResult
 from broker_node.cluster.memory import MemoryBackend
 from broker_node.core.envelopes import Closed, Envelope, decode_batch
 from broker_node.errors import BackendUnavailable
@@ -33,14 +32,6 @@ class RecordingBus:
             BackendUnavailable("publish") if self.fail else [1] * len(messages)
         )
         asyncio.get_running_loop().call_soon(on_result, result)
-
-    def subscribe(
-        self, node_id: NodeId, deliver: Deliver
-    ) -> AbstractAsyncContextManager[Subscription]:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        return None
 
 
 def counting_outbox(bus: RecordingBus) -> tuple[Outbox, list[int]]:
