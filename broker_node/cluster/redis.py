@@ -542,8 +542,7 @@ class _Publisher:
                     logger.exception("connecting the bus publisher failed")
                 failure = BackendUnavailable("publish (connect)", exc)
             # Sends made while this attempt was under way get an attempt of their own.
-            while self._queued and self._queued[0].since <= started:
-                _report(self._queued.popleft(), failure)
+            self._fail_queued(failure, made_until=started)
             if self._queued:
                 self._connect_soon()
             return
@@ -562,6 +561,12 @@ class _Publisher:
         if self._queued:
             self._connect_soon()
 
+    def _fail_queued(self, reason: BackendUnavailable, *, made_until: float) -> None:
+        """Fail the queued sends made up to ``made_until`` (loop time); they are in order."""
+        queued = self._queued
+        while queued and queued[0].since <= made_until:
+            _report(queued.popleft(), reason)
+
     def _fail(self, pendings: deque[_PendingPublish], reason: BackendUnavailable) -> None:
         while pendings:
             _report(pendings.popleft(), reason)
@@ -574,8 +579,7 @@ class _Publisher:
             logger.warning("no reply from Redis to a publish within %.1fs", self._timeout)
             self._link.abort("no reply in time")  # fails what is in flight
         late = BackendUnavailable("publish (timed out waiting for a connection)")
-        while self._queued and self._queued[0].since <= expired:
-            _report(self._queued.popleft(), late)
+        self._fail_queued(late, made_until=expired)
         oldest = [pendings[0].since for pendings in (self._in_flight, self._queued) if pendings]
         if oldest:
             delay = max(0.0, min(oldest) + self._timeout - now)

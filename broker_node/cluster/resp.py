@@ -29,7 +29,7 @@ Reply = object
 #: Makes the redis-py connection a link is opened with (see ``RedisBus``).
 ConnectionMaker = Callable[[], object]
 
-_RECEIVE_FAILURES: Final = (RedisError, OSError)
+_CONNECT_FAILURES: Final = (RedisError, OSError)
 
 
 def command(*parts: bytes) -> bytes:
@@ -149,7 +149,7 @@ async def open_link(make_connection: ConnectionMaker, link: RespLink) -> None:
         half_open = getattr(connection, "_writer", None)
         if isinstance(half_open, asyncio.StreamWriter):
             half_open.close()
-        if isinstance(exc, _RECEIVE_FAILURES):
+        if isinstance(exc, _CONNECT_FAILURES):
             raise BackendUnavailable(f"connect ({link.purpose})", exc) from exc
         raise
     # redis-py keeps the stream pair in these two attributes (redis.asyncio.connection); the
