@@ -89,7 +89,8 @@ class ClientConnection(asyncio.Protocol):
         self._fragments: list[BytesLike] | None = None
         self._backlog: deque[Request | Rejection] = deque()
         self._worker: asyncio.Task[None] | None = None
-        self._reading_paused = False
+        #: Why reading from the socket is paused (e.g. "backlog"); empty: reading.
+        self._read_paused_by: set[str] = set()
         self._close_timer: asyncio.TimerHandle | None = None
         self.closed = False
         #: When the unanswered keepalive ping was sent (loop time), or None.
@@ -265,9 +266,8 @@ class ClientConnection(asyncio.Protocol):
         # Requests after one that waits for the registry wait too: replies keep request order
         # semantics (a close after an open sees the open's effect).
         self._backlog.append(request)
-        if len(self._backlog) >= MAX_BACKLOG and not self._reading_paused and self.transport:
-            self.transport.pause_reading()
-            self._reading_paused = True
+        if len(self._backlog) >= MAX_BACKLOG:
+            self.pause_reading("backlog")
         if self._worker is None:
             self._worker = asyncio.create_task(self._work_backlog())
 
@@ -281,12 +281,32 @@ class ClientConnection(asyncio.Protocol):
                     # The client left during the await (connection_lost cleared the backlog).
                     break
                 self._backlog.popleft()
-                if self._reading_paused and len(self._backlog) < MAX_BACKLOG // 2:
-                    self._reading_paused = False
-                    if self.transport is not None and not self.closed:
-                        self.transport.resume_reading()
+                if len(self._backlog) < MAX_BACKLOG // 2:
+                    self.resume_reading("backlog")
         finally:
             self._worker = None
+
+    # --- reading paused and resumed --------------------------------------------------------
+
+    @property
+    def reading_paused(self) -> bool:
+        return bool(self._read_paused_by)
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading the socket for ``reason`` (TCP backpressure reaches the client);
+        reading resumes once every reason has been lifted."""
+        if reason in self._read_paused_by:
+            return
+        if not self._read_paused_by and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._read_paused_by.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._read_paused_by:
+            return
+        self._read_paused_by.discard(reason)
+        if not self._read_paused_by and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     # --- frames out -------------------------------------------------------------------------
 

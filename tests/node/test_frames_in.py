@@ -335,7 +335,7 @@ async def test_paused_reading_loses_and_reorders_nothing(
 
     def spy(self: ClientConnection, request: Request | Rejection) -> None:
         enqueue(self, request)
-        paused.append(self._reading_paused)
+        paused.append(self.reading_paused)
 
     monkeypatch.setattr(ClientConnection, "_enqueue", spy)
     raw, peer, channel = await raw_and_peer(node)
