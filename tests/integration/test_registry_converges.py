@@ -8,13 +8,21 @@ channels leaving, each followed by a count of every key in Redis against the liv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 
 import pytest
 
+import broker_node.node as node_module
+from broker_node.config import Settings
+from broker_node.node import BrokerNode
+from shared.ids import ConnectionId, NodeId
 from tests.integration.helpers import (
+    HEARTBEAT,
     KEYS,
+    REQUEST_TIMEOUT,
+    TTL,
     Cluster,
     RedisInspector,
     eventually,
@@ -24,6 +32,7 @@ from tests.integration.helpers import (
 )
 from tests.support.nodes import NodeProcess
 from tests.support.raw_ws import RawClient, text
+from tests.support.redis_server import RedisServer
 from tests.support.wire import WireClient
 
 pytestmark = pytest.mark.slow
@@ -61,9 +70,7 @@ async def _unready(node: NodeProcess) -> bool:
     return await status(node) == 503
 
 
-async def _storm(
-    node: NodeProcess, role: str, count: int, extra: list[dict[str, object]]
-) -> None:
+async def _storm(node: NodeProcess, role: str, count: int, extra: list[dict[str, object]]) -> None:
     results = await asyncio.gather(
         *(_register_and_vanish(node.port, role, extra) for _ in range(count)),
         return_exceptions=True,
@@ -141,3 +148,78 @@ async def test_vanishing_clients_during_a_redis_pause_leave_no_ghosts(cluster: C
             pytest.fail(f"{len(left)} keys of vanished clients left, e.g. {sorted(left)[:5]}")
     finally:
         await redis.aclose()
+
+
+async def _open_many(opener: WireClient, target_id: str, count: int) -> list[str]:
+    """``count`` opens written back to back, then their replies: the channel ids."""
+    first = opener.next_id
+    for n in range(count):
+        await opener.send({"type": "open", "id": first + n, "targetId": target_id})
+    opener.next_id += count
+    channels = []
+    for n in range(count):
+        reply = await opener.reply_to(first + n, timeout=SETTLE)
+        assert reply["type"] == "channel_opened", reply
+        channels.append(str(reply["channelId"]))
+    return channels
+
+
+async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The node's former bound on queued removals, made small so that a test can pass it.
+    monkeypatch.setattr(node_module, "MAX_REGISTRY_BACKLOG", 500, raising=False)
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        redis_url=redis_server.url,
+        node_id=NodeId("bulk"),
+        heartbeat_interval=HEARTBEAT,
+        node_ttl=TTL,
+        request_timeout=REQUEST_TIMEOUT * 5,
+    )
+    redis = RedisInspector(redis_server.url)
+    # Every deletion of a live client's record is seen as it happens (keyspace events).
+    await redis.client.config_set("notify-keyspace-events", "Kg")
+    pubsub = redis.client.pubsub()
+    async with BrokerNode(settings) as node:
+        url = f"ws://127.0.0.1:{node.port}"
+        async with contextlib.AsyncExitStack() as stack:
+            bystanders = [await stack.enter_async_context(WireClient(url)) for _ in range(20)]
+            for client in bystanders:
+                await client.register("bystander")
+            target = await stack.enter_async_context(WireClient(url))
+            target_id = await target.register("target")
+            big = await stack.enter_async_context(WireClient(url))
+            await big.register("big")
+            live_ids = [c.connection_id for c in (*bystanders, target)]
+            await pubsub.psubscribe(
+                *(f"__keyspace@0__:{KEYS.connection(ConnectionId(str(c)))}" for c in live_ids)
+            )
+            await _open_many(big, target_id, 1_200)
+
+            await big.close()
+            expected = node_keys(node.node_id, connections=[str(c) for c in live_ids])
+            expected |= {KEYS.nodes, KEYS.role("bystander"), KEYS.role("target")}
+
+            async def clean() -> bool:
+                return await redis.keys() == expected
+
+            await eventually(clean, timeout=SETTLE)
+            # Long enough for a liveness round (which would rewrite a "dirty" registry) to run.
+            rounds = node.stats.registry_calls.get("heartbeat", [0])[0]
+
+            async def two_more_rounds() -> bool:
+                calls = node.stats.registry_calls.get("heartbeat", [0])[0]
+                return bool(calls >= rounds + 2)
+
+            await eventually(two_more_rounds, timeout=SETTLE)
+            assert await redis.keys() == expected
+            assert await list_role(target, "bystander") == {c.connection_id for c in bystanders}
+            events = []
+            while (event := await pubsub.get_message(timeout=0.01)) is not None:
+                if event["type"] == "pmessage":
+                    events.append((event["channel"], event["data"]))
+            assert [e for e in events if e[1] == "del"] == []
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await redis.aclose()
