@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable
 from typing import Final, TypeVar
 
@@ -41,7 +42,7 @@ from broker_node.metrics import metrics_registry
 from broker_node.outbox import Outbox
 from broker_node.supervisor import Supervisor
 from shared.codec import CLOSE_GOING_AWAY, Rejection
-from shared.ids import ConnectionId, NodeId
+from shared.ids import ChannelId, ConnectionId, NodeId
 from shared.messages import Close, ListByRole, Message, Open, Register, Request
 
 logger = logging.getLogger("broker_node.node")
@@ -52,8 +53,8 @@ _T = TypeVar("_T")
 EXPIRY_INTERVAL: Final = 0.25
 #: Keepalive pings go out in this many slices per ping interval.
 KEEPALIVE_SLICES: Final = 20
-#: Registry removals waiting to be written; past this the node resynchronises instead.
-MAX_REGISTRY_BACKLOG: Final = 100_000
+#: Registry removals written per round trip by the registry writer.
+REMOVAL_BATCH: Final = 500
 #: Close notices kept to send again after an outage, and how often each is tried.
 MAX_CLOSED_RETRY: Final = 10_000
 CLOSED_ATTEMPTS: Final = 3
@@ -98,7 +99,10 @@ class BrokerNode:
         self._dirty: list[ClientConnection] = []
         self._flush_scheduled = False
         self._accepted = 0
-        self._registry_backlog: list[ForgetChannel | ForgetConnection] = []
+        self._registry_backlog: deque[ForgetChannel | ForgetConnection] = deque()
+        #: Connections and channels whose registry write is under way: live for a resync.
+        self._writing_connections: set[ConnectionId] = set()
+        self._writing_channels: set[ChannelId] = set()
         self._registry_wake = asyncio.Event()
         self._registry_dirty = False
         self._subscribed_event = asyncio.Event()
@@ -290,13 +294,16 @@ class BrokerNode:
             self.execute(plan)
             return
         error = None
+        self._writing_connections.add(cid)
         try:
             await self._registry_call("add_connection", self.registry.add_connection(plan))
         except BackendUnavailable:
             error = REGISTRY_UNAVAILABLE
             # Outcome unknown: a stalled Redis runs the write when it resumes, which would
-            # list a connection that was refused. Rewrite this node's entries once it answers.
+            # list a connection that was refused. Resynchronise once it answers.
             self._registry_dirty = True
+        finally:
+            self._writing_connections.discard(cid)
         if error is None and not self.core.is_connected(cid):
             self._forget(ForgetConnection(plan))
         self.execute(self.core.finish_register(cid, request, error))
@@ -327,12 +334,15 @@ class BrokerNode:
             if isinstance(plan, list):
                 self.execute(plan)
                 return
+            self._writing_channels.add(plan.channel_id)
             try:
                 await self._registry_call("add_channel", self.registry.add_channel(plan))
             except BackendUnavailable:
-                # As for register: the channel may still be written; rewrite when back.
+                # As for register: the channel may still be written; resynchronise when back.
                 self._registry_dirty = True
                 raise
+            finally:
+                self._writing_channels.discard(plan.channel_id)
         except BackendUnavailable:
             self.execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
             return
@@ -368,31 +378,33 @@ class BrokerNode:
     # --- the registry in the background -----------------------------------------------------
 
     def _forget(self, action: ForgetChannel | ForgetConnection) -> None:
-        if len(self._registry_backlog) >= MAX_REGISTRY_BACKLOG:
-            # Rather than grow, rewrite this node's whole registry state once Redis answers.
-            self._registry_backlog.clear()
-            self._registry_dirty = True
-            return
+        # No bound: the queue holds at most one entry per connection and channel this node
+        # had, and the writer takes it in batches.
         self._registry_backlog.append(action)
         self._registry_wake.set()
 
     async def _registry_writer_loop(self) -> None:
+        backlog = self._registry_backlog
         while True:
             await self._registry_wake.wait()
             self._registry_wake.clear()
-            while self._registry_backlog:
-                action = self._registry_backlog.pop(0)
+            while backlog:
+                batch = [backlog.popleft() for _ in range(min(REMOVAL_BATCH, len(backlog)))]
+                channels = [a.record for a in batch if isinstance(a, ForgetChannel)]
+                connections = [a.record for a in batch if isinstance(a, ForgetConnection)]
                 try:
-                    if isinstance(action, ForgetChannel):
+                    if channels:
                         await self._registry_call(
-                            "remove_channel", self.registry.remove_channel(action.record)
+                            "remove_channels", self.registry.remove_channels(channels)
                         )
-                    else:
+                    if connections:
                         await self._registry_call(
-                            "remove_connection", self.registry.remove_connection(action.record)
+                            "remove_connections", self.registry.remove_connections(connections)
                         )
                 except BackendUnavailable:
-                    # The liveness loop resynchronises this node once the backend is back.
+                    # Whatever is still queued is not live either: the resync, once the
+                    # backend is back, removes it with every other entry that is not live.
+                    backlog.clear()
                     self._registry_dirty = True
 
     # --- the bus ----------------------------------------------------------------------------
@@ -534,21 +546,51 @@ class BrokerNode:
             self.execute(self.core.node_lost(node_id))
 
     async def _restore(self) -> None:
-        connections, channels = self.core.records()
+        core = self.core
+        connections, channels = core.records()
         self._registry_dirty = False
         await self._registry_call(
             "restore", self.registry.restore(self.node_id, connections, channels)
         )
+        # What left while the records were being written was removed before they landed:
+        # remove it again.
+        for connection in connections:
+            if not core.is_connected(connection.connection_id):
+                self._forget(ForgetConnection(connection))
+        for channel in channels:
+            if channel.channel_id not in core.channels:
+                self._forget(ForgetChannel(channel))
 
     async def _resync(self) -> None:
-        logger.info("rewriting this node's registry entries after failed writes")
+        """After writes whose outcome is unknown: make the registry hold exactly this node's
+        live entries, without a moment in which a live entry is missing (no leave + restore):
+        remove what is indexed under the node and is not live, then write the live again."""
+        logger.info("resynchronising this node's registry entries after failed writes")
         self._registry_dirty = False
+        core = self.core
         try:
-            await self._registry_call("leave", self.registry.leave(self.node_id))
-            await self._restore()
-            await self._registry_call(
-                "heartbeat", self.registry.heartbeat(self.node_id, self.settings.node_ttl_ms)
+            indexed_connections, indexed_channels = await self._registry_call(
+                "node_index", self.registry.node_index(self.node_id)
             )
+            live_connections, live_channels = core.records()
+            stale_connections = (
+                indexed_connections
+                - {c.connection_id for c in live_connections}
+                - self._writing_connections
+            )
+            stale_channels = (
+                indexed_channels
+                - {c.channel_id for c in live_channels}
+                - self._writing_channels
+                - core.pending_channel_ids()
+            )
+            await self._registry_call(
+                "prune",
+                self.registry.prune(
+                    self.node_id, sorted(stale_connections), sorted(stale_channels)
+                ),
+            )
+            await self._restore()
         except BackendUnavailable:
             self._registry_dirty = True
             raise
