@@ -53,6 +53,10 @@ _T = TypeVar("_T")
 EXPIRY_INTERVAL: Final = 0.25
 #: Keepalive pings go out in this many slices per ping interval.
 KEEPALIVE_SLICES: Final = 20
+#: Peers' liveness is checked this often (or once per heartbeat, if that is more often): a
+#: cheap SMEMBERS + EXISTS pipeline. It is the slack between a heartbeat key's TTL and the
+#: node TTL, so that a dead node's peers are told within the node TTL (see ``heartbeat_ttl``).
+PEER_CHECK_INTERVAL: Final = 1.0
 #: Registry removals written per round trip by the registry writer.
 REMOVAL_BATCH: Final = 500
 #: Close notices kept to send again after an outage, and how often each is tried.
@@ -107,7 +111,6 @@ class BrokerNode:
         self._registry_dirty = False
         self._subscribed_event = asyncio.Event()
         self._liveness_grace_until = 0.0
-        self._missing_once: set[NodeId] = set()
         self._closed_retry: list[tuple[NodeId, Closed, int]] = []
         self._closed_attempts: dict[tuple[NodeId, Closed], int] = {}
         self._stopped = asyncio.Event()
@@ -483,24 +486,53 @@ class BrokerNode:
 
     # --- liveness: heartbeat, reaping, restore ----------------------------------------------
 
+    @property
+    def peer_check_interval(self) -> float:
+        return min(PEER_CHECK_INTERVAL, self.settings.heartbeat_interval)
+
+    @property
+    def heartbeat_ttl_ms(self) -> int:
+        """The TTL of this node's heartbeat key: the node TTL less one peer check interval.
+
+        A node killed right after renewing its key is gone from Redis one key TTL later; its
+        peers notice at their next check, at most one interval after that: within the node
+        TTL. When the heartbeat interval leaves no room for that slack, the key keeps the
+        full node TTL (and the bound is the node TTL plus one check interval).
+        """
+        settings = self.settings
+        ttl = settings.node_ttl - self.peer_check_interval
+        if ttl <= settings.heartbeat_interval:
+            ttl = settings.node_ttl
+        return int(ttl * 1000)
+
     async def _liveness_loop(self) -> None:
         first = True
         failed = False
+        next_beat = 0.0
         while True:
             try:
-                await self._liveness_round(first=first, after_outage=failed)
-                first = failed = False
+                started = time.monotonic()
+                if failed or started >= next_beat:
+                    await self._beat(first=first, after_outage=failed)
+                    next_beat = started + self.settings.heartbeat_interval
+                    first = failed = False
+                if await self._check_liveness():
+                    # Our own key was missing: Redis lost its state (or we stalled). Renew
+                    # (which restores our entries) before judging anyone.
+                    await self._beat(first=False, after_outage=False)
+                    next_beat = started + self.settings.heartbeat_interval
                 self._backend_state(True)
             except BackendUnavailable as exc:
                 logger.debug("liveness round failed: %s", exc)
                 failed = True
                 self._backend_state(False)
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            await asyncio.sleep(self.peer_check_interval)
 
-    async def _liveness_round(self, *, first: bool, after_outage: bool) -> None:
+    async def _beat(self, *, first: bool, after_outage: bool) -> None:
         registry = self.registry
-        ttl_ms = self.settings.node_ttl_ms
-        beat = await self._registry_call("heartbeat", registry.heartbeat(self.node_id, ttl_ms))
+        beat = await self._registry_call(
+            "heartbeat", registry.heartbeat(self.node_id, self.heartbeat_ttl_ms)
+        )
         if beat is Heartbeat.FENCED:
             await self._fenced()
             return
@@ -517,8 +549,16 @@ class BrokerNode:
             await self._resync()
         if self._closed_retry:
             self._resend_closed()
+
+    async def _check_liveness(self) -> bool:
+        """Reap lapsed nodes and close channels to nodes that are gone. True when this node's
+        own heartbeat was found missing (nothing was judged then)."""
         if self.backend.standalone or time.monotonic() < self._liveness_grace_until:
-            return
+            return False
+        registry = self.registry
+        live = await self._registry_call("live_nodes", registry.live_nodes())
+        if self.node_id not in live:
+            return True
         lapsed = await self._registry_call("lapsed_nodes", registry.lapsed_nodes())
         for node_id in lapsed:
             if node_id == self.node_id:
@@ -527,23 +567,14 @@ class BrokerNode:
             if removed is not None:
                 self.stats.reaped_nodes += 1
                 logger.info("reaped lost node %s (%d channels)", node_id, len(removed))
-        await self._check_peers()
-
-    async def _check_peers(self) -> None:
-        remote = self.core.remote_nodes()
-        if not remote:
-            self._missing_once.clear()
-            return
-        live = await self._registry_call("live_nodes", self.registry.live_nodes())
-        missing = remote - live
-        # A node counts as lost when it is missing twice in a row: a single miss can be the
-        # moment a node rewrites its registry entries (or Redis has just come back empty).
-        lost = missing & self._missing_once
-        self._missing_once = missing - lost
-        for node_id in lost:
+        # A node holding the other end of a channel here is lost once its heartbeat is gone
+        # (lapsed, reaped by anyone, or left). A resync never removes a heartbeat, and an
+        # empty Redis is recognised above by our own missing key.
+        for node_id in self.core.remote_nodes() - live:
             self.stats.lost_nodes += 1
             logger.info("node %s is gone; closing this node's channels to it", node_id)
             self.execute(self.core.node_lost(node_id))
+        return False
 
     async def _restore(self) -> None:
         core = self.core
@@ -607,7 +638,7 @@ class BrokerNode:
         self._registry_backlog.clear()
         self._registry_dirty = False
         await self._registry_call(
-            "rejoin", self.registry.rejoin(self.node_id, self.settings.node_ttl_ms)
+            "rejoin", self.registry.rejoin(self.node_id, self.heartbeat_ttl_ms)
         )
 
 
