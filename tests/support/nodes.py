@@ -108,10 +108,11 @@ class NodeProcess:
     def effective_id(self) -> str:
         """The id the running node uses in the cluster (its keys, its inbox), from its log:
         the configured ``node_id`` plus this start's incarnation."""
-        match = re.search(r"listening on \S+ \(\w+, node (\S+)\)", self.output())
-        if match is None:
+        # The log is appended to across restarts: the latest start is the last line.
+        found = re.findall(r"listening on \S+ \(\w+, node (\S+)\)", self.output())
+        if not found:
             raise LookupError(f"no node id in the log of the node on port {self.port}")
-        return match.group(1)
+        return str(found[-1])
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
