@@ -15,7 +15,7 @@ from broker_node.config import Settings
 from broker_node.errors import ConfigurationError
 from broker_node.logs import configure_logging
 from broker_node.node import BrokerNode
-from shared.ids import NodeId, new_node_id
+from shared.ids import NodeId, incarnation_id, new_node_id
 
 logger = logging.getLogger("broker_node.cli")
 _DEFAULTS = Settings(node_id=NodeId("-"))
@@ -146,7 +146,7 @@ def main(
         port=port,
         redis_url=redis_url or None,
         redis_prefix=redis_prefix,
-        node_id=NodeId(node_id) if node_id else new_node_id(),
+        node_id=incarnation_id(node_id) if node_id else new_node_id(),
         heartbeat_interval=heartbeat_interval,
         node_ttl=node_ttl,
         bus_batch_delay=bus_batch_delay,

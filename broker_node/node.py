@@ -42,7 +42,7 @@ from broker_node.metrics import metrics_registry
 from broker_node.outbox import Outbox
 from broker_node.supervisor import Supervisor
 from shared.codec import CLOSE_GOING_AWAY, Rejection
-from shared.ids import ChannelId, ConnectionId, NodeId
+from shared.ids import ChannelId, ConnectionId, NodeId, node_name
 from shared.messages import Close, ListByRole, Message, Open, Register, Request
 
 logger = logging.getLogger("broker_node.node")
@@ -148,6 +148,12 @@ class BrokerNode:
         logger.info(
             "listening on %s:%d (%s, node %s)", self.settings.host, self.port, mode, self.node_id
         )
+        if node_name(self.node_id) != self.node_id:
+            logger.info(
+                "node name %s, this start's id %s: a restart under the same name is a new node",
+                node_name(self.node_id),
+                self.node_id,
+            )
 
     async def __aenter__(self) -> BrokerNode:
         await self.start()
