@@ -277,6 +277,11 @@ class ClientConnection(asyncio.Protocol):
         if self._worker is None:
             self._worker = asyncio.create_task(self._work_backlog())
 
+    @property
+    def requests_pending(self) -> bool:
+        """A request read from this client still waits for its turn or for the registry."""
+        return bool(self._backlog)
+
     async def _work_backlog(self) -> None:
         cid = self.connection_id
         assert cid is not None

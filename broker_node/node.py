@@ -57,6 +57,8 @@ KEEPALIVE_SLICES: Final = 20
 #: cheap SMEMBERS + EXISTS pipeline. It is the slack between a heartbeat key's TTL and the
 #: node TTL, so that a dead node's peers are told within the node TTL (see ``heartbeat_ttl``).
 PEER_CHECK_INTERVAL: Final = 1.0
+#: How often a drain checks whether every request it read has been answered.
+DRAIN_POLL: Final = 0.005
 #: Registry removals written per round trip by the registry writer.
 REMOVAL_BATCH: Final = 500
 #: Close notices kept to send again after an outage, and how often each is tried.
@@ -186,6 +188,7 @@ class BrokerNode:
         # The listening socket stays open until the end so that probes see /readyz answer
         # 503 (and the load balancer moves on) rather than a refused connection; new
         # WebSocket upgrades are refused with 503 meanwhile (see ClientConnection).
+        await self._answer_what_was_read()
         for client in list(self.clients.values()):
             client.close(CLOSE_GOING_AWAY, "Server shutting down")
         self._flush_all()
@@ -200,6 +203,31 @@ class BrokerNode:
             await self.registry.leave(self.node_id)
         except BackendUnavailable:
             logger.warning("could not remove this node's registry entries (Redis unavailable)")
+
+    async def _answer_what_was_read(self) -> None:
+        """Stop reading every client, then wait until every request read so far is answered:
+        no request waits in a backlog, no cross-node message or open awaits another node,
+        nothing waits to be published. What a client sends from now on is never read: it
+        gets no reply and has no effect. Bounded by half the drain timeout (the rest is for
+        closing); cross-node work is bounded by the request timeout anyway."""
+        for client in list(self.clients.values()):
+            client.pause_reading("drain")
+        try:
+            async with asyncio.timeout(self.settings.drain_timeout / 2):
+                # Polled: the work finishes in the core, in backlogs and in the outbox, and no
+                # one event says all of it is done; the drain runs once per process.
+                while (  # noqa: ASYNC110
+                    any(client.requests_pending for client in self.clients.values())
+                    or self.core.pending_counts() != (0, 0)
+                    or len(self.outbox)
+                ):
+                    await asyncio.sleep(DRAIN_POLL)
+                await self.outbox.wait_idle()
+        except TimeoutError:
+            logger.warning(
+                "drain: requests still unanswered after %.1fs", self.settings.drain_timeout / 2
+            )
+        self._flush_all()
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()
