@@ -223,3 +223,62 @@ async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
             assert [e for e in events if e[1] == "del"] == []
     await pubsub.aclose()  # type: ignore[no-untyped-call]
     await redis.aclose()
+
+
+#: Channels of the one client that leaves, in the real-process scenario: enough for 20
+#: batches of removals (the in-process test above shows the former overflow path).
+MANY = 10_000
+
+
+async def test_a_client_with_many_channels_leaving_real_nodes(cluster: Cluster) -> None:
+    node, other = await cluster.start(2)
+    redis = RedisInspector(cluster.redis.url)
+    await redis.client.config_set("notify-keyspace-events", "Kg")
+    pubsub = redis.client.pubsub()
+    try:
+        bystanders = [await cluster.client(node, "bystander") for _ in range(50)]
+        targets = [await cluster.client(n, "target") for n in (node, other) for _ in range(5)]
+        live = [*bystanders, *targets]
+        await pubsub.psubscribe(
+            *(f"__keyspace@0__:{KEYS.connection(ConnectionId(str(c.connection_id)))}" for c in live)
+        )
+        big = await cluster.client(node, "big")
+        first = big.next_id
+        for n in range(MANY):
+            target_id = targets[n % len(targets)].connection_id
+            await big.send({"type": "open", "id": first + n, "targetId": target_id})
+        big.next_id += MANY
+        last = await big.reply_to(first + MANY - 1, timeout=120)
+        assert last["type"] == "channel_opened", last
+        await big.close()
+
+        on_node = [c.connection_id for c in live if c in bystanders or c in targets[:5]]
+        on_other = [c.connection_id for c in targets[5:]]
+        expected = (
+            node_keys(node.effective_id(), connections=[str(c) for c in on_node])
+            | node_keys(other.effective_id(), connections=[str(c) for c in on_other])
+            | {KEYS.nodes, KEYS.role("bystander"), KEYS.role("target")}
+        )
+
+        async def clean() -> bool:
+            return await redis.keys() == expected
+
+        try:
+            await eventually(clean, timeout=60, interval=0.5)
+        except TimeoutError:
+            found = await redis.keys()
+            pytest.fail(f"{len(found - expected)} extra keys, missing {expected - found}")
+        # Every target was told of each of its channels, then of each one's closing.
+        for target in targets:
+            for kind in ("incoming_channel", "channel_closed_notification"):
+                for _ in range(MANY // len(targets)):
+                    await target.notification(kind, timeout=SETTLE)
+        assert await list_role(targets[-1], "bystander") == {c.connection_id for c in bystanders}
+        deleted = []
+        while (event := await pubsub.get_message(timeout=0.01)) is not None:
+            if event["type"] == "pmessage" and event["data"] == "del":
+                deleted.append(event["channel"])
+        assert deleted == []
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()
