@@ -41,18 +41,22 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     help="redis://, rediss:// or unix:// URL; absent: a standalone node with no Redis.",
 )
 @_option("--redis-prefix", default=_DEFAULTS.redis_prefix, help="Prefix of every Redis key.")
-@_option("--node-id", default=None, help="This node's id in the cluster  [default: random]")
+@_option(
+    "--node-id",
+    default=None,
+    help="This node's name (e.g. the pod name); each start adds an incarnation  [default: random]",
+)
 @_option(
     "--heartbeat-interval",
     default=_DEFAULTS.heartbeat_interval,
     type=click.FloatRange(min=0.05),
-    help="Seconds between heartbeats (and checks for lost nodes).",
+    help="Seconds between heartbeats (peers are checked every second, or this, if shorter).",
 )
 @_option(
     "--node-ttl",
     default=_DEFAULTS.node_ttl,
     type=click.FloatRange(min=0.1),
-    help="Seconds without a heartbeat after which a node counts as lost and is reaped.",
+    help="A node dead this long is lost: reaped, its peers told.",
 )
 @_option(
     "--bus-batch-delay",
