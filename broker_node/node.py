@@ -1,8 +1,9 @@
 """A broker node: the server, the core, the cluster backend and the background loops.
 
 Lifecycle: ``start`` subscribes to the node's bus inbox, announces the node (heartbeat) and
-listens; ``stop`` drains: not ready, stop accepting, close clients with 1001 (their channels'
-peers are notified), publish what is left, leave the registry, exit within the drain timeout.
+listens; ``stop`` drains: not ready, stop accepting, stop reading clients and answer every
+request already read, close clients with 1001 (their channels' peers are notified), publish
+what is left, leave the registry, exit within the drain timeout.
 """
 
 from __future__ import annotations
