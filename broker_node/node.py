@@ -192,6 +192,9 @@ class BrokerNode:
         await self._answer_what_was_read()
         for client in list(self.clients.values()):
             client.close(CLOSE_GOING_AWAY, "Server shutting down")
+            # Reading again lets the closing handshake complete; frames that arrive now are
+            # past the close and never handled.
+            client.resume_reading("drain")
         self._flush_all()
         await self.outbox.wait_idle()
         # Give clients a moment to answer the closing handshake; then the TCP goes anyway.

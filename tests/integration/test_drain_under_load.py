@@ -105,3 +105,7 @@ async def test_sigterm_under_load_answers_every_request_it_read(cluster: Cluster
     tail = {rid for rid in sent if rid > last_answered}
     assert not tail & set(delivered), "an unanswered request had an effect"
     assert len(replies) >= RATE // 2
+    process = leaving.process
+    assert await asyncio.to_thread(process.wait, DRAIN_TIMEOUT) == 0
+    assert "still unanswered" not in leaving.output()
+    assert "drain timed out" not in leaving.output()
