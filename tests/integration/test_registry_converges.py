@@ -126,6 +126,13 @@ async def test_clients_that_vanish_mid_open_leave_no_channels(cluster: Cluster) 
 async def test_vanishing_clients_during_a_redis_pause_leave_no_ghosts(cluster: Cluster) -> None:
     (node,) = await cluster.start(1)
     watcher = await cluster.client(node, "watcher")
+    redis = RedisInspector(cluster.redis.url)
+    # The resync that follows must never delete a live entry, not even for a moment.
+    await redis.client.config_set("notify-keyspace-events", "Kg")
+    pubsub = redis.client.pubsub()
+    await pubsub.subscribe(
+        f"__keyspace@0__:{KEYS.connection(ConnectionId(str(watcher.connection_id)))}"
+    )
     cluster.redis.pause()
     try:
         await _storm(node, "ghost", 100, [])
@@ -134,7 +141,6 @@ async def test_vanishing_clients_during_a_redis_pause_leave_no_ghosts(cluster: C
         await eventually(lambda: _unready(node), timeout=SETTLE)
     finally:
         cluster.redis.resume()
-    redis = RedisInspector(cluster.redis.url)
     try:
         expected = await _expected_keys(node, [watcher], "watcher")
 
@@ -146,7 +152,14 @@ async def test_vanishing_clients_during_a_redis_pause_leave_no_ghosts(cluster: C
         except TimeoutError:
             left = await redis.keys() - expected
             pytest.fail(f"{len(left)} keys of vanished clients left, e.g. {sorted(left)[:5]}")
+        assert "resynchronising" in node.output()
+        events = []
+        while (event := await pubsub.get_message(timeout=0.01)) is not None:
+            if event["type"] == "message":
+                events.append(event["data"])
+        assert "del" not in events
     finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
         await redis.aclose()
 
 
