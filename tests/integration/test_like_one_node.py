@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 NOT_CONFIRMED = "Delivery not confirmed in time"
 
 
-async def cross_node_channel(cluster: Cluster, args: list[str] | None = None) -> tuple[
-    WireClient, WireClient, str
-]:
+async def cross_node_channel(
+    cluster: Cluster, args: list[str] | None = None
+) -> tuple[WireClient, WireClient, str]:
     n0, n1 = await cluster.start(2, args=args)
     a, b = await cluster.client(n0, "a"), await cluster.client(n1, "b")
     assert b.connection_id is not None
@@ -71,7 +71,7 @@ async def payloads_at(client: WireClient, count: int, timeout: float = 60) -> li
 
 async def test_a_fast_sender_across_nodes_is_slowed_down_not_failed(cluster: Cluster) -> None:
     # A small window makes the sender outrun it many times over.
-    a, b, channel = await cross_node_channel(cluster, fast_args() + ["--max-unconfirmed", "64"])
+    a, b, channel = await cross_node_channel(cluster, [*fast_args(), "--max-unconfirmed", "64"])
     count = 10_000
     sending = asyncio.create_task(blast(a, channel, count))
     delivered = await payloads_at(b, count)
@@ -160,7 +160,7 @@ async def test_open_works_while_the_pubsub_connections_are_killed(cluster: Clust
     redis = Redis.from_url(cluster.redis.url)
     try:
         for _ in range(5):
-            await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
             channel = await a.open(b.connection_id)
             await b.notification("incoming_channel")
             await send_confirmed(a, b, channel, "through")
