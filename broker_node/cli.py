@@ -88,9 +88,9 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
 )
 @_option(
     "--max-unconfirmed-bytes",
-    default=_DEFAULTS.max_unconfirmed_bytes,
+    default=None,
     type=click.IntRange(min=1),
-    help="The same bound in payload bytes.",
+    help="The same bound in payload bytes (default: half of --max-outbound-buffer).",
 )
 @_option(
     "--slow-consumer-timeout",
@@ -143,7 +143,7 @@ def main(
     max_role_length: int,
     max_outbound_buffer: int,
     max_unconfirmed: int,
-    max_unconfirmed_bytes: int,
+    max_unconfirmed_bytes: int | None,
     slow_consumer_timeout: float,
     request_timeout: float,
     drain_timeout: float,

@@ -81,7 +81,7 @@ class BrokerNode:
             clock=time.monotonic,
             stats=self.stats,
             first_seq=time.time_ns() // 1000,
-            max_unconfirmed_bytes=settings.max_unconfirmed_bytes,
+            max_unconfirmed_bytes=settings.unconfirmed_bytes_bound,
         )
         self.outbox = Outbox(
             self.backend.bus,
