@@ -19,7 +19,7 @@ import pytest
 
 from tests.integration.helpers import Cluster, eventually, fast_args, metric
 from tests.support.nodes import NodeProcess
-from tests.support.raw_ws import OP_CLOSE, OP_TEXT, RawClient, text
+from tests.support.raw_ws import OP_CLOSE, OP_PING, OP_TEXT, RawClient, text
 from tests.support.wire import WireClient
 
 pytestmark = pytest.mark.slow
@@ -76,21 +76,31 @@ async def has_metric(node: NodeProcess, name: str, value: float) -> bool:
 
 
 async def raw_reader(port: int, *, receive_buffer: int) -> RawClient:
-    client = await RawClient.connect(port)
-    sock = client.writer.get_extra_info("socket")
+    sock = socket.socket()
+    # Set before connecting, so that the window it advertises is small from the start.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    return client
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await RawClient.connect(port, sock=sock)
 
 
-@pytest.mark.parametrize("where", ["same node", "across nodes"])
-async def test_a_reader_keeping_up_is_never_a_slow_consumer(cluster: Cluster, where: str) -> None:
-    # A small outbound bound, and a sender keeping three messages of a third of it in flight.
-    args = [*fast_args(), "--max-outbound-buffer", str(1024 * 1024)]
-    nodes = await cluster.start(1 if where == "same node" else 2, args=args)
+@pytest.mark.parametrize(
+    ("where", "size", "count", "window"),
+    [
+        ("same node", 1_000_000, 60, 3),
+        ("across nodes", 1_000_000, 60, 3),
+        ("same node", 100 * 1024, 400, 64),
+        ("across nodes", 100 * 1024, 400, 64),
+    ],
+)
+async def test_a_reader_keeping_up_is_never_a_slow_consumer(
+    cluster: Cluster, where: str, size: int, count: int, window: int
+) -> None:
+    nodes = await cluster.start(1 if where == "same node" else 2)
     reader = await cluster.client(nodes[-1])
     sender, channel = await channel_between(nodes[0].url, reader)
     await reader.notification("incoming_channel")
-    sizes = [340 * 1024] * 40
+    sizes = [size] * count
 
     async def read_all() -> list[int]:
         return [
@@ -99,33 +109,35 @@ async def test_a_reader_keeping_up_is_never_a_slow_consumer(cluster: Cluster, wh
         ]
 
     reading = asyncio.create_task(read_all())
-    replies = await windowed_sender(sender, channel, sizes, window=3)
+    replies = await windowed_sender(sender, channel, sizes, window=window)
     assert {r["type"] for r in replies.values()} == {"channel_message_sent"}
     assert await reading == list(range(len(sizes)))
     await sender.close()
 
 
 async def test_a_slow_reader_gets_every_confirmed_message(cluster: Cluster) -> None:
-    args = [*fast_args(), "--max-outbound-buffer", str(1024 * 1024)]
-    [node] = await cluster.start(1, args=args)
+    [node] = await cluster.start(1)
     reader = await raw_reader(node.port, receive_buffer=64 * 1024)
     sender, channel = await channel_between(node.url, reader)
     assert (await reader.json())["type"] == "incoming_channel"
-    sizes = [100 * 1024] * 30
+    # Far more than the kernel's buffers and the node's outbound bound hold together.
+    sizes = [100 * 1024] * 150
     received: list[int] = []
     close_code: int | None = None
 
     async def read_slowly() -> None:
-        # About 320 KB/s: a frame of 100 KB every 0.3 s.
+        # About 2 MB/s, slower than the sender: a frame of 100 KB every 50 ms.
         nonlocal close_code
         while len(received) < len(sizes):
             opcode, payload = await reader.frame(timeout=30)
             if opcode == OP_CLOSE:
                 close_code = int.from_bytes(payload[:2], "big")
                 return
+            if opcode == OP_PING:
+                continue
             assert opcode == OP_TEXT
             received.append(json.loads(payload)["payload"]["n"])
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.05)
 
     reading = asyncio.create_task(read_slowly())
     replies = await windowed_sender(sender, channel, sizes, window=64)
@@ -158,6 +170,8 @@ async def test_a_reader_that_stops_is_closed_and_told_so(cluster: Cluster) -> No
         if opcode == OP_CLOSE:
             assert int.from_bytes(payload[:2], "big") == 1008
             break
+        if opcode == OP_PING:
+            continue
         received.append(json.loads(payload)["payload"]["n"])
     replies = await sending
     outcomes = {r.get("error", r["type"]) for r in replies.values()}
