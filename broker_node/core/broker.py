@@ -21,8 +21,10 @@ core produced them, and a node handles a bus batch in order.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final, NamedTuple
 
 from broker_node.core.actions import (
@@ -116,6 +118,20 @@ KNOWN_REASONS: Final = frozenset(
 )
 
 
+#: Builds a frame given its id (ids are taken when the frame is sent, so that they increase).
+FrameBuilder = Callable[[int], bytes]
+
+
+@dataclass(slots=True)
+class _Slot:
+    """A frame (or frames) about a channel, in request order: the reply to request
+    ``request_id`` once it is known (``frames`` None until then), or a frame made meanwhile
+    that waits behind the replies before it."""
+
+    request_id: int | None
+    frames: list[FrameBuilder] | None = None
+
+
 @dataclass(slots=True)
 class LocalConnection:
     """A client connected to this node."""
@@ -133,10 +149,9 @@ class LocalConnection:
     unconfirmed_bytes: int = 0
     #: Reading this client's socket is paused until enough of that is settled.
     flow_paused: bool = False
-    #: Per channel: its messages not yet settled, and the frames about that channel made
-    #: meanwhile, which wait behind those confirmations (builders taking the frame id).
-    pending: dict[ChannelId, int] = field(default_factory=dict)
-    held: dict[ChannelId, list[Callable[[int], bytes]]] = field(default_factory=dict)
+    #: Per channel, while a request of this client on it awaits another socket or node: the
+    #: frames about that channel in the order one node would have sent them (see ``_Slot``).
+    slots: dict[ChannelId, deque[_Slot]] = field(default_factory=dict)
 
 
 class _PendingDelivery(NamedTuple):
@@ -154,8 +169,6 @@ class _PendingClose:
     request_id: int
     channel: ChannelRecord
     deadline: float
-    #: The closer was told the channel closed (the other end closed it first).
-    notified: bool = False
 
 
 class _PendingOpen(NamedTuple):
@@ -163,6 +176,10 @@ class _PendingOpen(NamedTuple):
     request_id: int
     channel: ChannelRecord
     deadline: float
+
+
+def _notification_frame(channel_id: ChannelId, frame_id: int) -> bytes:
+    return encode(ChannelClosedNotification(id=frame_id, channelId=channel_id))
 
 
 class BrokerCore:
@@ -445,7 +462,7 @@ class BrokerCore:
             actions = [Publish(peer_node, envelope)]
         conn.unconfirmed += 1
         conn.unconfirmed_bytes += size
-        conn.pending[channel_id] = conn.pending.get(channel_id, 0) + 1
+        self._reserve(conn, channel_id, request.id)
         if not conn.flow_paused and (
             conn.unconfirmed > self.max_unconfirmed
             or conn.unconfirmed_bytes > self.max_unconfirmed_bytes
@@ -455,20 +472,8 @@ class BrokerCore:
             actions.append(PauseReading(connection_id))
         return actions
 
-    def _unhold(
-        self, conn: LocalConnection, channel_id: ChannelId, size: int, actions: list[Action]
-    ) -> None:
-        """One message of ``conn`` is settled (its reply is in ``actions``): send what waited
-        behind it, and resume reading once half the window is free."""
-        left = conn.pending[channel_id] - 1
-        if left:
-            conn.pending[channel_id] = left
-        else:
-            del conn.pending[channel_id]
-            held = conn.held.pop(channel_id, None)
-            if held is not None:
-                for build in held:
-                    actions.append(Send(conn.connection_id, build(self._next_id(conn))))
+    def _unhold(self, conn: LocalConnection, size: int, actions: list[Action]) -> None:
+        """One message of ``conn`` is settled: resume reading once half the window is free."""
         conn.unconfirmed -= 1
         conn.unconfirmed_bytes -= size
         if (
@@ -490,15 +495,8 @@ class BrokerCore:
                 sender = self.connections.get(receipt.sender)
                 if sender is None:
                     continue
-                frame = encode(
-                    ChannelMessageSent(
-                        id=self._next_id(sender),
-                        replyTo=receipt.request_id,
-                        channelId=receipt.channel_id,
-                    )
-                )
-                actions.append(Send(receipt.sender, frame))
-                self._unhold(sender, receipt.channel_id, receipt.size, actions)
+                self._message_sent(sender, receipt.request_id, receipt.channel_id, actions)
+                self._unhold(sender, receipt.size, actions)
             else:
                 assert type(receipt) is RemoteReceipt
                 seqs = confirmations.get(receipt.node_id)
@@ -523,10 +521,10 @@ class BrokerCore:
             if type(receipt) is LocalReceipt:
                 sender = self.connections.get(receipt.sender)
                 if sender is not None:
-                    actions += self._fail(
-                        sender, "message", receipt.request_id, receipt.channel_id, error
+                    self._fill_failure(
+                        sender, "message", receipt.request_id, receipt.channel_id, error, actions
                     )
-                    self._unhold(sender, receipt.channel_id, receipt.size, actions)
+                    self._unhold(sender, receipt.size, actions)
             else:
                 assert type(receipt) is RemoteReceipt
                 refusals.setdefault(receipt.node_id, []).append((receipt.seq, error))
@@ -562,6 +560,7 @@ class BrokerCore:
             deadline = self.clock() + self.request_timeout
             self._closes[self._seq] = _PendingClose(connection_id, request.id, channel, deadline)
             self._closing[channel_id] = self._seq
+            self._reserve(conn, channel_id, request.id)
             return [Publish(peer_node, CloseRequest(self._seq, self.node_id, channel_id, peer_id))]
         actions: list[Action] = []
         self._drop_channel(channel)
@@ -592,13 +591,15 @@ class BrokerCore:
             if recipient == channel.opener:
                 actions.append(Publish(envelope.sender_node, CloseResult(envelope.seq, False)))
                 return
-            # This end loses: it is told of the closure now; its own close will fail.
+            # This end loses: its own close's answer (not applied) tells it of the closure,
+            # then fails, in the place of its close among its frames about the channel.
             del self._closing[channel_id]
-            self._closes[own_seq].notified = True
-        self._drop_channel(channel)
-        conn = self.connections.get(recipient)
-        if conn is not None:
-            self._closed_notification(conn, channel_id, actions)
+            self._drop_channel(channel)
+        else:
+            self._drop_channel(channel)
+            conn = self.connections.get(recipient)
+            if conn is not None:
+                self._closed_notification(conn, channel_id, actions)
         actions.append(Publish(envelope.sender_node, CloseResult(envelope.seq, True)))
 
     def _on_close_result(self, seq: int, applied: bool, actions: list[Action]) -> None:
@@ -617,15 +618,27 @@ class BrokerCore:
         conn = self.connections.get(pending.closer)
         if conn is None:
             return
+        channel_id, request_id = channel.channel_id, pending.request_id
         if applied:
-            self._channel_closed(conn, pending.request_id, channel.channel_id, actions)
+
+            def closed(frame_id: int) -> bytes:
+                return encode(ChannelClosed(id=frame_id, replyTo=request_id, channelId=channel_id))
+
+            self._fill(conn, channel_id, request_id, [closed], actions)
             return
         # The other end closed it first: as on one node, this end hears of it, then fails.
-        if not pending.notified:
-            self._closed_notification(conn, channel.channel_id, actions)
-        self._fail_on_channel(
-            conn, "close", pending.request_id, channel.channel_id, CHANNEL_NOT_FOUND, actions
+        frames: list[FrameBuilder] = [partial(_notification_frame, channel_id)]
+        frames.append(
+            partial(
+                self._failure_frame,
+                conn=conn,
+                request_type="close",
+                reply_to=request_id,
+                subject=channel_id,
+                error=CHANNEL_NOT_FOUND,
+            )
         )
+        self._fill(conn, channel_id, request_id, frames, actions)
 
     def _drop_channel(self, channel: ChannelRecord) -> None:
         self.channels.pop(channel.channel_id, None)
@@ -652,10 +665,7 @@ class BrokerCore:
     def _closed_notification(
         self, conn: LocalConnection, channel_id: ChannelId, actions: list[Action]
     ) -> None:
-        def build(frame_id: int) -> bytes:
-            return encode(ChannelClosedNotification(id=frame_id, channelId=channel_id))
-
-        self._on_channel(conn, channel_id, build, actions)
+        self._on_channel(conn, channel_id, partial(_notification_frame, channel_id), actions)
 
     # --- the bus ------------------------------------------------------------------------
 
@@ -743,15 +753,12 @@ class BrokerCore:
             return
         if error is None:
             self.stats.confirmations_sent += 1
-            frame = encode(
-                ChannelMessageSent(
-                    id=self._next_id(conn), replyTo=pending.request_id, channelId=pending.channel_id
-                )
-            )
-            actions.append(Send(conn.connection_id, frame))
+            self._message_sent(conn, pending.request_id, pending.channel_id, actions)
         else:
-            actions += self._fail(conn, "message", pending.request_id, pending.channel_id, error)
-        self._unhold(conn, pending.channel_id, pending.size, actions)
+            self._fill_failure(
+                conn, "message", pending.request_id, pending.channel_id, error, actions
+            )
+        self._unhold(conn, pending.size, actions)
 
     def _on_incoming(self, seq: int, channel: ChannelRecord, actions: list[Action]) -> None:
         target = self.connections.get(channel.target)
@@ -784,11 +791,11 @@ class BrokerCore:
         channel = self.channels.get(channel_id)
         if channel is None or channel.peer_of(recipient) is None:
             return
-        own_seq = self._closing.pop(channel_id, None)
-        if own_seq is not None:
-            # The other end left while this end's close was on its way: that came first.
-            self._closes[own_seq].notified = True
         self._drop_channel(channel)
+        if self._closing.pop(channel_id, None) is not None:
+            # The other end left while this end's close was on its way: that came first, and
+            # the close's answer (not applied) tells this end so.
+            return
         conn = self.connections.get(recipient)
         if conn is not None:
             self._closed_notification(conn, channel_id, actions)
@@ -906,22 +913,87 @@ class BrokerCore:
         conn.next_id = frame_id + 1
         return frame_id
 
+    # --- frames about a channel, in the order one node would send them -----------------
+
+    @staticmethod
+    def _reserve(conn: LocalConnection, channel_id: ChannelId, request_id: int) -> None:
+        """Keep the place of request ``request_id``'s reply among the frames about the channel."""
+        slots = conn.slots.get(channel_id)
+        if slots is None:
+            conn.slots[channel_id] = deque((_Slot(request_id),))
+        else:
+            slots.append(_Slot(request_id))
+
     def _on_channel(
         self,
         conn: LocalConnection,
         channel_id: ChannelId,
-        build: Callable[[int], bytes],
+        build: FrameBuilder,
         actions: list[Action],
     ) -> None:
-        """Send a frame about ``channel_id``, behind the confirmations still owed to ``conn``
-        for its messages on that channel (as one node would have ordered them)."""
-        held = conn.held.get(channel_id)
-        if held is not None:
-            held.append(build)
-        elif channel_id in conn.pending:
-            conn.held[channel_id] = [build]
-        else:
+        """Send a frame about ``channel_id`` behind the replies still owed to ``conn`` for its
+        requests on that channel."""
+        slots = conn.slots.get(channel_id)
+        if slots is None:
             actions.append(Send(conn.connection_id, build(self._next_id(conn))))
+        else:
+            slots.append(_Slot(None, [build]))
+
+    def _fill(
+        self,
+        conn: LocalConnection,
+        channel_id: ChannelId,
+        request_id: int,
+        frames: list[FrameBuilder],
+        actions: list[Action],
+    ) -> None:
+        """The reply to ``request_id`` is known: send it, and what waited behind it, once
+        every reply before it has been sent."""
+        slots = conn.slots.get(channel_id)
+        if slots is None:  # pragma: no cover - every reply filled here had its place kept
+            for build in frames:
+                actions.append(Send(conn.connection_id, build(self._next_id(conn))))
+            return
+        for slot in slots:
+            if slot.frames is None and slot.request_id == request_id:
+                slot.frames = frames
+                break
+        while slots:
+            ready = slots[0].frames
+            if ready is None:
+                break
+            slots.popleft()
+            for build in ready:
+                actions.append(Send(conn.connection_id, build(self._next_id(conn))))
+        if not slots:
+            del conn.slots[channel_id]
+
+    def _message_sent(
+        self, conn: LocalConnection, request_id: int, channel_id: ChannelId, actions: list[Action]
+    ) -> None:
+        def sent(frame_id: int) -> bytes:
+            return encode(ChannelMessageSent(id=frame_id, replyTo=request_id, channelId=channel_id))
+
+        self._fill(conn, channel_id, request_id, [sent], actions)
+
+    def _fill_failure(
+        self,
+        conn: LocalConnection,
+        request_type: str,
+        request_id: int,
+        channel_id: ChannelId,
+        error: str,
+        actions: list[Action],
+    ) -> None:
+        build = partial(
+            self._failure_frame,
+            conn=conn,
+            request_type=request_type,
+            reply_to=request_id,
+            subject=channel_id,
+            error=error,
+        )
+        self._fill(conn, channel_id, request_id, [build], actions)
 
     def _fail_on_channel(
         self,
@@ -932,9 +1004,14 @@ class BrokerCore:
         error: str,
         actions: list[Action],
     ) -> list[Action]:
-        def build(frame_id: int) -> bytes:
-            return self._failure_frame(frame_id, conn, request_type, reply_to, channel_id, error)
-
+        build = partial(
+            self._failure_frame,
+            conn=conn,
+            request_type=request_type,
+            reply_to=reply_to,
+            subject=channel_id,
+            error=error,
+        )
         self._on_channel(conn, channel_id, build, actions)
         return actions
 
