@@ -87,7 +87,21 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     "--max-unconfirmed",
     default=_DEFAULTS.max_unconfirmed,
     type=click.IntRange(min=1),
-    help="Cross-node messages of one client awaiting confirmation before sends fail.",
+    help="Messages of one client awaiting confirmation before the node stops reading its "
+    "socket (flow control; it resumes once half are confirmed).",
+)
+@_option(
+    "--max-unconfirmed-bytes",
+    default=None,
+    type=click.IntRange(min=1),
+    help="The same bound in payload bytes (default: half of --max-outbound-buffer).",
+)
+@_option(
+    "--slow-consumer-timeout",
+    default=_DEFAULTS.slow_consumer_timeout,
+    type=click.FloatRange(min=0.01),
+    help="Seconds a client's socket may take nothing while frames wait for it before it is "
+    "closed with 1008 (slow consumer).",
 )
 @_option(
     "--request-timeout",
@@ -133,6 +147,8 @@ def main(
     max_role_length: int,
     max_outbound_buffer: int,
     max_unconfirmed: int,
+    max_unconfirmed_bytes: int | None,
+    slow_consumer_timeout: float,
     request_timeout: float,
     drain_timeout: float,
     ping_interval: float,
@@ -158,6 +174,8 @@ def main(
         max_role_length=max_role_length,
         max_outbound_buffer=max_outbound_buffer,
         max_unconfirmed=max_unconfirmed,
+        max_unconfirmed_bytes=max_unconfirmed_bytes,
+        slow_consumer_timeout=slow_consumer_timeout,
         request_timeout=request_timeout,
         drain_timeout=drain_timeout,
         ping_interval=ping_interval,

@@ -69,6 +69,18 @@ class NodeCollector(Collector):
             bad.add_metric([kind], count)
         yield bad
         yield CounterMetricFamily(
+            "broker_flow_control_pauses",
+            "Times reading a client's socket paused because it had more unconfirmed messages "
+            "(or bytes) in flight than --max-unconfirmed allows.",
+            value=stats.flow_pauses,
+        )
+        yield CounterMetricFamily(
+            "broker_bus_retries",
+            "Bus payloads sent again because the destination node was not subscribed to its "
+            "inbox at the time (Redis restarted, a subscriber connection lost).",
+            value=stats.bus_retries,
+        )
+        yield CounterMetricFamily(
             "broker_slow_consumer_closes",
             "Clients closed with 1008 for reading too slowly.",
             value=stats.slow_consumers,

@@ -31,11 +31,14 @@ from broker_node.core.actions import (
     CloseClient,
     ForgetChannel,
     ForgetConnection,
+    PauseReading,
     Publish,
+    Receipt,
+    ResumeReading,
     Send,
 )
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, BrokerCore
-from broker_node.core.envelopes import Closed, Envelope, decode_batch
+from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
 from broker_node.health import http_response
@@ -86,12 +89,16 @@ class BrokerNode:
             clock=time.monotonic,
             stats=self.stats,
             first_seq=time.time_ns() // 1000,
+            max_unconfirmed_bytes=settings.unconfirmed_bytes_bound,
         )
         self.outbox = Outbox(
             self.backend.bus,
             on_undeliverable=self._undeliverable,
+            on_unknown=self._unknown,
             on_published=self._published,
+            on_retry=self._retried,
             batch_delay=settings.bus_batch_delay,
+            retry_window=settings.request_timeout,
         )
         self.clients: dict[ConnectionId, ClientConnection] = {}
         self.sockets: set[ClientConnection] = set()
@@ -104,7 +111,10 @@ class BrokerNode:
         self.subscribed = False
         self.backend_up = True
         self._dirty: list[ClientConnection] = []
+        #: Frames the kernel accepted during this flush, to confirm in one go.
+        self._written: list[Receipt] = []
         self._flush_scheduled = False
+        self._flushing = False
         self._accepted = 0
         self._registry_backlog: deque[ForgetChannel | ForgetConnection] = deque()
         #: Connections and channels whose registry write is under way: live for a resync.
@@ -210,10 +220,11 @@ class BrokerNode:
 
     async def _answer_what_was_read(self) -> None:
         """Stop reading every client, then wait until every request read so far is answered:
-        no request waits in a backlog, no cross-node message or open awaits another node,
-        nothing waits to be published. What a client sends from now on is never read: it
-        gets no reply and has no effect. Bounded by half the drain timeout (the rest is for
-        closing); cross-node work is bounded by the request timeout anyway."""
+        no request waits in a backlog, no cross-node message, open or close awaits another
+        node, no message awaits the kernel taking it, nothing waits to be published. What a
+        client sends from now on is never read: it gets no reply and has no effect. Bounded
+        by half the drain timeout (the rest is for closing); cross-node work is bounded by
+        the request timeout anyway."""
         for client in list(self.clients.values()):
             client.pause_reading("drain")
         try:
@@ -221,7 +232,10 @@ class BrokerNode:
                 # Polled: the work finishes in the core, in backlogs and in the outbox, and no
                 # one event says all of it is done; the drain runs once per process.
                 while (  # noqa: ASYNC110
-                    any(client.requests_pending for client in self.clients.values())
+                    any(
+                        client.requests_pending or client.receipts_pending
+                        for client in self.clients.values()
+                    )
                     or self.core.pending_counts() != (0, 0)
                     or len(self.outbox)
                 ):
@@ -288,7 +302,9 @@ class BrokerNode:
             if type(action) is Send:
                 client = clients.get(action.connection_id)
                 if client is not None:
-                    client.send(action.frame)
+                    client.send(action.frame, action.receipt)
+                elif action.receipt is not None:
+                    self.receipts_unwritten([action.receipt], handed=False)
             elif type(action) is Publish:
                 self.outbox.put(action.node_id, action.envelope)
             elif type(action) is CloseClient:
@@ -297,6 +313,24 @@ class BrokerNode:
                     client.close(action.code, action.reason)
             elif type(action) is ForgetChannel or type(action) is ForgetConnection:
                 self._forget(action)
+            elif type(action) is PauseReading:
+                client = clients.get(action.connection_id)
+                if client is not None:
+                    client.pause_reading("flow")
+            elif type(action) is ResumeReading:
+                client = clients.get(action.connection_id)
+                if client is not None:
+                    client.resume_reading("flow")
+
+    def receipts_written(self, receipts: list[Receipt]) -> None:
+        """The kernel accepted these frames: confirm them (batched while flushing)."""
+        if self._flushing:
+            self._written += receipts
+        else:
+            self.execute(self.core.written(receipts))
+
+    def receipts_unwritten(self, receipts: list[Receipt], *, handed: bool) -> None:
+        self.execute(self.core.unwritten(receipts, handed=handed))
 
     def flush_soon(self, sock: ClientConnection) -> None:
         self._dirty.append(sock)
@@ -304,11 +338,26 @@ class BrokerNode:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_all)
 
+    def flush_now(self) -> None:
+        """Write what this turn produced so far, rather than at the end of the turn."""
+        if self._dirty and not self._flushing:
+            self._flush_all()
+
     def _flush_all(self) -> None:
-        self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for sock in dirty:
-            sock.flush()
+        # Confirmations of what the kernel took go out in the same turn: flushing may make
+        # more frames (the senders' replies), which are flushed in turn.
+        self._flushing = True
+        try:
+            while self._dirty:
+                dirty, self._dirty = self._dirty, []
+                for sock in dirty:
+                    sock.flush()
+                if self._written:
+                    written, self._written = self._written, []
+                    self.execute(self.core.written(written))
+        finally:
+            self._flushing = False
+            self._flush_scheduled = False
 
     async def handle_request(self, cid: ConnectionId, request: Request | Rejection) -> None:
         """One request, in arrival order, possibly waiting for the registry."""
@@ -451,6 +500,10 @@ class BrokerNode:
     # --- the bus ----------------------------------------------------------------------------
 
     async def _subscriber_loop(self) -> None:
+        # A lost subscription is made again at once: while it is missing, what other nodes
+        # send here reaches nobody (their outboxes retry for a while). Only repeated failures
+        # wait, a little longer each time.
+        failures = 0
         while True:
             try:
                 bus = self.backend.bus
@@ -459,13 +512,16 @@ class BrokerNode:
                         logger.info("subscribed to this node's bus inbox")
                     self.subscribed = True
                     self._subscribed_event.set()
+                    failures = 0
                     await subscription.wait_lost()
             except BackendUnavailable:
                 if self.subscribed:
                     logger.warning("bus subscription lost; resubscribing")
                 self.subscribed = False
                 self._subscribed_event.clear()
-                await asyncio.sleep(min(1.0, self.settings.heartbeat_interval))
+                if failures:
+                    await asyncio.sleep(min(0.05 * 2**failures, 1.0))
+                failures += 1
 
     def _on_bus_payload(self, payload: bytes) -> None:
         try:
@@ -477,15 +533,30 @@ class BrokerNode:
         self.execute(self.core.on_bus(envelopes))
 
     def _undeliverable(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
-        # A close notice that could not go out (Redis away) is sent again once Redis answers:
-        # otherwise the far end would keep a channel that is gone. A few attempts, then it is
-        # dropped (its node is likely gone too, and then its clients were told).
+        """``node_id`` did not listen on its inbox for a whole retry window."""
+        self._keep_close_notices(node_id, envelopes)
+        self.execute(self.core.undeliverable(node_id, envelopes))
+
+    def _unknown(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
+        """Redis did not answer: these may or may not reach ``node_id``. What waits on them
+        is answered when its deadline passes ("not confirmed in time": outcome unknown)."""
+        self._keep_close_notices(node_id, envelopes)
+
+    def _keep_close_notices(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
+        # A close notice that may not have gone out is sent again once Redis answers (it is
+        # idempotent there): otherwise the far end could keep a channel that is gone. A few
+        # attempts, then it is dropped (its node is likely gone too, and then its clients
+        # were told).
         for envelope in envelopes:
+            if isinstance(envelope, CloseRequest):
+                envelope = Closed(envelope.channel_id, envelope.recipient)
             if isinstance(envelope, Closed) and len(self._closed_retry) < MAX_CLOSED_RETRY:
                 attempts = self._closed_attempts.pop((node_id, envelope), 0) + 1
                 if attempts <= CLOSED_ATTEMPTS:
                     self._closed_retry.append((node_id, envelope, attempts))
-        self.execute(self.core.undeliverable(node_id, envelopes))
+
+    def _retried(self, count: int) -> None:
+        self.stats.bus_retries += count
 
     def _resend_closed(self) -> None:
         retry, self._closed_retry = self._closed_retry, []
@@ -615,6 +686,12 @@ class BrokerNode:
         return False
 
     async def _restore(self) -> None:
+        # Entries written back are found by other nodes at once: this node's inbox must be
+        # listened to by then, or what they send reaches nobody.
+        if not self.backend.standalone and not self.subscribed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.request_timeout):
+                    await self._subscribed_event.wait()
         core = self.core
         connections, channels = core.records()
         self._registry_dirty = False

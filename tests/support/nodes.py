@@ -51,7 +51,9 @@ class NodeProcess:
         node_id: str | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        binary: str = BROKER_NODE,
     ) -> None:
+        self.binary = binary
         self.port = port if port is not None else free_port()
         self.redis_url = redis_url
         self.node_id = node_id
@@ -75,7 +77,7 @@ class NodeProcess:
 
     def start(self, *, timeout: float = 15.0, wait_ready: bool = True) -> NodeProcess:
         args = [
-            BROKER_NODE,
+            self.binary,
             "--host",
             "127.0.0.1",
             "--port",
