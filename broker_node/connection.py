@@ -394,7 +394,8 @@ class ClientConnection(asyncio.Protocol):
             self._release(self._handed)
 
     def _write_now(self, data: bytes) -> None:
-        """Write protocol bytes (a ping, a close frame) behind every frame queued before them."""
+        """Write websockets' bytes (a close frame, a pong, an HTTP response) behind every
+        frame queued before them."""
         transport = self.transport
         if transport is None:
             return
@@ -460,7 +461,9 @@ class ClientConnection(asyncio.Protocol):
         self.ping_sent_at = now
         # Written as text frames are, bypassing websockets (which keeps no state for a ping
         # it did not send: the pong comes back as a frame like any other).
-        self._write_now(PING_FRAME)
+        # A control frame may go between data frames: it need not wait for the queued ones.
+        if self.transport is not None:
+            self.transport.write(PING_FRAME)
 
     def abort(self) -> None:
         if self.transport is not None:
