@@ -123,10 +123,9 @@ FrameBuilder = Callable[[int], bytes]
 
 
 @dataclass(slots=True)
-class _Slot:
-    """A frame (or frames) about a channel, in request order: the reply to request
-    ``request_id`` once it is known (``frames`` None until then), or a frame made meanwhile
-    that waits behind the replies before it."""
+class _Held:
+    """Frames about a channel that wait behind the replies still owed before them: ready
+    frames, or the place of request ``request_id``'s reply (``frames`` None until known)."""
 
     request_id: int | None
     frames: list[FrameBuilder] | None = None
@@ -149,9 +148,11 @@ class LocalConnection:
     unconfirmed_bytes: int = 0
     #: Reading this client's socket is paused until enough of that is settled.
     flow_paused: bool = False
-    #: Per channel, while a request of this client on it awaits another socket or node: the
-    #: frames about that channel in the order one node would have sent them (see ``_Slot``).
-    slots: dict[ChannelId, deque[_Slot]] = field(default_factory=dict)
+    #: Per channel: messages of this client not yet settled (they settle in order), and the
+    #: frames about that channel made meanwhile, which wait behind their replies so that the
+    #: client gets them in the order one node would have sent them.
+    pending: dict[ChannelId, int] = field(default_factory=dict)
+    held: dict[ChannelId, deque[_Held]] = field(default_factory=dict)
 
 
 class _PendingDelivery(NamedTuple):
@@ -462,7 +463,8 @@ class BrokerCore:
             actions = [Publish(peer_node, envelope)]
         conn.unconfirmed += 1
         conn.unconfirmed_bytes += size
-        self._reserve(conn, channel_id, request.id)
+        pending = conn.pending
+        pending[channel_id] = pending.get(channel_id, 0) + 1
         if not conn.flow_paused and (
             conn.unconfirmed > self.max_unconfirmed
             or conn.unconfirmed_bytes > self.max_unconfirmed_bytes
@@ -472,13 +474,26 @@ class BrokerCore:
             actions.append(PauseReading(connection_id))
         return actions
 
-    def _unhold(self, conn: LocalConnection, size: int, actions: list[Action]) -> None:
-        """One message of ``conn`` is settled: resume reading once half the window is free."""
+    def _unhold(
+        self, conn: LocalConnection, channel_id: ChannelId, size: int, actions: list[Action]
+    ) -> None:
+        """A message of ``conn`` is settled (its reply is in ``actions``): what waited behind
+        it may go, and reading resumes once half the window is free."""
+        left = conn.pending[channel_id] - 1
+        if left:
+            conn.pending[channel_id] = left
+        else:
+            del conn.pending[channel_id]
+            if conn.held:
+                self._release_held(conn, channel_id, actions)
         conn.unconfirmed -= 1
         conn.unconfirmed_bytes -= size
+        if conn.flow_paused:
+            self._maybe_resume(conn, actions)
+
+    def _maybe_resume(self, conn: LocalConnection, actions: list[Action]) -> None:
         if (
-            conn.flow_paused
-            and conn.unconfirmed <= self.max_unconfirmed // 2
+            conn.unconfirmed <= self.max_unconfirmed // 2
             and conn.unconfirmed_bytes <= self.max_unconfirmed_bytes // 2
         ):
             conn.flow_paused = False
@@ -489,23 +504,47 @@ class BrokerCore:
     def written(self, receipts: Iterable[Receipt]) -> list[Action]:
         """The kernel accepted these frames: confirm them to their senders."""
         actions: list[Action] = []
-        confirmations: dict[NodeId, list[int]] = {}
+        confirmations: dict[NodeId, list[int]] | None = None
+        connections = self.connections
         for receipt in receipts:
             if type(receipt) is LocalReceipt:
-                sender = self.connections.get(receipt.sender)
+                sender = connections.get(receipt.sender)
                 if sender is None:
                     continue
-                self._message_sent(sender, receipt.request_id, receipt.channel_id, actions)
-                self._unhold(sender, receipt.size, actions)
+                # The hot path of every same-node message: ``_next_id`` and ``_unhold``
+                # inlined for the common case.
+                frame_id = sender.next_id
+                sender.next_id = frame_id + 1
+                channel_id = receipt.channel_id
+                frame = encode(
+                    ChannelMessageSent(
+                        id=frame_id, replyTo=receipt.request_id, channelId=channel_id
+                    )
+                )
+                actions.append(Send(receipt.sender, frame))
+                pending = sender.pending
+                left = pending[channel_id] - 1
+                sender.unconfirmed -= 1
+                sender.unconfirmed_bytes -= receipt.size
+                if left:
+                    pending[channel_id] = left
+                else:
+                    del pending[channel_id]
+                    if sender.held:
+                        self._release_held(sender, channel_id, actions)
+                if sender.flow_paused:
+                    self._maybe_resume(sender, actions)
             else:
                 assert type(receipt) is RemoteReceipt
-                seqs = confirmations.get(receipt.node_id)
-                if seqs is None:
+                if confirmations is None:
+                    confirmations = {receipt.node_id: [receipt.seq]}
+                elif (seqs := confirmations.get(receipt.node_id)) is None:
                     confirmations[receipt.node_id] = [receipt.seq]
                 else:
                     seqs.append(receipt.seq)
-        for node_id, seqs in confirmations.items():
-            actions.append(Publish(node_id, Confirm(seqs, [])))
+        if confirmations is not None:
+            for node_id, seqs in confirmations.items():
+                actions.append(Publish(node_id, Confirm(seqs, [])))
         return actions
 
     def unwritten(self, receipts: Iterable[Receipt], *, handed: bool) -> list[Action]:
@@ -521,10 +560,10 @@ class BrokerCore:
             if type(receipt) is LocalReceipt:
                 sender = self.connections.get(receipt.sender)
                 if sender is not None:
-                    self._fill_failure(
-                        sender, "message", receipt.request_id, receipt.channel_id, error, actions
+                    actions += self._fail(
+                        sender, "message", receipt.request_id, receipt.channel_id, error
                     )
-                    self._unhold(sender, receipt.size, actions)
+                    self._unhold(sender, receipt.channel_id, receipt.size, actions)
             else:
                 assert type(receipt) is RemoteReceipt
                 refusals.setdefault(receipt.node_id, []).append((receipt.seq, error))
@@ -560,7 +599,8 @@ class BrokerCore:
             deadline = self.clock() + self.request_timeout
             self._closes[self._seq] = _PendingClose(connection_id, request.id, channel, deadline)
             self._closing[channel_id] = self._seq
-            self._reserve(conn, channel_id, request.id)
+            # Its reply's place among the frames about the channel: later ones wait behind it.
+            self._held_entry(conn, channel_id, _Held(request.id))
             return [Publish(peer_node, CloseRequest(self._seq, self.node_id, channel_id, peer_id))]
         actions: list[Action] = []
         self._drop_channel(channel)
@@ -753,12 +793,15 @@ class BrokerCore:
             return
         if error is None:
             self.stats.confirmations_sent += 1
-            self._message_sent(conn, pending.request_id, pending.channel_id, actions)
-        else:
-            self._fill_failure(
-                conn, "message", pending.request_id, pending.channel_id, error, actions
+            frame = encode(
+                ChannelMessageSent(
+                    id=self._next_id(conn), replyTo=pending.request_id, channelId=pending.channel_id
+                )
             )
-        self._unhold(conn, pending.size, actions)
+            actions.append(Send(conn.connection_id, frame))
+        else:
+            actions += self._fail(conn, "message", pending.request_id, pending.channel_id, error)
+        self._unhold(conn, pending.channel_id, pending.size, actions)
 
     def _on_incoming(self, seq: int, channel: ChannelRecord, actions: list[Action]) -> None:
         target = self.connections.get(channel.target)
@@ -916,13 +959,12 @@ class BrokerCore:
     # --- frames about a channel, in the order one node would send them -----------------
 
     @staticmethod
-    def _reserve(conn: LocalConnection, channel_id: ChannelId, request_id: int) -> None:
-        """Keep the place of request ``request_id``'s reply among the frames about the channel."""
-        slots = conn.slots.get(channel_id)
-        if slots is None:
-            conn.slots[channel_id] = deque((_Slot(request_id),))
+    def _held_entry(conn: LocalConnection, channel_id: ChannelId, entry: _Held) -> None:
+        held = conn.held.get(channel_id)
+        if held is None:
+            conn.held[channel_id] = deque((entry,))
         else:
-            slots.append(_Slot(request_id))
+            held.append(entry)
 
     def _on_channel(
         self,
@@ -933,11 +975,10 @@ class BrokerCore:
     ) -> None:
         """Send a frame about ``channel_id`` behind the replies still owed to ``conn`` for its
         requests on that channel."""
-        slots = conn.slots.get(channel_id)
-        if slots is None:
-            actions.append(Send(conn.connection_id, build(self._next_id(conn))))
+        if channel_id in conn.pending or channel_id in conn.held:
+            self._held_entry(conn, channel_id, _Held(None, [build]))
         else:
-            slots.append(_Slot(None, [build]))
+            actions.append(Send(conn.connection_id, build(self._next_id(conn))))
 
     def _fill(
         self,
@@ -947,53 +988,28 @@ class BrokerCore:
         frames: list[FrameBuilder],
         actions: list[Action],
     ) -> None:
-        """The reply to ``request_id`` is known: send it, and what waited behind it, once
-        every reply before it has been sent."""
-        slots = conn.slots.get(channel_id)
-        if slots is None:  # pragma: no cover - every reply filled here had its place kept
-            for build in frames:
-                actions.append(Send(conn.connection_id, build(self._next_id(conn))))
+        """The reply to ``request_id``, whose place was kept, is known."""
+        for entry in conn.held.get(channel_id, ()):
+            if entry.frames is None and entry.request_id == request_id:
+                entry.frames = frames
+                break
+        self._release_held(conn, channel_id, actions)
+
+    def _release_held(
+        self, conn: LocalConnection, channel_id: ChannelId, actions: list[Action]
+    ) -> None:
+        """Send the held frames that no reply owed is ahead of any more."""
+        held = conn.held.get(channel_id)
+        if held is None or channel_id in conn.pending:
             return
-        for slot in slots:
-            if slot.frames is None and slot.request_id == request_id:
-                slot.frames = frames
-                break
-        while slots:
-            ready = slots[0].frames
+        while held:
+            ready = held[0].frames
             if ready is None:
-                break
-            slots.popleft()
+                return
+            held.popleft()
             for build in ready:
                 actions.append(Send(conn.connection_id, build(self._next_id(conn))))
-        if not slots:
-            del conn.slots[channel_id]
-
-    def _message_sent(
-        self, conn: LocalConnection, request_id: int, channel_id: ChannelId, actions: list[Action]
-    ) -> None:
-        def sent(frame_id: int) -> bytes:
-            return encode(ChannelMessageSent(id=frame_id, replyTo=request_id, channelId=channel_id))
-
-        self._fill(conn, channel_id, request_id, [sent], actions)
-
-    def _fill_failure(
-        self,
-        conn: LocalConnection,
-        request_type: str,
-        request_id: int,
-        channel_id: ChannelId,
-        error: str,
-        actions: list[Action],
-    ) -> None:
-        build = partial(
-            self._failure_frame,
-            conn=conn,
-            request_type=request_type,
-            reply_to=request_id,
-            subject=channel_id,
-            error=error,
-        )
-        self._fill(conn, channel_id, request_id, [build], actions)
+        del conn.held[channel_id]
 
     def _fail_on_channel(
         self,
