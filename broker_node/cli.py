@@ -15,7 +15,7 @@ from broker_node.config import Settings
 from broker_node.errors import ConfigurationError
 from broker_node.logs import configure_logging
 from broker_node.node import BrokerNode
-from shared.ids import NodeId, new_node_id
+from shared.ids import NodeId, incarnation_id, new_node_id
 
 logger = logging.getLogger("broker_node.cli")
 _DEFAULTS = Settings(node_id=NodeId("-"))
@@ -41,18 +41,22 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     help="redis://, rediss:// or unix:// URL; absent: a standalone node with no Redis.",
 )
 @_option("--redis-prefix", default=_DEFAULTS.redis_prefix, help="Prefix of every Redis key.")
-@_option("--node-id", default=None, help="This node's id in the cluster  [default: random]")
+@_option(
+    "--node-id",
+    default=None,
+    help="This node's name (e.g. the pod name); each start adds an incarnation  [default: random]",
+)
 @_option(
     "--heartbeat-interval",
     default=_DEFAULTS.heartbeat_interval,
     type=click.FloatRange(min=0.05),
-    help="Seconds between heartbeats (and checks for lost nodes).",
+    help="Seconds between heartbeats (peers are checked every second, or this, if shorter).",
 )
 @_option(
     "--node-ttl",
     default=_DEFAULTS.node_ttl,
     type=click.FloatRange(min=0.1),
-    help="Seconds without a heartbeat after which a node counts as lost and is reaped.",
+    help="A node dead this long is lost: reaped, its peers told.",
 )
 @_option(
     "--bus-batch-delay",
@@ -162,7 +166,7 @@ def main(
         port=port,
         redis_url=redis_url or None,
         redis_prefix=redis_prefix,
-        node_id=NodeId(node_id) if node_id else new_node_id(),
+        node_id=incarnation_id(node_id) if node_id else new_node_id(),
         heartbeat_interval=heartbeat_interval,
         node_ttl=node_ttl,
         bus_batch_delay=bus_batch_delay,

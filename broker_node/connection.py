@@ -153,9 +153,15 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         if self._close_timer is not None:
             self._close_timer.cancel()
-        if self._worker is not None:
-            self._worker.cancel()
-        self._backlog.clear()
+        # The request being worked on is never cancelled: its registry write may already be on
+        # the wire, and only its own worker knows to remove what it wrote once it completes
+        # (bounded by the request timeout). Requests still queued behind it are dropped.
+        if self._worker is not None and self._backlog:
+            in_flight = self._backlog[0]
+            self._backlog.clear()
+            self._backlog.append(in_flight)
+        else:
+            self._backlog.clear()
         if self._stall_timer is not None:
             self._stall_timer.cancel()
         self._drop_outgoing()
@@ -310,6 +316,11 @@ class ClientConnection(asyncio.Protocol):
         if self._worker is None:
             self._worker = asyncio.create_task(self._work_backlog())
 
+    @property
+    def requests_pending(self) -> bool:
+        """A request read from this client still waits for its turn or for the registry."""
+        return bool(self._backlog)
+
     async def _work_backlog(self) -> None:
         cid = self.connection_id
         assert cid is not None
@@ -317,7 +328,9 @@ class ClientConnection(asyncio.Protocol):
             while self._backlog and not self.closed:
                 await self.node.handle_request(cid, self._backlog[0])
                 if self.closed:
-                    # The client left during the await (connection_lost cleared the backlog).
+                    # The client left during the await: the request finished (and removed
+                    # what it wrote, the core having forgotten the client); nothing else runs.
+                    self._backlog.clear()
                     break
                 self._backlog.popleft()
                 if len(self._backlog) < MAX_BACKLOG // 2:

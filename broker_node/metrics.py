@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shared.ids import node_name
+
 if TYPE_CHECKING:
     from broker_node.node import BrokerNode
 
@@ -144,6 +146,14 @@ class NodeCollector(Collector):
             "1 while the bus subscription is active.",
             value=node.subscribed,
         )
+        # --- registry: which incarnation of which configured node this is (issue 11) ---
+        info = GaugeMetricFamily(
+            "broker_node_info",
+            "This node: its id in the cluster (name plus this start's incarnation) and name.",
+            labels=["node_id", "node_name"],
+        )
+        info.add_metric([node.node_id, node_name(node.node_id)], 1)
+        yield info
 
 
 def metrics_registry(node: BrokerNode) -> CollectorRegistry:

@@ -941,6 +941,10 @@ class BrokerCore:
         ]
         return connections, list(self.channels.values())
 
+    def pending_channel_ids(self) -> set[ChannelId]:
+        """Channels written to the registry whose opening awaits the target's node."""
+        return {pending.channel.channel_id for pending in self._opens.values()}
+
     def remote_nodes(self) -> set[NodeId]:
         """Nodes that hold the other end of one of this node's channels."""
         nodes = {c.opener_node for c in self.channels.values()}
