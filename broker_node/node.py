@@ -20,6 +20,9 @@ from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
+from broker_node.auth.identity import Identity, TokenRefusal
+from broker_node.auth.jwks import refresh_forever
+from broker_node.auth.setup import build_auth
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
@@ -32,7 +35,7 @@ from broker_node.core.actions import (
     Publish,
     Send,
 )
-from broker_node.core.broker import REGISTRY_UNAVAILABLE, BrokerCore
+from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore
 from broker_node.core.envelopes import Closed, Envelope, decode_batch
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
@@ -42,7 +45,7 @@ from broker_node.outbox import Outbox
 from broker_node.supervisor import Supervisor
 from shared.codec import CLOSE_GOING_AWAY, Rejection
 from shared.ids import ConnectionId, NodeId
-from shared.messages import Close, ListByRole, Message, Open, Register, Request
+from shared.messages import Close, ListByRole, Message, Open, Refresh, Register, Request
 
 logger = logging.getLogger("broker_node.node")
 
@@ -59,6 +62,9 @@ MAX_CLOSED_RETRY: Final = 10_000
 CLOSED_ATTEMPTS: Final = 3
 #: Close code for clients of a node that was reaped while it could not reach Redis.
 CLOSE_SERVICE_RESTART: Final = 1012
+#: How often tokens are checked for expiry and connections for authentication in time.
+TOKEN_CHECK_INTERVAL: Final = 0.5
+_LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class BrokerNode:
@@ -70,6 +76,13 @@ class BrokerNode:
         self.backend = backend if backend is not None else create_backend(settings)
         self.registry = self.backend.registry
         self.stats = NodeStats()
+        #: Authentication (issue 13); None: off, the original protocol.
+        self.auth = build_auth(settings)
+        auth_rules = None
+        if self.auth is not None:
+            auth_rules = AuthRules(
+                self.auth.policy, timeout=settings.auth_timeout, grace=settings.auth_grace
+            )
         self.core = BrokerCore(
             self.node_id,
             max_role_length=settings.max_role_length,
@@ -78,6 +91,8 @@ class BrokerNode:
             clock=time.monotonic,
             stats=self.stats,
             first_seq=time.time_ns() // 1000,
+            auth=auth_rules,
+            wall_clock=time.time,
         )
         self.outbox = Outbox(
             self.backend.bus,
@@ -117,6 +132,7 @@ class BrokerNode:
         self.supervisor.start("expiry", self._expiry_loop)
         if self.settings.ping_interval > 0:
             self.supervisor.start("keepalive", self._keepalive_loop)
+        self._start_auth()
         if not self.backend.standalone:
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
@@ -141,6 +157,34 @@ class BrokerNode:
         logger.info(
             "listening on %s:%d (%s, node %s)", self.settings.host, self.port, mode, self.node_id
         )
+
+    def _start_auth(self) -> None:
+        auth = self.auth
+        if auth is None:
+            if self.settings.host not in _LOOPBACK_HOSTS:
+                logger.warning(
+                    "AUTHENTICATION IS OFF while listening on %s: anyone who reaches this "
+                    "port can register under any role, list every connection and open "
+                    "channels to them (see the README's Security section)",
+                    self.settings.host,
+                )
+            return
+        self.supervisor.start("token-check", self._token_check_loop)
+        jwks, source = auth.jwks, self.settings.auth_jwks
+        if jwks is not None and source is not None:
+            interval = self.settings.auth_jwks_refresh
+            self.supervisor.start("jwks-refresh", lambda: refresh_forever(jwks, source, interval))
+
+    async def _token_check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TOKEN_CHECK_INTERVAL)
+            self.execute(self.core.check_tokens())
+
+    def verify_token(self, token: str | None) -> Identity | TokenRefusal | None:
+        """The verified token, or None when there is none or authentication is off."""
+        if token is None or self.auth is None:
+            return None
+        return self.auth.verifier.verify(token)
 
     async def __aenter__(self) -> BrokerNode:
         await self.start()
@@ -208,12 +252,17 @@ class BrokerNode:
     def connection_opened(self, sock: ClientConnection) -> None:
         self.sockets.add(sock)
 
-    def client_accepted(self, sock: ClientConnection, *, legacy_errors: bool) -> None:
+    def client_accepted(
+        self, sock: ClientConnection, *, legacy_errors: bool, token: str | None = None
+    ) -> None:
         assert sock.connection_id is not None
         self._accepted += 1
         sock.keepalive_slice = self._accepted % KEEPALIVE_SLICES
         self.clients[sock.connection_id] = sock
         self.core.connect(sock.connection_id, legacy_errors=legacy_errors)
+        verified = self.verify_token(token)
+        if verified is not None:
+            self.execute(self.core.authenticated(sock.connection_id, verified))
 
     def client_closing(self, sock: ClientConnection) -> None:
         cid = sock.connection_id
@@ -280,12 +329,15 @@ class BrokerNode:
             await self._list_by_role(cid, request)
         elif isinstance(request, Open):
             await self._open(cid, request)
+        elif isinstance(request, Refresh):
+            verified = self.verify_token(request.token)
+            self.execute(core.refresh(cid, request, verified if verified is not None else _NO_AUTH))
         else:
             self.bad_frame(_rejection_kind(request))
             self.execute(core.reject(cid, request))
 
     async def _register(self, cid: ConnectionId, request: Register) -> None:
-        plan = self.core.begin_register(cid, request)
+        plan = self.core.begin_register(cid, request, self.verify_token(request.token))
         if isinstance(plan, list):
             self.execute(plan)
             return
@@ -567,6 +619,10 @@ class BrokerNode:
         await self._registry_call(
             "rejoin", self.registry.rejoin(self.node_id, self.settings.node_ttl_ms)
         )
+
+
+#: What a refresh is checked against on a node without authentication (the core refuses it).
+_NO_AUTH: Final = TokenRefusal("authentication is off")
 
 
 def _rejection_kind(rejection: Rejection) -> str:

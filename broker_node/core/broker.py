@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
+from broker_node.auth.identity import Identity, TokenRefusal
+from broker_node.auth.policy import Grants, Policy, grants_for, may_list, may_open, may_register
 from broker_node.core.actions import (
     Action,
     CloseClient,
@@ -46,6 +48,8 @@ from shared.codec import (
 )
 from shared.ids import ChannelId, ConnectionId, NodeId, new_channel_id
 from shared.messages import (
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TOKEN_INVALID,
     FAILURE_TYPE,
     ChannelClosed,
     ChannelClosedNotification,
@@ -63,6 +67,9 @@ from shared.messages import (
     ListByRoleFailed,
     Message,
     Open,
+    Refresh,
+    Refreshed,
+    RefreshFailed,
     Register,
     Registered,
     RegisterFailed,
@@ -80,6 +87,11 @@ TOO_MANY_UNCONFIRMED: Final = "Too many unconfirmed messages"
 TARGET_NODE_SILENT: Final = "Target's node did not answer in time"
 REGISTRY_UNAVAILABLE: Final = "Cluster registry unavailable, try again"
 LATE_DELIVERY: Final = "Delivery arrived out of order and was dropped"
+# Authentication (issue 13)
+AUTH_REQUIRED: Final = "Authentication required"
+ROLE_NOT_ALLOWED: Final = "Role not allowed for this token"
+AUTH_DISABLED: Final = "Authentication is not enabled on this node"
+OTHER_SUBJECT: Final = "Token is for another subject"
 
 #: Failure reasons used as metric labels; any other text counts as "invalid_request".
 KNOWN_REASONS: Final = frozenset(
@@ -96,8 +108,23 @@ KNOWN_REASONS: Final = frozenset(
         TARGET_NODE_SILENT,
         REGISTRY_UNAVAILABLE,
         LATE_DELIVERY,
+        AUTH_REQUIRED,
+        ROLE_NOT_ALLOWED,
+        AUTH_DISABLED,
+        OTHER_SUBJECT,
     }
 )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRules:
+    """Authentication is on: the policy and the times a connection is held to."""
+
+    policy: Policy | None
+    #: Seconds a connection may stay without a valid token before it is closed.
+    timeout: float
+    #: Seconds a connection may outlive its token's ``exp`` without a refresh.
+    grace: float
 
 
 @dataclass(slots=True)
@@ -114,6 +141,10 @@ class LocalConnection:
     channels: set[ChannelId] = field(default_factory=set)
     #: Cross-node messages sent and not yet confirmed.
     unconfirmed: int = 0
+    # Authentication (issue 13): who the token says this is, what it may do, since when.
+    identity: Identity | None = None
+    grants: Grants | None = None
+    connected_at: float = 0.0
 
 
 class _PendingDelivery(NamedTuple):
@@ -144,6 +175,8 @@ class BrokerCore:
         clock: Callable[[], float],
         stats: NodeStats | None = None,
         first_seq: int = 0,
+        auth: AuthRules | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         self.node_id = node_id
         self.max_role_length = max_role_length
@@ -160,11 +193,17 @@ class BrokerCore:
         self._seq = first_seq
         #: The last delivery seq accepted from each sending node.
         self._last_delivery: dict[NodeId, int] = {}
+        #: None: authentication is off (the original protocol); see ``AuthRules``.
+        self.auth = auth
+        #: Unix time, for token expiry (``clock`` may be monotonic).
+        self.wall_clock = wall_clock if wall_clock is not None else clock
 
     # --- connections --------------------------------------------------------------------
 
     def connect(self, connection_id: ConnectionId, *, legacy_errors: bool = False) -> None:
-        self.connections[connection_id] = LocalConnection(connection_id, legacy_errors)
+        self.connections[connection_id] = LocalConnection(
+            connection_id, legacy_errors, connected_at=self.clock()
+        )
 
     def is_connected(self, connection_id: ConnectionId) -> bool:
         return connection_id in self.connections
@@ -214,9 +253,14 @@ class BrokerCore:
     # --- register -----------------------------------------------------------------------
 
     def begin_register(
-        self, connection_id: ConnectionId, request: Register
+        self,
+        connection_id: ConnectionId,
+        request: Register,
+        token: Identity | TokenRefusal | None = None,
     ) -> list[Action] | ConnectionRecord:
-        """Refuse the request, or return the record the shell must write to the registry."""
+        """Refuse the request, or return the record the shell must write to the registry.
+
+        ``token``: the verified ``token`` field of the request, if it had one."""
         conn = self.connections[connection_id]
         error: str | None = None
         if conn.role is not None or conn.registering:
@@ -225,6 +269,8 @@ class BrokerCore:
             error = "Invalid field: role must be a non-empty string"
         elif len(request.role) > self.max_role_length:
             error = f"Invalid field: role is longer than {self.max_role_length} characters"
+        elif self.auth is not None:
+            error = self._authorize_register(conn, request.role, token)
         if error is not None:
             return self._fail(conn, "register", request.id, "", error)
         conn.registering = True
@@ -240,8 +286,15 @@ class BrokerCore:
         if error is not None:
             return self._fail(conn, "register", request.id, "", error)
         conn.role = request.role
+        if conn.identity is not None:
+            conn.grants = grants_for(self._policy(), conn.identity, request.role)
         frame = encode(
-            Registered(id=self._next_id(conn), replyTo=request.id, connectionId=connection_id)
+            Registered(
+                id=self._next_id(conn),
+                replyTo=request.id,
+                connectionId=connection_id,
+                expiresIn=self._expires_in(conn),
+            )
         )
         return [Send(connection_id, frame)]
 
@@ -266,6 +319,8 @@ class BrokerCore:
             return []
         if ids is None:
             return self._fail(conn, "list_by_role", request.id, "", error or REGISTRY_UNAVAILABLE)
+        if self.auth is not None and not self._may_list(conn, request.role):
+            ids = []  # a role the caller may not see looks empty: nothing leaks
         frame = encode(Connections(id=self._next_id(conn), replyTo=request.id, ids=list(ids)))
         return [Send(connection_id, frame)]
 
@@ -285,6 +340,8 @@ class BrokerCore:
         conn = self.connections.get(connection_id)
         if conn is None:
             return []
+        if target is not None and self.auth is not None and not self._may_open(conn, target):
+            target = None  # a forbidden target is answered exactly as a missing one
         if target is None:
             return self._fail(conn, "open", request.id, request.targetId, TARGET_NOT_FOUND)
         return ChannelRecord(
@@ -638,6 +695,112 @@ class BrokerCore:
         nodes.discard(self.node_id)
         return nodes
 
+    # --- authentication (issue 13) ------------------------------------------------------
+
+    def authenticated(
+        self, connection_id: ConnectionId, token: Identity | TokenRefusal
+    ) -> list[Action]:
+        """The token of the handshake (header or URL): keep it, or close the connection."""
+        conn = self.connections.get(connection_id)
+        if conn is None or self.auth is None:
+            return []
+        if isinstance(token, TokenRefusal):
+            code = CLOSE_TOKEN_EXPIRED if token.expired else CLOSE_TOKEN_INVALID
+            return [CloseClient(connection_id, code, token.error)]
+        conn.identity = token
+        return []
+
+    def refresh(
+        self, connection_id: ConnectionId, request: Refresh, token: Identity | TokenRefusal
+    ) -> list[Action]:
+        """A fresh token for the same subject and role; the connection keeps going."""
+        conn = self.connections[connection_id]
+        if self.auth is None:
+            return self._fail(conn, "refresh", request.id, "", AUTH_DISABLED)
+        if conn.role is None or conn.identity is None:
+            return self._fail(conn, "refresh", request.id, "", NOT_REGISTERED)
+        if isinstance(token, TokenRefusal):
+            return self._fail(conn, "refresh", request.id, "", token.error)
+        if token.subject != conn.identity.subject:
+            return self._fail(conn, "refresh", request.id, "", OTHER_SUBJECT)
+        if not may_register(token, conn.role):
+            return self._fail(conn, "refresh", request.id, "", ROLE_NOT_ALLOWED)
+        conn.identity = token
+        conn.grants = grants_for(self._policy(), token, conn.role)
+        frame = encode(
+            Refreshed(id=self._next_id(conn), replyTo=request.id, expiresIn=self._expires_in(conn))
+        )
+        return [Send(connection_id, frame)]
+
+    def check_tokens(self) -> list[Action]:
+        """Close connections that did not authenticate in time, or whose token expired and
+        was not refreshed within the grace period (both: "reconnect with a new token")."""
+        auth = self.auth
+        if auth is None:
+            return []
+        now = self.clock()
+        wall = self.wall_clock()
+        actions: list[Action] = []
+        for conn in self.connections.values():
+            identity = conn.identity
+            if identity is None:
+                if now - conn.connected_at >= auth.timeout:
+                    actions.append(
+                        CloseClient(
+                            conn.connection_id, CLOSE_TOKEN_EXPIRED, "Not authenticated in time"
+                        )
+                    )
+            elif identity.expires_at is not None and wall >= identity.expires_at + auth.grace:
+                actions.append(
+                    CloseClient(conn.connection_id, CLOSE_TOKEN_EXPIRED, "Token expired")
+                )
+        return actions
+
+    def revoke(self, *, subject: str | None = None, token_id: str | None = None) -> list[Action]:
+        """Close every local connection of ``subject`` or of the token ``token_id``."""
+        actions: list[Action] = []
+        for conn in self.connections.values():
+            identity = conn.identity
+            if identity is None:
+                continue
+            if (subject is not None and identity.subject == subject) or (
+                token_id is not None and identity.token_id == token_id
+            ):
+                actions.append(
+                    CloseClient(conn.connection_id, CLOSE_TOKEN_INVALID, "Token revoked")
+                )
+        return actions
+
+    def _authorize_register(
+        self, conn: LocalConnection, role: str, token: Identity | TokenRefusal | None
+    ) -> str | None:
+        if isinstance(token, TokenRefusal):
+            return token.error
+        identity = token if token is not None else conn.identity
+        if identity is None:
+            return AUTH_REQUIRED
+        if not may_register(identity, role):
+            return ROLE_NOT_ALLOWED
+        conn.identity = identity
+        return None
+
+    def _policy(self) -> Policy | None:
+        return self.auth.policy if self.auth is not None else None
+
+    def _may_list(self, conn: LocalConnection, role: str) -> bool:
+        return conn.grants is not None and may_list(conn.grants, role)
+
+    def _may_open(self, conn: LocalConnection, target: ConnectionRecord) -> bool:
+        if conn.grants is None or conn.role is None:
+            return False
+        return may_open(self._policy(), conn.grants, conn.role, target.role)
+
+    def _expires_in(self, conn: LocalConnection) -> int | None:
+        identity = conn.identity
+        if identity is None or identity.expires_at is None:
+            return None
+        return max(0, int(identity.expires_at - self.wall_clock()))
+
     # --- frames -------------------------------------------------------------------------
 
     @staticmethod
@@ -676,6 +839,8 @@ class BrokerCore:
                         id=frame_id, replyTo=reply_to, channelId=subject, error=error
                     )
                 )
+            case "refresh":
+                return encode(RefreshFailed(id=frame_id, replyTo=reply_to, error=error))
             case _:
                 return encode(
                     ChannelCloseFailed(
