@@ -172,7 +172,8 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     help="TOML role policy: who may list and open to which roles.",
 )
 @_option(
-    "--auth-query-token/--no-auth-query-token",
+    "--auth-query-token",
+    is_flag=True,
     default=False,
     help="Also accept ?token= on the URL (for the original JS client; never logged).",
 )
