@@ -106,6 +106,8 @@ TokenSource = str | Callable[[], str | Awaitable[str]]
 
 DEFAULT_CHANNEL_BUFFER: Final = 1024
 DEFAULT_INCOMING_BUFFER: Final = 256
+#: The shortest wait before a token refresh.
+MIN_REFRESH_DELAY: Final = 1.0
 #: How long ``close()`` waits for the WebSocket closing handshake before dropping the TCP link.
 CLOSE_TIMEOUT: Final = 2.0
 
@@ -719,7 +721,11 @@ class BrokerClient:
         if expires_in is None or self._token is None or isinstance(self._token, str):
             return
         link.refresher = asyncio.create_task(
-            self._refresh_later(link, expires_in * self.token_refresh_ratio),
+            # At least a second apart: a token that is (nearly) expired when it arrives
+            # must not make the client ask for tokens in a tight loop.
+            self._refresh_later(
+                link, max(MIN_REFRESH_DELAY, expires_in * self.token_refresh_ratio)
+            ),
             name=f"broker-client-refresh {self.url}",
         )
 
