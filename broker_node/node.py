@@ -22,6 +22,7 @@ from websockets.server import ServerProtocol
 
 from broker_node.auth.identity import Identity, TokenRefusal
 from broker_node.auth.jwks import refresh_forever
+from broker_node.auth.revocation import Revocation, RevocationKeys, RevocationList, listen
 from broker_node.auth.setup import build_auth
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend
@@ -77,7 +78,9 @@ class BrokerNode:
         self.registry = self.backend.registry
         self.stats = NodeStats()
         #: Authentication (issue 13); None: off, the original protocol.
-        self.auth = build_auth(settings)
+        #: Users and tokens revoked cluster-wide (filled from Redis; see auth/revocation.py).
+        self.revocations = RevocationList()
+        self.auth = build_auth(settings, self._is_revoked)
         auth_rules = None
         if self.auth is not None:
             auth_rules = AuthRules(
@@ -170,6 +173,8 @@ class BrokerNode:
                 )
             return
         self.supervisor.start("token-check", self._token_check_loop)
+        if self.settings.redis_url is not None:
+            self.supervisor.start("revocations", self._revocation_loop)
         jwks, source = auth.jwks, self.settings.auth_jwks
         if jwks is not None and source is not None:
             interval = self.settings.auth_jwks_refresh
@@ -179,6 +184,41 @@ class BrokerNode:
         while True:
             await asyncio.sleep(TOKEN_CHECK_INTERVAL)
             self.execute(self.core.check_tokens())
+            self.revocations.prune(time.time())
+
+    def _is_revoked(self, identity: Identity) -> bool:
+        return self.revocations.is_revoked(identity, time.time())
+
+    async def _revocation_loop(self) -> None:
+        from redis.asyncio import Redis
+        from redis.exceptions import RedisError
+
+        assert self.settings.redis_url is not None
+        keys = RevocationKeys(self.settings.redis_prefix)
+        lost = False
+
+        def subscribed() -> None:
+            nonlocal lost
+            if lost:
+                logger.info("revocation listener is back")
+            lost = False
+
+        while True:
+            redis = Redis.from_url(self.settings.redis_url, socket_connect_timeout=5)
+            try:
+                await listen(redis, keys, self._on_revocation, subscribed)
+            except (RedisError, OSError) as exc:
+                # Logged once per outage; what was revoked meanwhile is loaded on return.
+                if not lost:
+                    logger.warning("revocation listener lost Redis (%s); retrying", exc)
+                lost = True
+            finally:
+                await redis.aclose()
+            await asyncio.sleep(min(1.0, self.settings.heartbeat_interval))
+
+    def _on_revocation(self, revocation: Revocation) -> None:
+        self.revocations.add(revocation)
+        self.execute(self.core.revoke(self._is_revoked))
 
     def verify_token(self, token: str | None) -> Identity | TokenRefusal | None:
         """The verified token, or None when there is none or authentication is off."""

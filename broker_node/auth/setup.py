@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker_node.auth.identity import Identity
 from broker_node.auth.jwks import JwksKeys, read_source
 from broker_node.auth.policy import Policy, PolicyError, parse_policy
 from broker_node.auth.tokens import (
@@ -28,7 +30,9 @@ class AuthSetup:
     jwks: JwksKeys | None
 
 
-def build_auth(settings: Settings) -> AuthSetup | None:
+def build_auth(
+    settings: Settings, is_revoked: Callable[[Identity], bool] | None = None
+) -> AuthSetup | None:
     """The node's authentication, or None when it is off; ``ConfigurationError`` if wrong.
 
     Reads the policy file and the first JWKS document (blocking, at start only)."""
@@ -71,5 +75,6 @@ def build_auth(settings: Settings) -> AuthSetup | None:
         leeway=settings.auth_leeway,
         audience=settings.auth_audience,
         issuer=settings.auth_issuer,
+        is_revoked=is_revoked,
     )
     return AuthSetup(verifier, policy, jwks)

@@ -756,20 +756,14 @@ class BrokerCore:
                 )
         return actions
 
-    def revoke(self, *, subject: str | None = None, token_id: str | None = None) -> list[Action]:
-        """Close every local connection of ``subject`` or of the token ``token_id``."""
-        actions: list[Action] = []
-        for conn in self.connections.values():
-            identity = conn.identity
-            if identity is None:
-                continue
-            if (subject is not None and identity.subject == subject) or (
-                token_id is not None and identity.token_id == token_id
-            ):
-                actions.append(
-                    CloseClient(conn.connection_id, CLOSE_TOKEN_INVALID, "Token revoked")
-                )
-        return actions
+    def revoke(self, is_revoked: Callable[[Identity], bool]) -> list[Action]:
+        """Close every local connection whose token ``is_revoked`` (a user or a token was
+        revoked cluster-wide): "token invalid, do not retry"."""
+        return [
+            CloseClient(conn.connection_id, CLOSE_TOKEN_INVALID, "Token revoked")
+            for conn in self.connections.values()
+            if conn.identity is not None and is_revoked(conn.identity)
+        ]
 
     def _authorize_register(
         self, conn: LocalConnection, role: str, token: Identity | TokenRefusal | None

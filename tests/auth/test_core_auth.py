@@ -260,9 +260,10 @@ def test_revoke_closes_by_subject_or_token_id(core: BrokerCore) -> None:
     register(core, B, "server", who("alice", token_id="t-2"))
     register(core, C, "server", who("carol", token_id="t-3"))
     revoked = (CLOSE_TOKEN_INVALID, "Token revoked")
-    assert core.revoke(subject="alice") == [CloseClient(A, *revoked), CloseClient(B, *revoked)]
-    assert core.revoke(token_id="t-3") == [CloseClient(C, *revoked)]
-    assert core.revoke(token_id="nope") == []
+    by_alice = core.revoke(lambda identity: identity.subject == "alice")
+    assert by_alice == [CloseClient(A, *revoked), CloseClient(B, *revoked)]
+    assert core.revoke(lambda identity: identity.token_id == "t-3") == [CloseClient(C, *revoked)]
+    assert core.revoke(lambda identity: False) == []
 
 
 def test_without_auth_tokens_are_ignored(mono: Clock) -> None:
