@@ -80,6 +80,7 @@ class BrokerNode:
         #: Authentication (issue 13); None: off, the original protocol.
         #: Users and tokens revoked cluster-wide (filled from Redis; see auth/revocation.py).
         self.revocations = RevocationList()
+        self._revocations_loaded = asyncio.Event()
         self.auth = build_auth(settings, self._is_revoked)
         auth_rules = None
         if self.auth is not None:
@@ -135,7 +136,7 @@ class BrokerNode:
         self.supervisor.start("expiry", self._expiry_loop)
         if self.settings.ping_interval > 0:
             self.supervisor.start("keepalive", self._keepalive_loop)
-        self._start_auth()
+        await self._start_auth()
         if not self.backend.standalone:
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
@@ -161,7 +162,7 @@ class BrokerNode:
             "listening on %s:%d (%s, node %s)", self.settings.host, self.port, mode, self.node_id
         )
 
-    def _start_auth(self) -> None:
+    async def _start_auth(self) -> None:
         auth = self.auth
         if auth is None:
             if self.settings.host not in _LOOPBACK_HOSTS:
@@ -175,6 +176,12 @@ class BrokerNode:
         self.supervisor.start("token-check", self._token_check_loop)
         if self.settings.redis_url is not None:
             self.supervisor.start("revocations", self._revocation_loop)
+            # Tokens revoked before this node started must be refused from its first client.
+            try:
+                async with asyncio.timeout(self.settings.request_timeout * 2):
+                    await self._revocations_loaded.wait()
+            except TimeoutError:
+                logger.warning("revocations not loaded yet; they apply once Redis answers")
         jwks, source = auth.jwks, self.settings.auth_jwks
         if jwks is not None and source is not None:
             interval = self.settings.auth_jwks_refresh
@@ -199,6 +206,7 @@ class BrokerNode:
 
         def subscribed() -> None:
             nonlocal lost
+            self._revocations_loaded.set()
             if lost:
                 logger.info("revocation listener is back")
             lost = False
