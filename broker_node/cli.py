@@ -177,6 +177,12 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     default=False,
     help="Also accept ?token= on the URL (for the original JS client; never logged).",
 )
+@_option(
+    "--auth-max-connections-per-user",
+    default=_DEFAULTS.auth_max_connections_per_user,
+    type=click.IntRange(min=0),
+    help="Connections one user (token sub) may hold across the cluster (0: no limit).",
+)
 def main(
     *,
     host: str,
@@ -209,6 +215,7 @@ def main(
     auth_grace: float = _DEFAULTS.auth_grace,
     auth_policy: str | None = None,
     auth_query_token: bool = False,
+    auth_max_connections_per_user: int = 0,
 ) -> None:
     """Run one node of the connection broker (standalone without --redis-url)."""
     if heartbeat_interval >= node_ttl:
@@ -246,6 +253,7 @@ def main(
         auth_grace=auth_grace,
         auth_policy=auth_policy or None,
         auth_query_token=auth_query_token,
+        auth_max_connections_per_user=auth_max_connections_per_user,
     )
     run(settings)
 

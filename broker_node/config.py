@@ -77,6 +77,8 @@ class Settings:
     #: Accept ``?token=`` on the URL (for the original JS client; tokens in URLs end up in
     #: proxy logs, so it is off unless asked for).
     auth_query_token: bool = False
+    #: Connections one user (``sub``) may hold across the cluster; 0: no limit.
+    auth_max_connections_per_user: int = 0
 
     @property
     def node_ttl_ms(self) -> int:

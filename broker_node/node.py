@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable
 from typing import Final, TypeVar
 
@@ -24,6 +25,7 @@ from broker_node.auth.identity import Identity, TokenRefusal
 from broker_node.auth.jwks import refresh_forever
 from broker_node.auth.revocation import Revocation, RevocationKeys, RevocationList, listen
 from broker_node.auth.setup import build_auth
+from broker_node.auth.user_limits import RedisUserCounts, UserCountKeys
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
@@ -36,7 +38,7 @@ from broker_node.core.actions import (
     Publish,
     Send,
 )
-from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore
+from broker_node.core.broker import REGISTRY_UNAVAILABLE, USER_LIMIT, AuthRules, BrokerCore
 from broker_node.core.envelopes import Closed, Envelope, decode_batch
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
@@ -81,6 +83,13 @@ class BrokerNode:
         #: Users and tokens revoked cluster-wide (filled from Redis; see auth/revocation.py).
         self.revocations = RevocationList()
         self._revocations_loaded = asyncio.Event()
+        # Per-user connection limits (auth/user_limits.py): this node's counts, the user each
+        # counted connection holds a slot of, and the Redis side (None: standalone).
+        self._user_connections: Counter[str] = Counter()
+        self._counted: dict[ConnectionId, str] = {}
+        self._user_counts: RedisUserCounts | None = None
+        self._user_counts_lost = False
+        self._background: set[asyncio.Task[None]] = set()
         self.auth = build_auth(settings, self._is_revoked)
         auth_rules = None
         if self.auth is not None:
@@ -174,6 +183,17 @@ class BrokerNode:
                 )
             return
         self.supervisor.start("token-check", self._token_check_loop)
+        if self.settings.auth_max_connections_per_user > 0 and self.settings.redis_url:
+            from redis.asyncio import Redis
+
+            redis = Redis.from_url(
+                self.settings.redis_url,
+                socket_connect_timeout=self.settings.request_timeout,
+                socket_timeout=self.settings.request_timeout,
+            )
+            keys = UserCountKeys(self.settings.redis_prefix)
+            self._user_counts = RedisUserCounts(redis, keys, self.node_id)
+            self.supervisor.start("user-counts", self._user_counts_loop)
         if self.settings.redis_url is not None:
             self.supervisor.start("revocations", self._revocation_loop)
             # Tokens revoked before this node started must be refused from its first client.
@@ -192,6 +212,81 @@ class BrokerNode:
             await asyncio.sleep(TOKEN_CHECK_INTERVAL)
             self.execute(self.core.check_tokens())
             self.revocations.prune(time.time())
+
+    async def _close_auth(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._user_counts is not None:
+            await self._user_counts.aclose()
+
+    async def _take_user_slot(self, cid: ConnectionId) -> str | None:
+        """Count the connection against its user's limit; the error to answer, or None."""
+        from redis.exceptions import RedisError
+
+        limit = self.settings.auth_max_connections_per_user
+        conn = self.core.connections.get(cid)
+        if limit <= 0 or conn is None or conn.identity is None:
+            return None
+        user = conn.identity.subject
+        if self._user_counts is None:
+            # Standalone: this node is the whole cluster.
+            if self._user_connections[user] >= limit:
+                return USER_LIMIT
+        else:
+            try:
+                taken = await self._registry_call(
+                    "user_slot", self._user_counts.acquire(user, limit)
+                )
+            except (BackendUnavailable, RedisError, OSError):
+                # The slot may have been taken: the next keep round writes the truth again.
+                self._user_counts_lost = True
+                return REGISTRY_UNAVAILABLE
+            if not taken:
+                return USER_LIMIT
+        self._counted[cid] = user
+        self._user_connections[user] += 1
+        if not self.core.is_connected(cid):
+            self._drop_user_slot(cid)  # the client left during the await
+        return None
+
+    def _drop_user_slot(self, cid: ConnectionId) -> None:
+        user = self._counted.pop(cid, None)
+        if user is None:
+            return
+        self._user_connections[user] -= 1
+        if self._user_connections[user] <= 0:
+            del self._user_connections[user]
+        if self._user_counts is not None:
+            task = asyncio.get_running_loop().create_task(self._release_user_slot(user))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _release_user_slot(self, user: str) -> None:
+        from redis.exceptions import RedisError
+
+        assert self._user_counts is not None
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                await self._user_counts.release(user)
+        except (TimeoutError, RedisError, OSError):
+            self._user_counts_lost = True
+
+    async def _user_counts_loop(self) -> None:
+        from redis.exceptions import RedisError
+
+        assert self._user_counts is not None
+        ttl_ms = self.settings.node_ttl_ms * 2
+        while True:
+            rewrite, self._user_counts_lost = self._user_counts_lost, False
+            try:
+                async with asyncio.timeout(self.settings.request_timeout):
+                    await self._user_counts.keep(self._user_connections, ttl_ms, rewrite=rewrite)
+            except (TimeoutError, RedisError, OSError) as exc:
+                logger.debug("per-user counts not renewed: %s", exc)
+                self._user_counts_lost = True
+            await asyncio.sleep(self.settings.heartbeat_interval)
 
     def _is_revoked(self, identity: Identity) -> bool:
         return self.revocations.is_revoked(identity, time.time())
@@ -258,6 +353,7 @@ class BrokerNode:
         for sock in list(self.sockets):
             sock.abort()
         await self.supervisor.stop()
+        await self._close_auth()
         await self.backend.aclose()
         logger.info("stopped")
 
@@ -316,6 +412,7 @@ class BrokerNode:
         cid = sock.connection_id
         if cid is not None and self.clients.get(cid) is sock:
             del self.clients[cid]
+            self._drop_user_slot(cid)
             self.execute(self.core.disconnect(cid))
 
     def connection_lost(self, sock: ClientConnection) -> None:
@@ -389,6 +486,10 @@ class BrokerNode:
         if isinstance(plan, list):
             self.execute(plan)
             return
+        limit_error = await self._take_user_slot(cid)
+        if limit_error is not None:
+            self.execute(self.core.finish_register(cid, request, limit_error))
+            return
         error = None
         try:
             await self._registry_call("add_connection", self.registry.add_connection(plan))
@@ -399,6 +500,8 @@ class BrokerNode:
             self._registry_dirty = True
         if error is None and not self.core.is_connected(cid):
             self._forget(ForgetConnection(plan))
+        if error is not None:
+            self._drop_user_slot(cid)
         self.execute(self.core.finish_register(cid, request, error))
 
     async def _list_by_role(self, cid: ConnectionId, request: ListByRole) -> None:

@@ -92,6 +92,7 @@ AUTH_REQUIRED: Final = "Authentication required"
 ROLE_NOT_ALLOWED: Final = "Role not allowed for this token"
 AUTH_DISABLED: Final = "Authentication is not enabled on this node"
 OTHER_SUBJECT: Final = "Token is for another subject"
+USER_LIMIT: Final = "Too many connections for this user"
 
 #: Failure reasons used as metric labels; any other text counts as "invalid_request".
 KNOWN_REASONS: Final = frozenset(
@@ -112,6 +113,7 @@ KNOWN_REASONS: Final = frozenset(
         ROLE_NOT_ALLOWED,
         AUTH_DISABLED,
         OTHER_SUBJECT,
+        USER_LIMIT,
     }
 )
 
