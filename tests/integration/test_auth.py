@@ -10,6 +10,7 @@ across nodes.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,9 +20,20 @@ import pytest
 from websockets.asyncio.client import connect
 
 from shared.messages import CLOSE_TOKEN_EXPIRED, CLOSE_TOKEN_INVALID
-from tests.integration.helpers import Cluster, fast_args, frames_for, list_role
-from tests.support.nodes import NodeProcess
-from tests.support.tokens import OTHER_SECRET, SECRET, claims, hs256, rsa_pair, signed, unsigned
+from tests.integration.helpers import Cluster, eventually, fast_args, frames_for, list_role
+from tests.support.nodes import BROKER_NODE, NodeProcess
+from tests.support.tokens import (
+    OTHER_SECRET,
+    SECRET,
+    claims,
+    ec_pair,
+    ed25519_pair,
+    hs256,
+    jwks,
+    rsa_pair,
+    signed,
+    unsigned,
+)
 from tests.support.wire import WireClient
 
 AUTH_ENV = {"BROKER_AUTH_SECRET": SECRET}
@@ -270,3 +282,82 @@ async def test_websockets_client_connect_offers_the_subprotocol(node: NodeProces
     offered = ["broker.v1", f"broker.bearer.{token(roles=['a'])}"]
     async with connect(node.url, subprotocols=offered) as ws:  # type: ignore[arg-type]
         assert ws.subprotocol == "broker.v1"
+
+
+# --- keys and configuration -------------------------------------------------------------
+
+
+async def test_public_key_file(tmp_path: Path) -> None:
+    pair = ec_pair()
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(pair.public_pem)
+    with NodeProcess(extra_args=["--auth-public-key", str(key_file)]) as process:
+        async with WireClient(process.url) as client:
+            good = signed(pair, claims(roles=["a"]))
+            assert (await register(client, "a", good))["type"] == "registered"
+        async with WireClient(process.url) as client:
+            forged = signed(ec_pair(), claims(roles=["a"]))
+            reply = await register(client, "a", forged)
+            assert reply["error"] == "Invalid token: signature verification failed"
+
+
+async def test_jwks_file_is_read_again_in_the_background(tmp_path: Path) -> None:
+    old, new = rsa_pair(), ed25519_pair()
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(jwks(("old", old)))
+    args = ["--auth-jwks", str(jwks_file), "--auth-jwks-refresh", "1"]
+    with NodeProcess(extra_args=args) as process:
+        async with WireClient(process.url) as client:
+            token_old = signed(old, claims(roles=["a"]), kid="old")
+            assert (await register(client, "a", token_old))["type"] == "registered"
+        jwks_file.write_text(jwks(("new", new)))
+        token_new = signed(new, claims(roles=["a"]), kid="new")
+
+        async def rotated() -> bool:
+            async with WireClient(process.url) as probe:
+                return bool((await register(probe, "a", token_new))["type"] == "registered")
+
+        await eventually(rotated, timeout=15, interval=0.2)
+        async with WireClient(process.url) as client:
+            reply = await register(client, "a", signed(old, claims(roles=["a"]), kid="old"))
+            assert reply["error"] == "Invalid token: signing key not known"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--auth-secret", "s", "--auth-jwks", "/nonexistent"], "give one of"),
+        (["--auth-secret", "s", "--auth-algorithm", "none"], "cannot be used"),
+        (["--auth-secret", "s", "--auth-algorithm", "RS256"], "cannot be used"),
+        (["--auth-jwks", "/nonexistent/jwks.json"], "cannot read the JWKS"),
+    ],
+)
+def test_bad_auth_settings_stop_the_node(args: list[str], message: str) -> None:
+    run = subprocess.run(
+        [BROKER_NODE, "--host", "127.0.0.1", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_bad_policy_file_stops_the_node(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[roles.a]\nlist = 'b'\n")
+    run = subprocess.run(
+        [BROKER_NODE, "--port", "0", "--auth-secret", "s", "--auth-policy", str(policy)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 2 and "roles.a.list" in run.stderr, run.stderr
+
+
+def test_a_loud_warning_without_auth_on_a_public_address() -> None:
+    with NodeProcess(extra_args=["--host", "0.0.0.0"]) as process:
+        assert "AUTHENTICATION IS OFF" in process.output()
+    with NodeProcess() as process:  # 127.0.0.1
+        assert "AUTHENTICATION IS OFF" not in process.output()
