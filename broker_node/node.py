@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable
 from typing import Final, TypeVar
 
@@ -21,11 +20,8 @@ from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
-from broker_node.auth.identity import Identity, TokenRefusal
-from broker_node.auth.jwks import refresh_forever
-from broker_node.auth.revocation import Revocation, RevocationKeys, RevocationList, listen
-from broker_node.auth.setup import build_auth
-from broker_node.auth.user_limits import RedisUserCounts, UserCountKeys
+from broker_node.auth.identity import TokenRefusal
+from broker_node.auth.service import NodeAuth
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
@@ -38,7 +34,7 @@ from broker_node.core.actions import (
     Publish,
     Send,
 )
-from broker_node.core.broker import REGISTRY_UNAVAILABLE, USER_LIMIT, AuthRules, BrokerCore
+from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore
 from broker_node.core.envelopes import Closed, Envelope, decode_batch
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
@@ -65,9 +61,6 @@ MAX_CLOSED_RETRY: Final = 10_000
 CLOSED_ATTEMPTS: Final = 3
 #: Close code for clients of a node that was reaped while it could not reach Redis.
 CLOSE_SERVICE_RESTART: Final = 1012
-#: How often tokens are checked for expiry and connections for authentication in time.
-TOKEN_CHECK_INTERVAL: Final = 0.5
-_LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class BrokerNode:
@@ -79,18 +72,9 @@ class BrokerNode:
         self.backend = backend if backend is not None else create_backend(settings)
         self.registry = self.backend.registry
         self.stats = NodeStats()
-        #: Authentication (issue 13); None: off, the original protocol.
-        #: Users and tokens revoked cluster-wide (filled from Redis; see auth/revocation.py).
-        self.revocations = RevocationList()
-        self._revocations_loaded = asyncio.Event()
-        # Per-user connection limits (auth/user_limits.py): this node's counts, the user each
-        # counted connection holds a slot of, and the Redis side (None: standalone).
-        self._user_connections: Counter[str] = Counter()
-        self._counted: dict[ConnectionId, str] = {}
-        self._user_counts: RedisUserCounts | None = None
-        self._user_counts_lost = False
-        self._background: set[asyncio.Task[None]] = set()
-        self.auth = build_auth(settings, self._is_revoked)
+        # Authentication (issue 13): off (the original protocol) unless a key is configured.
+        self.node_auth = NodeAuth(settings, self.node_id)
+        self.auth = self.node_auth.setup
         auth_rules = None
         if self.auth is not None:
             auth_rules = AuthRules(
@@ -145,7 +129,11 @@ class BrokerNode:
         self.supervisor.start("expiry", self._expiry_loop)
         if self.settings.ping_interval > 0:
             self.supervisor.start("keepalive", self._keepalive_loop)
-        await self._start_auth()
+        await self.node_auth.start(
+            self.supervisor,
+            check_tokens=lambda: self.execute(self.core.check_tokens()),
+            on_revoked=lambda: self.execute(self.core.revoke(self.node_auth.is_revoked)),
+        )
         if not self.backend.standalone:
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
@@ -171,164 +159,6 @@ class BrokerNode:
             "listening on %s:%d (%s, node %s)", self.settings.host, self.port, mode, self.node_id
         )
 
-    async def _start_auth(self) -> None:
-        auth = self.auth
-        if auth is None:
-            if self.settings.host not in _LOOPBACK_HOSTS:
-                logger.warning(
-                    "AUTHENTICATION IS OFF while listening on %s: anyone who reaches this "
-                    "port can register under any role, list every connection and open "
-                    "channels to them (see the README's Security section)",
-                    self.settings.host,
-                )
-            return
-        self.supervisor.start("token-check", self._token_check_loop)
-        if self.settings.auth_max_connections_per_user > 0 and self.settings.redis_url:
-            from redis.asyncio import Redis
-
-            redis = Redis.from_url(
-                self.settings.redis_url,
-                socket_connect_timeout=self.settings.request_timeout,
-                socket_timeout=self.settings.request_timeout,
-            )
-            keys = UserCountKeys(self.settings.redis_prefix)
-            self._user_counts = RedisUserCounts(redis, keys, self.node_id)
-            self.supervisor.start("user-counts", self._user_counts_loop)
-        if self.settings.redis_url is not None:
-            self.supervisor.start("revocations", self._revocation_loop)
-            # Tokens revoked before this node started must be refused from its first client.
-            try:
-                async with asyncio.timeout(self.settings.request_timeout * 2):
-                    await self._revocations_loaded.wait()
-            except TimeoutError:
-                logger.warning("revocations not loaded yet; they apply once Redis answers")
-        jwks, source = auth.jwks, self.settings.auth_jwks
-        if jwks is not None and source is not None:
-            interval = self.settings.auth_jwks_refresh
-            self.supervisor.start("jwks-refresh", lambda: refresh_forever(jwks, source, interval))
-
-    async def _token_check_loop(self) -> None:
-        while True:
-            await asyncio.sleep(TOKEN_CHECK_INTERVAL)
-            self.execute(self.core.check_tokens())
-            self.revocations.prune(time.time())
-
-    async def _close_auth(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        if self._user_counts is not None:
-            await self._user_counts.aclose()
-
-    async def _take_user_slot(self, cid: ConnectionId) -> str | None:
-        """Count the connection against its user's limit; the error to answer, or None."""
-        from redis.exceptions import RedisError
-
-        limit = self.settings.auth_max_connections_per_user
-        conn = self.core.connections.get(cid)
-        if limit <= 0 or conn is None or conn.identity is None:
-            return None
-        user = conn.identity.subject
-        if self._user_counts is None:
-            # Standalone: this node is the whole cluster.
-            if self._user_connections[user] >= limit:
-                return USER_LIMIT
-        else:
-            try:
-                taken = await self._registry_call(
-                    "user_slot", self._user_counts.acquire(user, limit)
-                )
-            except (BackendUnavailable, RedisError, OSError):
-                # The slot may have been taken: the next keep round writes the truth again.
-                self._user_counts_lost = True
-                return REGISTRY_UNAVAILABLE
-            if not taken:
-                return USER_LIMIT
-        self._counted[cid] = user
-        self._user_connections[user] += 1
-        if not self.core.is_connected(cid):
-            self._drop_user_slot(cid)  # the client left during the await
-        return None
-
-    def _drop_user_slot(self, cid: ConnectionId) -> None:
-        user = self._counted.pop(cid, None)
-        if user is None:
-            return
-        self._user_connections[user] -= 1
-        if self._user_connections[user] <= 0:
-            del self._user_connections[user]
-        if self._user_counts is not None:
-            task = asyncio.get_running_loop().create_task(self._release_user_slot(user))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _release_user_slot(self, user: str) -> None:
-        from redis.exceptions import RedisError
-
-        assert self._user_counts is not None
-        try:
-            async with asyncio.timeout(self.settings.request_timeout):
-                await self._user_counts.release(user)
-        except (TimeoutError, RedisError, OSError):
-            self._user_counts_lost = True
-
-    async def _user_counts_loop(self) -> None:
-        from redis.exceptions import RedisError
-
-        assert self._user_counts is not None
-        ttl_ms = self.settings.node_ttl_ms * 2
-        while True:
-            rewrite, self._user_counts_lost = self._user_counts_lost, False
-            try:
-                async with asyncio.timeout(self.settings.request_timeout):
-                    await self._user_counts.keep(self._user_connections, ttl_ms, rewrite=rewrite)
-            except (TimeoutError, RedisError, OSError) as exc:
-                logger.debug("per-user counts not renewed: %s", exc)
-                self._user_counts_lost = True
-            await asyncio.sleep(self.settings.heartbeat_interval)
-
-    def _is_revoked(self, identity: Identity) -> bool:
-        return self.revocations.is_revoked(identity, time.time())
-
-    async def _revocation_loop(self) -> None:
-        from redis.asyncio import Redis
-        from redis.exceptions import RedisError
-
-        assert self.settings.redis_url is not None
-        keys = RevocationKeys(self.settings.redis_prefix)
-        lost = False
-
-        def subscribed() -> None:
-            nonlocal lost
-            self._revocations_loaded.set()
-            if lost:
-                logger.info("revocation listener is back")
-            lost = False
-
-        while True:
-            redis = Redis.from_url(self.settings.redis_url, socket_connect_timeout=5)
-            try:
-                await listen(redis, keys, self._on_revocation, subscribed)
-            except (RedisError, OSError) as exc:
-                # Logged once per outage; what was revoked meanwhile is loaded on return.
-                if not lost:
-                    logger.warning("revocation listener lost Redis (%s); retrying", exc)
-                lost = True
-            finally:
-                await redis.aclose()
-            await asyncio.sleep(min(1.0, self.settings.heartbeat_interval))
-
-    def _on_revocation(self, revocation: Revocation) -> None:
-        self.revocations.add(revocation)
-        self.execute(self.core.revoke(self._is_revoked))
-
-    def verify_token(self, token: str | None) -> Identity | TokenRefusal | None:
-        """The verified token, or None when there is none or authentication is off."""
-        if token is None or self.auth is None:
-            return None
-        return self.auth.verifier.verify(token)
-
     async def __aenter__(self) -> BrokerNode:
         await self.start()
         return self
@@ -353,7 +183,7 @@ class BrokerNode:
         for sock in list(self.sockets):
             sock.abort()
         await self.supervisor.stop()
-        await self._close_auth()
+        await self.node_auth.aclose()
         await self.backend.aclose()
         logger.info("stopped")
 
@@ -404,7 +234,7 @@ class BrokerNode:
         sock.keepalive_slice = self._accepted % KEEPALIVE_SLICES
         self.clients[sock.connection_id] = sock
         self.core.connect(sock.connection_id, legacy_errors=legacy_errors)
-        verified = self.verify_token(token)
+        verified = self.node_auth.verify(token)
         if verified is not None:
             self.execute(self.core.authenticated(sock.connection_id, verified))
 
@@ -412,7 +242,7 @@ class BrokerNode:
         cid = sock.connection_id
         if cid is not None and self.clients.get(cid) is sock:
             del self.clients[cid]
-            self._drop_user_slot(cid)
+            self.node_auth.drop_slot(cid)
             self.execute(self.core.disconnect(cid))
 
     def connection_lost(self, sock: ClientConnection) -> None:
@@ -475,18 +305,18 @@ class BrokerNode:
         elif isinstance(request, Open):
             await self._open(cid, request)
         elif isinstance(request, Refresh):
-            verified = self.verify_token(request.token)
+            verified = self.node_auth.verify(request.token)
             self.execute(core.refresh(cid, request, verified if verified is not None else _NO_AUTH))
         else:
             self.bad_frame(_rejection_kind(request))
             self.execute(core.reject(cid, request))
 
     async def _register(self, cid: ConnectionId, request: Register) -> None:
-        plan = self.core.begin_register(cid, request, self.verify_token(request.token))
+        plan = self.core.begin_register(cid, request, self.node_auth.verify(request.token))
         if isinstance(plan, list):
             self.execute(plan)
             return
-        limit_error = await self._take_user_slot(cid)
+        limit_error = await self.node_auth.take_slot(cid, self.core.identity_of(cid))
         if limit_error is not None:
             self.execute(self.core.finish_register(cid, request, limit_error))
             return
@@ -500,8 +330,8 @@ class BrokerNode:
             self._registry_dirty = True
         if error is None and not self.core.is_connected(cid):
             self._forget(ForgetConnection(plan))
-        if error is not None:
-            self._drop_user_slot(cid)
+        if error is not None or not self.core.is_connected(cid):
+            self.node_auth.drop_slot(cid)
         self.execute(self.core.finish_register(cid, request, error))
 
     async def _list_by_role(self, cid: ConnectionId, request: ListByRole) -> None:

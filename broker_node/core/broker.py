@@ -767,6 +767,10 @@ class BrokerCore:
             if conn.identity is not None and is_revoked(conn.identity)
         ]
 
+    def identity_of(self, connection_id: ConnectionId) -> Identity | None:
+        conn = self.connections.get(connection_id)
+        return conn.identity if conn is not None else None
+
     def _authorize_register(
         self, conn: LocalConnection, role: str, token: Identity | TokenRefusal | None
     ) -> str | None:
