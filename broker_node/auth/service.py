@@ -19,7 +19,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from broker_node.auth.identity import Identity, TokenRefusal
 from broker_node.auth.jwks import refresh_forever
@@ -30,6 +30,9 @@ from broker_node.config import Settings
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, USER_LIMIT
 from broker_node.supervisor import Supervisor
 from shared.ids import ConnectionId, NodeId
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 logger = logging.getLogger("broker_node.auth")
 
@@ -92,13 +95,7 @@ class NodeAuth:
         if settings.redis_url is None:
             return
         if settings.auth_max_connections_per_user > 0:
-            from redis.asyncio import Redis
-
-            redis = Redis.from_url(
-                settings.redis_url,
-                socket_connect_timeout=settings.request_timeout,
-                socket_timeout=settings.request_timeout,
-            )
+            redis = _redis(settings.redis_url, settings.request_timeout)
             keys = UserCountKeys(settings.redis_prefix)
             self._user_counts = RedisUserCounts(redis, keys, self.node_id)
             supervisor.start("user-counts", self._user_counts_loop)
@@ -131,7 +128,6 @@ class NodeAuth:
         return self.revocations.is_revoked(identity, time.time())
 
     async def _revocation_loop(self, on_revoked: Callable[[], None]) -> None:
-        from redis.asyncio import Redis
         from redis.exceptions import RedisError
 
         assert self.settings.redis_url is not None
@@ -150,7 +146,7 @@ class NodeAuth:
             on_revoked()
 
         while True:
-            redis = Redis.from_url(self.settings.redis_url, socket_connect_timeout=5)
+            redis = _redis(self.settings.redis_url, self.settings.request_timeout, listening=True)
             try:
                 await listen(redis, keys, revoked, subscribed)
             except (RedisError, OSError) as exc:
@@ -227,3 +223,23 @@ class NodeAuth:
                 logger.debug("per-user counts not renewed: %s", exc)
                 self._user_counts_lost = True
             await asyncio.sleep(self.settings.heartbeat_interval)
+
+
+def _redis(url: str, timeout: float, *, listening: bool = False) -> Redis:
+    """A client of its own, without redis-py's retries: a pub/sub connection that reconnects
+    silently would lose the revocations published meanwhile, whereas an error makes the
+    listener subscribe again and reload what Redis remembers."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=timeout,
+        # The listener waits for messages indefinitely; a PING every half minute finds a
+        # connection that died without a word.
+        socket_timeout=None if listening else timeout,
+        socket_keepalive=True,
+        health_check_interval=30 if listening else 0,
+        retry=Retry(NoBackoff(), 0),
+    )

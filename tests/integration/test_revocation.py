@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from broker_node.auth.revocation import Revocation, RevocationKeys, announce
 from client import BrokerClient
 from tests.integration.helpers import Cluster, eventually, fast_args
 from tests.support.nodes import NodeProcess
@@ -128,3 +129,24 @@ async def test_broker_admin_without_redis_fails_clearly() -> None:
         timeout=30,
     )
     assert run.returncode == 1 and "cannot reach Redis" in run.stderr
+
+
+async def test_a_revocation_made_while_the_listener_is_cut_off_still_applies(
+    cluster: Cluster,
+) -> None:
+    from redis.asyncio import Redis
+
+    [node] = await start_nodes(cluster, 1)
+    alice = await registered(cluster, node, hs256(claims(sub="erin", roles=["worker"])))
+    redis = Redis.from_url(cluster.redis.url)
+    try:
+        # Every pub/sub connection is cut (the node's bus and revocation listener alike);
+        # the revocation is published before the node can have subscribed again.
+        await redis.client_kill_filter(_type="pubsub")
+        now = time.time()
+        revocation = Revocation(kind="sub", value="erin", at=now, until=now + 600)
+        assert await announce(redis, RevocationKeys(), revocation) == 0  # nobody listening
+    finally:
+        await redis.aclose()
+    # The listener subscribes again and loads what Redis remembers: the kick still lands.
+    assert await alice.closed_with(timeout=15) == (4003, "Token revoked")
