@@ -361,3 +361,26 @@ def test_a_loud_warning_without_auth_on_a_public_address() -> None:
         assert "AUTHENTICATION IS OFF" in process.output()
     with NodeProcess() as process:  # 127.0.0.1
         assert "AUTHENTICATION IS OFF" not in process.output()
+
+
+async def test_jwks_url(tmp_path: Path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    pair = ec_pair()
+    (tmp_path / "jwks.json").write_text(jwks(("k", pair)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+        with NodeProcess(extra_args=["--auth-jwks", url]) as process:
+            async with WireClient(process.url) as client:
+                good = signed(pair, claims(roles=["a"]), kid="k")
+                assert (await register(client, "a", good))["type"] == "registered"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
