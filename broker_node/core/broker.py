@@ -707,6 +707,8 @@ class BrokerCore:
         if conn is None or self.auth is None:
             return []
         if isinstance(token, TokenRefusal):
+            self.stats.token_refusals[token.reason] += 1
+            self.stats.auth_closes["expired" if token.expired else "invalid_token"] += 1
             code = CLOSE_TOKEN_EXPIRED if token.expired else CLOSE_TOKEN_INVALID
             return [CloseClient(connection_id, code, token.error)]
         conn.identity = token
@@ -722,6 +724,7 @@ class BrokerCore:
         if conn.role is None or conn.identity is None:
             return self._fail(conn, "refresh", request.id, "", NOT_REGISTERED)
         if isinstance(token, TokenRefusal):
+            self.stats.token_refusals[token.reason] += 1
             return self._fail(conn, "refresh", request.id, "", token.error)
         if token.subject != conn.identity.subject:
             return self._fail(conn, "refresh", request.id, "", OTHER_SUBJECT)
@@ -747,12 +750,14 @@ class BrokerCore:
             identity = conn.identity
             if identity is None:
                 if now - conn.connected_at >= auth.timeout:
+                    self.stats.auth_closes["timeout"] += 1
                     actions.append(
                         CloseClient(
                             conn.connection_id, CLOSE_TOKEN_EXPIRED, "Not authenticated in time"
                         )
                     )
             elif identity.expires_at is not None and wall >= identity.expires_at + auth.grace:
+                self.stats.auth_closes["expired"] += 1
                 actions.append(
                     CloseClient(conn.connection_id, CLOSE_TOKEN_EXPIRED, "Token expired")
                 )
@@ -761,11 +766,13 @@ class BrokerCore:
     def revoke(self, is_revoked: Callable[[Identity], bool]) -> list[Action]:
         """Close every local connection whose token ``is_revoked`` (a user or a token was
         revoked cluster-wide): "token invalid, do not retry"."""
-        return [
+        actions: list[Action] = [
             CloseClient(conn.connection_id, CLOSE_TOKEN_INVALID, "Token revoked")
             for conn in self.connections.values()
             if conn.identity is not None and is_revoked(conn.identity)
         ]
+        self.stats.auth_closes["revoked"] += len(actions)
+        return actions
 
     def identity_of(self, connection_id: ConnectionId) -> Identity | None:
         conn = self.connections.get(connection_id)
@@ -775,6 +782,7 @@ class BrokerCore:
         self, conn: LocalConnection, role: str, token: Identity | TokenRefusal | None
     ) -> str | None:
         if isinstance(token, TokenRefusal):
+            self.stats.token_refusals[token.reason] += 1
             return token.error
         identity = token if token is not None else conn.identity
         if identity is None:

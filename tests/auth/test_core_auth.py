@@ -275,3 +275,16 @@ def test_without_auth_tokens_are_ignored(mono: Clock) -> None:
     assert frames(core.finish_list(A, ListByRole(id=2, role="r"), [A]))[0]["ids"] == ["a"]
     mono.now += 1000
     assert core.check_tokens() == []
+
+
+def test_refusals_and_closes_are_counted(core: BrokerCore, mono: Clock, wall: Clock) -> None:
+    refused_register(core, TokenRefusal("expired"))
+    core.connect(B)
+    core.authenticated(B, TokenRefusal("malformed"))
+    register(core, C, "server", who(token_id="t"))
+    core.revoke(lambda identity: identity.token_id == "t")
+    mono.now += 60
+    core.check_tokens()
+    assert core.stats.token_refusals == {"expired": 1, "malformed": 1}
+    # Nobody executes the closes here: A and B, both without a token, also time out.
+    assert core.stats.auth_closes == {"invalid_token": 1, "revoked": 1, "timeout": 2}

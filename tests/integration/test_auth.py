@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 
 from shared.messages import CLOSE_TOKEN_EXPIRED, CLOSE_TOKEN_INVALID
 from tests.integration.helpers import Cluster, eventually, fast_args, frames_for, list_role
-from tests.support.nodes import BROKER_NODE, NodeProcess
+from tests.support.nodes import BROKER_NODE, NodeProcess, http_get
 from tests.support.tokens import (
     OTHER_SECRET,
     SECRET,
@@ -102,6 +102,12 @@ async def test_refused_tokens_get_their_answer(client: WireClient, make: Any, er
     reply = await register(client, "a", make())
     assert reply["type"] == "register_failed"
     assert reply["error"] == f"Invalid token: {error}"
+
+
+async def test_refusals_are_in_the_metrics(node: NodeProcess, client: WireClient) -> None:
+    await register(client, "a", token(ttl=-60))
+    _, body = await asyncio.to_thread(http_get, node.http + "/metrics", 1.0)
+    assert 'broker_token_refusals_total{reason="expired"}' in body
 
 
 async def test_wrong_role_and_no_token_are_refused(client: WireClient) -> None:
