@@ -53,7 +53,8 @@ open = ["*"]
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[NodeProcess]:
-    args = ["--auth-audience", "brokers", "--auth-timeout", "1", "--auth-grace", "1"]
+    # A short auth timeout and grace, with room for a slow machine between connect and register.
+    args = ["--auth-audience", "brokers", "--auth-timeout", "3", "--auth-grace", "1"]
     with NodeProcess(extra_args=args, env=AUTH_ENV) as process:
         yield process
 
@@ -180,11 +181,13 @@ async def test_expired_token_closes_after_the_grace(client: WireClient) -> None:
 
 
 async def test_refresh_before_expiry_keeps_the_connection(client: WireClient) -> None:
-    assert (await register(client, "a", token(roles=["a"], ttl=2)))["type"] == "registered"
+    short = claims(roles=["a"], ttl=3, aud="brokers")
+    assert (await register(client, "a", hs256(short)))["type"] == "registered"
     reply = await client.request("refresh", token=token(roles=["a"], ttl=300))
     assert reply["type"] == "refreshed" and reply["expiresIn"] >= 290
     # Past the first token's exp + grace (and a few checks): the connection is still served.
-    assert await frames_for(client, 4.0) == []
+    listen_until = short["exp"] + 1 + 1.5
+    assert await frames_for(client, max(0.0, listen_until - time.time())) == []
     assert (await client.request("list_by_role", role="a"))["type"] == "connections"
 
 
@@ -193,10 +196,10 @@ async def test_refresh_after_expiry_within_the_grace(node: NodeProcess) -> None:
     args = ["--auth-audience", "brokers", "--auth-grace", "30", "--auth-leeway", "0"]
     with NodeProcess(extra_args=args, env=AUTH_ENV) as process:
         async with WireClient(process.url) as client:
-            short = token(roles=["a"], ttl=1)
+            short_claims = claims(roles=["a"], ttl=2, aud="brokers")
+            short = hs256(short_claims)
             assert (await register(client, "a", short))["type"] == "registered"
-            deadline = time.time() + 1.5
-            while time.time() < deadline:  # noqa: ASYNC110 - waiting for the wall clock itself
+            while time.time() <= short_claims["exp"] + 0.1:  # noqa: ASYNC110 - the wall clock
                 await asyncio.sleep(0.1)
             stale = await client.request("refresh", token=short)
             assert stale == {
