@@ -21,6 +21,7 @@ core produced them, and a node handles a bus batch in order.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
@@ -143,10 +144,9 @@ class LocalConnection:
     channels: set[ChannelId] = field(default_factory=set)
     #: Cross-node messages sent and not yet confirmed.
     unconfirmed: int = 0
-    # Authentication (issue 13): who the token says this is, what it may do, since when.
+    # Authentication (issue 13): who the token says this is, and what it may do.
     identity: Identity | None = None
     grants: Grants | None = None
-    connected_at: float = 0.0
 
 
 class _PendingDelivery(NamedTuple):
@@ -199,13 +199,17 @@ class BrokerCore:
         self.auth = auth
         #: Unix time, for token expiry (``clock`` may be monotonic).
         self.wall_clock = wall_clock if wall_clock is not None else clock
+        #: (deadline, connection): authenticate by then (clock), or the token's exp + grace
+        #: (wall clock); heaps, see ``check_tokens``.
+        self._auth_due: list[tuple[float, ConnectionId]] = []
+        self._expiry_due: list[tuple[float, ConnectionId]] = []
 
     # --- connections --------------------------------------------------------------------
 
     def connect(self, connection_id: ConnectionId, *, legacy_errors: bool = False) -> None:
-        self.connections[connection_id] = LocalConnection(
-            connection_id, legacy_errors, connected_at=self.clock()
-        )
+        self.connections[connection_id] = LocalConnection(connection_id, legacy_errors)
+        if self.auth is not None:
+            heapq.heappush(self._auth_due, (self.clock() + self.auth.timeout, connection_id))
 
     def is_connected(self, connection_id: ConnectionId) -> bool:
         return connection_id in self.connections
@@ -711,7 +715,7 @@ class BrokerCore:
             self.stats.auth_closes["expired" if token.expired else "invalid_token"] += 1
             code = CLOSE_TOKEN_EXPIRED if token.expired else CLOSE_TOKEN_INVALID
             return [CloseClient(connection_id, code, token.error)]
-        conn.identity = token
+        self._set_identity(conn, token)
         return []
 
     def refresh(
@@ -730,7 +734,7 @@ class BrokerCore:
             return self._fail(conn, "refresh", request.id, "", OTHER_SUBJECT)
         if not may_register(token, conn.role):
             return self._fail(conn, "refresh", request.id, "", ROLE_NOT_ALLOWED)
-        conn.identity = token
+        self._set_identity(conn, token)
         conn.grants = grants_for(self._policy(), token, conn.role)
         frame = encode(
             Refreshed(id=self._next_id(conn), replyTo=request.id, expiresIn=self._expires_in(conn))
@@ -739,29 +743,52 @@ class BrokerCore:
 
     def check_tokens(self) -> list[Action]:
         """Close connections that did not authenticate in time, or whose token expired and
-        was not refreshed within the grace period (both: "reconnect with a new token")."""
+        was not refreshed within the grace period (both: "reconnect with a new token").
+
+        Deadlines wait in two heaps, so a check costs the connections that are due, not all of
+        them; an entry whose connection left, authenticated or refreshed since is dropped."""
         auth = self.auth
         if auth is None:
             return []
-        now = self.clock()
-        wall = self.wall_clock()
         actions: list[Action] = []
-        for conn in self.connections.values():
-            identity = conn.identity
-            if identity is None:
-                if now - conn.connected_at >= auth.timeout:
-                    self.stats.auth_closes["timeout"] += 1
-                    actions.append(
-                        CloseClient(
-                            conn.connection_id, CLOSE_TOKEN_EXPIRED, "Not authenticated in time"
-                        )
-                    )
-            elif identity.expires_at is not None and wall >= identity.expires_at + auth.grace:
+        now = self.clock()
+        due = self._auth_due
+        while due and due[0][0] <= now:
+            _, cid = heapq.heappop(due)
+            conn = self.connections.get(cid)
+            if conn is not None and conn.identity is None:
+                self.stats.auth_closes["timeout"] += 1
+                actions.append(CloseClient(cid, CLOSE_TOKEN_EXPIRED, "Not authenticated in time"))
+        wall = self.wall_clock()
+        expiring = self._expiry_due
+        closing: set[ConnectionId] = set()
+        while expiring and expiring[0][0] <= wall:
+            deadline, cid = heapq.heappop(expiring)
+            conn = self.connections.get(cid)
+            if conn is None or conn.identity is None or conn.identity.expires_at is None:
+                continue
+            # Only the entry of the current token counts (a refresh pushed a new one).
+            if deadline == conn.identity.expires_at + auth.grace and cid not in closing:
+                closing.add(cid)
                 self.stats.auth_closes["expired"] += 1
-                actions.append(
-                    CloseClient(conn.connection_id, CLOSE_TOKEN_EXPIRED, "Token expired")
-                )
+                actions.append(CloseClient(cid, CLOSE_TOKEN_EXPIRED, "Token expired"))
         return actions
+
+    def _set_identity(self, conn: LocalConnection, identity: Identity) -> None:
+        conn.identity = identity
+        auth = self.auth
+        if auth is None or identity.expires_at is None:
+            return
+        heapq.heappush(self._expiry_due, (identity.expires_at + auth.grace, conn.connection_id))
+        # Entries of connections gone or refreshed stay until their (maybe hours away) deadline:
+        # past twice the live ones, the heap is rebuilt from the live connections.
+        if len(self._expiry_due) > 2 * len(self.connections) + 1024:
+            self._expiry_due = [
+                (c.identity.expires_at + auth.grace, c.connection_id)
+                for c in self.connections.values()
+                if c.identity is not None and c.identity.expires_at is not None
+            ]
+            heapq.heapify(self._expiry_due)
 
     def revoke(self, is_revoked: Callable[[Identity], bool]) -> list[Action]:
         """Close every local connection whose token ``is_revoked`` (a user or a token was
@@ -789,7 +816,8 @@ class BrokerCore:
             return AUTH_REQUIRED
         if not may_register(identity, role):
             return ROLE_NOT_ALLOWED
-        conn.identity = identity
+        if conn.identity is not identity:
+            self._set_identity(conn, identity)
         return None
 
     def _policy(self) -> Policy | None:

@@ -288,3 +288,12 @@ def test_refusals_and_closes_are_counted(core: BrokerCore, mono: Clock, wall: Cl
     assert core.stats.token_refusals == {"expired": 1, "malformed": 1}
     # Nobody executes the closes here: A and B, both without a token, also time out.
     assert core.stats.auth_closes == {"invalid_token": 1, "revoked": 1, "timeout": 2}
+
+
+def test_expiry_heap_stays_bounded_by_the_live_connections(core: BrokerCore, wall: Clock) -> None:
+    register(core, A, "server", who())
+    for n in range(3000):  # many refreshes (or connections come and gone)
+        core.refresh(A, Refresh(id=n + 2, token="t"), who(expires_at=1_000_600.0 + n))
+    assert len(core._expiry_due) <= 2 * len(core.connections) + 1025
+    wall.now = 1_000_600.0 + 2999 + 25
+    assert core.check_tokens() == [CloseClient(A, CLOSE_TOKEN_EXPIRED, "Token expired")]
