@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
 from broker_node.auth.identity import Identity
 from broker_node.auth.jwks import JwksKeys, read_source
 from broker_node.auth.policy import Policy, PolicyError, parse_policy
@@ -49,7 +51,12 @@ def build_auth(
     else:
         allowed, defaults = PUBLIC_KEY_ALGORITHMS, DEFAULT_PUBLIC_KEY_ALGORITHMS
         if settings.auth_public_key:
-            keys = StaticKey(settings.auth_public_key)
+            # Parsed once here rather than by PyJWT on every token.
+            try:
+                public_key = load_pem_public_key(settings.auth_public_key.encode())
+            except ValueError as exc:
+                raise ConfigurationError(f"cannot read the public key: {exc}") from exc
+            keys = StaticKey(public_key)
         else:
             assert settings.auth_jwks is not None
             jwks = JwksKeys()
