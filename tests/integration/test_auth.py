@@ -393,3 +393,16 @@ async def test_jwks_url(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_unreadable_public_key_stops_the_node(tmp_path: Path) -> None:
+    key_file = tmp_path / "key.pem"
+    key_file.write_text("not a PEM")
+    run = subprocess.run(
+        [BROKER_NODE, "--port", "0", "--auth-public-key", str(key_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 2 and "cannot read the public key" in run.stderr, run.stderr
