@@ -133,6 +133,74 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
 )
 @_option("--log-format", default=_DEFAULTS.log_format, type=click.Choice(["text", "json"]))
+# --- authentication (issue 13) ---------------------------------------------------------
+@_option(
+    "--auth-secret",
+    default=None,
+    help="Turn authentication on: HS256 shared secret of the tokens (prefer the env var).",
+)
+@_option(
+    "--auth-public-key",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Turn authentication on: PEM file of the public key (RS256, ES256, EdDSA).",
+)
+@_option(
+    "--auth-jwks",
+    default=None,
+    help="Turn authentication on: JWKS file or http(s) URL, re-read in the background.",
+)
+@_option(
+    "--auth-jwks-refresh",
+    default=_DEFAULTS.auth_jwks_refresh,
+    type=click.FloatRange(min=1),
+    help="Seconds between JWKS refreshes.",
+)
+@_option(
+    "--auth-algorithm",
+    "auth_algorithms",
+    multiple=True,
+    help="Accepted token algorithm (repeat)  [default: HS256 for a secret, "
+    "RS256/ES256/EdDSA for keys; never none]",
+)
+@_option("--auth-audience", default=None, help="Required token aud.")
+@_option("--auth-issuer", default=None, help="Required token iss.")
+@_option(
+    "--auth-leeway",
+    default=_DEFAULTS.auth_leeway,
+    type=click.FloatRange(min=0),
+    help="Seconds of clock skew allowed on exp and nbf.",
+)
+@_option(
+    "--auth-timeout",
+    default=_DEFAULTS.auth_timeout,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a connection may stay without a valid token (then closed with 4001).",
+)
+@_option(
+    "--auth-grace",
+    default=_DEFAULTS.auth_grace,
+    type=click.FloatRange(min=0),
+    help="Seconds a connection may outlive its token without a refresh (then 4001).",
+)
+@_option(
+    "--auth-policy",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="TOML role policy: who may list and open to which roles.",
+)
+@_option(
+    "--auth-query-token",
+    is_flag=True,
+    default=False,
+    help="Also accept ?token= on the URL (for the original JS client; never logged).",
+)
+@_option(
+    "--auth-max-connections-per-user",
+    default=_DEFAULTS.auth_max_connections_per_user,
+    type=click.IntRange(min=0),
+    help="Connections one user (token sub) may hold across the cluster (0: no limit).",
+)
 def main(
     *,
     host: str,
@@ -155,6 +223,19 @@ def main(
     ping_timeout: float,
     log_level: str,
     log_format: str,
+    auth_secret: str | None = None,
+    auth_public_key: str | None = None,
+    auth_jwks: str | None = None,
+    auth_jwks_refresh: float = _DEFAULTS.auth_jwks_refresh,
+    auth_algorithms: tuple[str, ...] = (),
+    auth_audience: str | None = None,
+    auth_issuer: str | None = None,
+    auth_leeway: float = _DEFAULTS.auth_leeway,
+    auth_timeout: float = _DEFAULTS.auth_timeout,
+    auth_grace: float = _DEFAULTS.auth_grace,
+    auth_policy: str | None = None,
+    auth_query_token: bool = False,
+    auth_max_connections_per_user: int = 0,
 ) -> None:
     """Run one node of the connection broker (standalone without --redis-url)."""
     if heartbeat_interval >= node_ttl:
@@ -182,8 +263,28 @@ def main(
         ping_timeout=ping_timeout,
         log_level=log_level,
         log_format="json" if log_format == "json" else "text",
+        auth_secret=auth_secret or None,
+        auth_public_key=_read_text(auth_public_key),
+        auth_jwks=auth_jwks or None,
+        auth_jwks_refresh=auth_jwks_refresh,
+        auth_algorithms=tuple(auth_algorithms),
+        auth_audience=auth_audience or None,
+        auth_issuer=auth_issuer or None,
+        auth_leeway=auth_leeway,
+        auth_timeout=auth_timeout,
+        auth_grace=auth_grace,
+        auth_policy=auth_policy or None,
+        auth_query_token=auth_query_token,
+        auth_max_connections_per_user=auth_max_connections_per_user,
     )
     run(settings)
+
+
+def _read_text(path: str | None) -> str | None:
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as file:
+        return file.read()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

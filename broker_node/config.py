@@ -61,6 +61,32 @@ class Settings:
     log_level: str = "info"
     log_format: LogFormat = "text"
 
+    # Authentication (issue 13): on when one of the three key settings is given.
+    #: HS256 shared secret (kept out of reprs and logs).
+    auth_secret: str | None = field(default=None, repr=False)
+    #: PEM text of a public key (RS256, ES256, EdDSA).
+    auth_public_key: str | None = None
+    #: A JWKS file path or http(s) URL, read again every ``auth_jwks_refresh`` seconds.
+    auth_jwks: str | None = None
+    auth_jwks_refresh: float = 300.0
+    #: Accepted ``alg`` values; empty: HS256 for a secret, RS256/ES256/EdDSA for public keys.
+    auth_algorithms: tuple[str, ...] = ()
+    auth_audience: str | None = None
+    auth_issuer: str | None = None
+    #: Seconds of clock skew allowed on ``exp`` and ``nbf``.
+    auth_leeway: float = 5.0
+    #: Seconds a connection may stay without a valid token before it is closed (4001).
+    auth_timeout: float = 10.0
+    #: Seconds a connection may outlive its token's ``exp`` without a refresh (then 4001).
+    auth_grace: float = 25.0
+    #: Path of the TOML role policy (see broker_node/auth/policy.py); absent: token claims.
+    auth_policy: str | None = None
+    #: Accept ``?token=`` on the URL (for the original JS client; tokens in URLs end up in
+    #: proxy logs, so it is off unless asked for).
+    auth_query_token: bool = False
+    #: Connections one user (``sub``) may hold across the cluster; 0: no limit.
+    auth_max_connections_per_user: int = 0
+
     @property
     def unconfirmed_bytes_bound(self) -> int:
         if self.max_unconfirmed_bytes is not None:
@@ -70,3 +96,7 @@ class Settings:
     @property
     def node_ttl_ms(self) -> int:
         return int(self.node_ttl * 1000)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_secret or self.auth_public_key or self.auth_jwks)

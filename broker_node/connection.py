@@ -30,6 +30,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
+from broker_node.auth.handshake import RedactTokens, handshake_token, select_subprotocol
 from broker_node.core.actions import Receipt
 from broker_node.frame_scanner import FAST_PONG, FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
 from shared.codec import CLOSE_POLICY_VIOLATION, decode_request
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("broker_node.connection")
 _websockets_logger = logging.getLogger("websockets.server")
+# Handshakes are logged at DEBUG with their URL and headers: tokens never reach the log.
+_websockets_logger.addFilter(RedactTokens())
 
 #: Requests of one client waiting behind a registry round trip before reading pauses.
 MAX_BACKLOG: Final = 1024
@@ -86,7 +89,11 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, node: BrokerNode) -> None:
         self.node = node
-        self.ws = ServerProtocol(max_size=node.settings.max_message_size, logger=_websockets_logger)
+        self.ws = ServerProtocol(
+            max_size=node.settings.max_message_size,
+            logger=_websockets_logger,
+            select_subprotocol=select_subprotocol,
+        )
         self.transport: asyncio.Transport | None = None
         self.connection_id: ConnectionId | None = None
         #: Frames not yet handed to the transport (built this loop turn, or waiting while the
@@ -206,7 +213,16 @@ class ClientConnection(asyncio.Protocol):
         self.ws.send_response(response)
         if response.status_code == 101:
             self.connection_id = new_connection_id()
-            self.node.client_accepted(self, legacy_errors=wants_legacy_errors(request.path))
+            token = None
+            if self.node.auth is not None:
+                token = handshake_token(
+                    request.path,
+                    request.headers,
+                    query_allowed=self.node.settings.auth_query_token,
+                )
+            self.node.client_accepted(
+                self, legacy_errors=wants_legacy_errors(request.path), token=token
+            )
 
     # --- frames in --------------------------------------------------------------------------
 
@@ -321,11 +337,6 @@ class ClientConnection(asyncio.Protocol):
         """A request read from this client still waits for its turn or for the registry."""
         return bool(self._backlog)
 
-    @property
-    def receipts_pending(self) -> bool:
-        """Frames handed to the socket whose senders await the kernel taking them."""
-        return bool(self._receipts)
-
     async def _work_backlog(self) -> None:
         cid = self.connection_id
         assert cid is not None
@@ -412,7 +423,8 @@ class ClientConnection(asyncio.Protocol):
             self._release(self._handed)
 
     def _write_now(self, data: bytes) -> None:
-        """Write protocol bytes (a ping, a close frame) behind every frame queued before them."""
+        """Write websockets' bytes (a close frame, a pong, an HTTP response) behind every
+        frame queued before them."""
         transport = self.transport
         if transport is None:
             return
@@ -478,7 +490,9 @@ class ClientConnection(asyncio.Protocol):
         self.ping_sent_at = now
         # Written as text frames are, bypassing websockets (which keeps no state for a ping
         # it did not send: the pong comes back as a frame like any other).
-        self._write_now(PING_FRAME)
+        # A control frame may go between data frames: it need not wait for the queued ones.
+        if self.transport is not None:
+            self.transport.write(PING_FRAME)
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -154,6 +154,21 @@ class NodeCollector(Collector):
         )
         info.add_metric([node.node_id, node_name(node.node_id)], 1)
         yield info
+        # Authentication (issue 13).
+        refusals = CounterMetricFamily(
+            "broker_token_refusals", "Tokens refused, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(stats.token_refusals.items()):
+            refusals.add_metric([reason], count)
+        yield refusals
+        auth_closes = CounterMetricFamily(
+            "broker_auth_closes",
+            "Connections closed by authentication (timeout, expired, revoked, invalid_token).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.auth_closes.items()):
+            auth_closes.add_metric([reason], count)
+        yield auth_closes
 
 
 def metrics_registry(node: BrokerNode) -> CollectorRegistry:

@@ -22,6 +22,8 @@ from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
+from broker_node.auth.identity import TokenRefusal
+from broker_node.auth.service import NodeAuth
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
@@ -37,7 +39,7 @@ from broker_node.core.actions import (
     ResumeReading,
     Send,
 )
-from broker_node.core.broker import REGISTRY_UNAVAILABLE, BrokerCore
+from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore
 from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
@@ -47,7 +49,7 @@ from broker_node.outbox import Outbox
 from broker_node.supervisor import Supervisor
 from shared.codec import CLOSE_GOING_AWAY, Rejection
 from shared.ids import ChannelId, ConnectionId, NodeId, node_name
-from shared.messages import Close, ListByRole, Message, Open, Register, Request
+from shared.messages import Close, ListByRole, Message, Open, Refresh, Register, Request
 
 logger = logging.getLogger("broker_node.node")
 
@@ -81,6 +83,14 @@ class BrokerNode:
         self.backend = backend if backend is not None else create_backend(settings)
         self.registry = self.backend.registry
         self.stats = NodeStats()
+        # Authentication (issue 13): off (the original protocol) unless a key is configured.
+        self.node_auth = NodeAuth(settings, self.node_id)
+        self.auth = self.node_auth.setup
+        auth_rules = None
+        if self.auth is not None:
+            auth_rules = AuthRules(
+                self.auth.policy, timeout=settings.auth_timeout, grace=settings.auth_grace
+            )
         self.core = BrokerCore(
             self.node_id,
             max_role_length=settings.max_role_length,
@@ -90,6 +100,8 @@ class BrokerNode:
             stats=self.stats,
             first_seq=time.time_ns() // 1000,
             max_unconfirmed_bytes=settings.unconfirmed_bytes_bound,
+            auth=auth_rules,
+            wall_clock=time.time,
         )
         self.outbox = Outbox(
             self.backend.bus,
@@ -137,6 +149,11 @@ class BrokerNode:
         self.supervisor.start("expiry", self._expiry_loop)
         if self.settings.ping_interval > 0:
             self.supervisor.start("keepalive", self._keepalive_loop)
+        await self.node_auth.start(
+            self.supervisor,
+            check_tokens=lambda: self.execute(self.core.check_tokens()),
+            on_revoked=lambda: self.execute(self.core.revoke(self.node_auth.is_revoked)),
+        )
         if not self.backend.standalone:
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
@@ -192,6 +209,7 @@ class BrokerNode:
         for sock in list(self.sockets):
             sock.abort()
         await self.supervisor.stop()
+        await self.node_auth.aclose()
         await self.backend.aclose()
         logger.info("stopped")
 
@@ -220,11 +238,10 @@ class BrokerNode:
 
     async def _answer_what_was_read(self) -> None:
         """Stop reading every client, then wait until every request read so far is answered:
-        no request waits in a backlog, no cross-node message, open or close awaits another
-        node, no message awaits the kernel taking it, nothing waits to be published. What a
-        client sends from now on is never read: it gets no reply and has no effect. Bounded
-        by half the drain timeout (the rest is for closing); cross-node work is bounded by
-        the request timeout anyway."""
+        no request waits in a backlog, no cross-node message or open awaits another node,
+        nothing waits to be published. What a client sends from now on is never read: it
+        gets no reply and has no effect. Bounded by half the drain timeout (the rest is for
+        closing); cross-node work is bounded by the request timeout anyway."""
         for client in list(self.clients.values()):
             client.pause_reading("drain")
         try:
@@ -232,11 +249,10 @@ class BrokerNode:
                 # Polled: the work finishes in the core, in backlogs and in the outbox, and no
                 # one event says all of it is done; the drain runs once per process.
                 while (  # noqa: ASYNC110
-                    any(
-                        client.requests_pending or client.receipts_pending
-                        for client in self.clients.values()
-                    )
+                    any(client.requests_pending for client in self.clients.values())
                     or self.core.pending_counts() != (0, 0)
+                    # Same-node messages wait for their recipient's socket to take them.
+                    or any(conn.unconfirmed for conn in self.core.connections.values())
                     or len(self.outbox)
                 ):
                     await asyncio.sleep(DRAIN_POLL)
@@ -267,17 +283,23 @@ class BrokerNode:
     def connection_opened(self, sock: ClientConnection) -> None:
         self.sockets.add(sock)
 
-    def client_accepted(self, sock: ClientConnection, *, legacy_errors: bool) -> None:
+    def client_accepted(
+        self, sock: ClientConnection, *, legacy_errors: bool, token: str | None = None
+    ) -> None:
         assert sock.connection_id is not None
         self._accepted += 1
         sock.keepalive_slice = self._accepted % KEEPALIVE_SLICES
         self.clients[sock.connection_id] = sock
         self.core.connect(sock.connection_id, legacy_errors=legacy_errors)
+        verified = self.node_auth.verify(token)
+        if verified is not None:
+            self.execute(self.core.authenticated(sock.connection_id, verified))
 
     def client_closing(self, sock: ClientConnection) -> None:
         cid = sock.connection_id
         if cid is not None and self.clients.get(cid) is sock:
             del self.clients[cid]
+            self.node_auth.drop_slot(cid)
             self.execute(self.core.disconnect(cid))
 
     def connection_lost(self, sock: ClientConnection) -> None:
@@ -374,14 +396,21 @@ class BrokerNode:
             await self._list_by_role(cid, request)
         elif isinstance(request, Open):
             await self._open(cid, request)
+        elif isinstance(request, Refresh):
+            verified = self.node_auth.verify(request.token)
+            self.execute(core.refresh(cid, request, verified if verified is not None else _NO_AUTH))
         else:
             self.bad_frame(_rejection_kind(request))
             self.execute(core.reject(cid, request))
 
     async def _register(self, cid: ConnectionId, request: Register) -> None:
-        plan = self.core.begin_register(cid, request)
+        plan = self.core.begin_register(cid, request, self.node_auth.verify(request.token))
         if isinstance(plan, list):
             self.execute(plan)
+            return
+        limit_error = await self.node_auth.take_slot(cid, self.core.identity_of(cid))
+        if limit_error is not None:
+            self.execute(self.core.finish_register(cid, request, limit_error))
             return
         error = None
         self._writing_connections.add(cid)
@@ -396,6 +425,8 @@ class BrokerNode:
             self._writing_connections.discard(cid)
         if error is None and not self.core.is_connected(cid):
             self._forget(ForgetConnection(plan))
+        if error is not None or not self.core.is_connected(cid):
+            self.node_auth.drop_slot(cid)
         self.execute(self.core.finish_register(cid, request, error))
 
     async def _list_by_role(self, cid: ConnectionId, request: ListByRole) -> None:
@@ -755,6 +786,10 @@ class BrokerNode:
         await self._registry_call(
             "rejoin", self.registry.rejoin(self.node_id, self.heartbeat_ttl_ms)
         )
+
+
+#: What a refresh is checked against on a node without authentication (the core refuses it).
+_NO_AUTH: Final = TokenRefusal("authentication is off")
 
 
 def _rejection_kind(rejection: Rejection) -> str:

@@ -34,6 +34,9 @@ __all__ = [
     "ListByRoleFailed",
     "Message",
     "Open",
+    "Refresh",
+    "RefreshFailed",
+    "Refreshed",
     "Register",
     "RegisterFailed",
     "Registered",
@@ -51,6 +54,9 @@ class _Wire(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True):
 class Register(_Wire, frozen=True, tag="register"):
     id: int
     role: str
+    #: A JWT, when the node requires authentication and the token did not come with the
+    #: handshake (issue 13); absent from the original protocol.
+    token: str | None = None
 
 
 class ListByRole(_Wire, frozen=True, tag="list_by_role"):
@@ -74,7 +80,17 @@ class Close(_Wire, frozen=True, tag="close"):
     channelId: str
 
 
-Request = Register | ListByRole | Open | Message | Close
+# --- authentication (issue 13) -----------------------------------------------------------
+
+
+class Refresh(_Wire, frozen=True, tag="refresh"):
+    """A fresh token for the same ``sub``, sent before the current one expires."""
+
+    id: int
+    token: str
+
+
+Request = Register | ListByRole | Open | Message | Close | Refresh
 
 REQUEST_TYPES: Final[dict[str, type[Request]]] = {
     "register": Register,
@@ -82,6 +98,7 @@ REQUEST_TYPES: Final[dict[str, type[Request]]] = {
     "open": Open,
     "message": Message,
     "close": Close,
+    "refresh": Refresh,
 }
 
 #: The failure reply of each request type (``open`` -> ``channel_open_failed``).
@@ -91,6 +108,7 @@ FAILURE_TYPE: Final[dict[str, str]] = {
     "open": "channel_open_failed",
     "message": "channel_message_failed",
     "close": "channel_close_failed",
+    "refresh": "refresh_failed",
 }
 
 # --- broker -> client -------------------------------------------------------------------
@@ -100,6 +118,8 @@ class Registered(_Wire, frozen=True, tag="registered"):
     id: int
     replyTo: int
     connectionId: str
+    #: Seconds until the connection's token expires (authentication on; issue 13).
+    expiresIn: int | None = None
 
 
 class RegisterFailed(_Wire, frozen=True, tag="register_failed"):
@@ -185,6 +205,22 @@ class Error(_Wire, frozen=True, tag="error", kw_only=True):
     error: str
 
 
+# --- authentication replies (issue 13) ---------------------------------------------------
+
+
+class Refreshed(_Wire, frozen=True, tag="refreshed", kw_only=True):
+    id: int
+    replyTo: int
+    #: Seconds until the new token expires.
+    expiresIn: int | None = None
+
+
+class RefreshFailed(_Wire, frozen=True, tag="refresh_failed"):
+    id: int
+    replyTo: int
+    error: str
+
+
 BrokerMessage = (
     Registered
     | RegisterFailed
@@ -200,4 +236,14 @@ BrokerMessage = (
     | ChannelClosedNotification
     | ChannelCloseFailed
     | Error
+    | Refreshed
+    | RefreshFailed
 )
+
+
+# --- authentication close codes (issue 13) ----------------------------------------------
+
+#: The token expired (or none came in time): get a new token and reconnect.
+CLOSE_TOKEN_EXPIRED: Final = 4001
+#: The token is invalid or revoked: do not retry with it.
+CLOSE_TOKEN_INVALID: Final = 4003

@@ -21,12 +21,15 @@ core produced them, and a node handles a bus batch in order.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, NamedTuple
 
+from broker_node.auth.identity import Identity, TokenRefusal
+from broker_node.auth.policy import Grants, Policy, grants_for, may_list, may_open, may_register
 from broker_node.core.actions import (
     Action,
     CloseClient,
@@ -62,6 +65,8 @@ from shared.codec import (
 )
 from shared.ids import ChannelId, ConnectionId, NodeId, new_channel_id
 from shared.messages import (
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TOKEN_INVALID,
     FAILURE_TYPE,
     ChannelClosed,
     ChannelClosedNotification,
@@ -79,6 +84,9 @@ from shared.messages import (
     ListByRoleFailed,
     Message,
     Open,
+    Refresh,
+    Refreshed,
+    RefreshFailed,
     Register,
     Registered,
     RegisterFailed,
@@ -98,6 +106,12 @@ DELIVERY_UNKNOWN: Final = "Recipient disconnected during delivery; outcome unkno
 TARGET_NODE_SILENT: Final = "Target's node did not answer in time"
 REGISTRY_UNAVAILABLE: Final = "Cluster registry unavailable, try again"
 LATE_DELIVERY: Final = "Delivery arrived out of order and was dropped"
+# Authentication (issue 13)
+AUTH_REQUIRED: Final = "Authentication required"
+ROLE_NOT_ALLOWED: Final = "Role not allowed for this token"
+AUTH_DISABLED: Final = "Authentication is not enabled on this node"
+OTHER_SUBJECT: Final = "Token is for another subject"
+USER_LIMIT: Final = "Too many connections for this user"
 
 #: Failure reasons used as metric labels; any other text counts as "invalid_request".
 KNOWN_REASONS: Final = frozenset(
@@ -114,6 +128,11 @@ KNOWN_REASONS: Final = frozenset(
         TARGET_NODE_SILENT,
         REGISTRY_UNAVAILABLE,
         LATE_DELIVERY,
+        AUTH_REQUIRED,
+        ROLE_NOT_ALLOWED,
+        AUTH_DISABLED,
+        OTHER_SUBJECT,
+        USER_LIMIT,
     }
 )
 
@@ -123,13 +142,23 @@ FrameBuilder = Callable[[int], bytes]
 
 
 @dataclass(slots=True)
-class _Slot:
-    """A frame (or frames) about a channel, in request order: the reply to request
-    ``request_id`` once it is known (``frames`` None until then), or a frame made meanwhile
-    that waits behind the replies before it."""
+class _Held:
+    """Frames about a channel that wait behind the replies still owed before them: ready
+    frames, or the place of request ``request_id``'s reply (``frames`` None until known)."""
 
     request_id: int | None
     frames: list[FrameBuilder] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRules:
+    """Authentication is on: the policy and the times a connection is held to."""
+
+    policy: Policy | None
+    #: Seconds a connection may stay without a valid token before it is closed.
+    timeout: float
+    #: Seconds a connection may outlive its token's ``exp`` without a refresh.
+    grace: float
 
 
 @dataclass(slots=True)
@@ -149,9 +178,14 @@ class LocalConnection:
     unconfirmed_bytes: int = 0
     #: Reading this client's socket is paused until enough of that is settled.
     flow_paused: bool = False
-    #: Per channel, while a request of this client on it awaits another socket or node: the
-    #: frames about that channel in the order one node would have sent them (see ``_Slot``).
-    slots: dict[ChannelId, deque[_Slot]] = field(default_factory=dict)
+    #: Per channel: messages of this client not yet settled (they settle in order), and the
+    #: frames about that channel made meanwhile, which wait behind their replies so that the
+    #: client gets them in the order one node would have sent them.
+    pending: dict[ChannelId, int] = field(default_factory=dict)
+    held: dict[ChannelId, deque[_Held]] = field(default_factory=dict)
+    # Authentication (issue 13): who the token says this is, and what it may do.
+    identity: Identity | None = None
+    grants: Grants | None = None
 
 
 class _PendingDelivery(NamedTuple):
@@ -196,6 +230,8 @@ class BrokerCore:
         stats: NodeStats | None = None,
         first_seq: int = 0,
         max_unconfirmed_bytes: int = 2 * 1024 * 1024,
+        auth: AuthRules | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         self.node_id = node_id
         self.max_role_length = max_role_length
@@ -218,11 +254,21 @@ class BrokerCore:
         self._seq = first_seq
         #: The last delivery seq accepted from each sending node.
         self._last_delivery: dict[NodeId, int] = {}
+        #: None: authentication is off (the original protocol); see ``AuthRules``.
+        self.auth = auth
+        #: Unix time, for token expiry (``clock`` may be monotonic).
+        self.wall_clock = wall_clock if wall_clock is not None else clock
+        #: (deadline, connection): authenticate by then (clock), or the token's exp + grace
+        #: (wall clock); heaps, see ``check_tokens``.
+        self._auth_due: list[tuple[float, ConnectionId]] = []
+        self._expiry_due: list[tuple[float, ConnectionId]] = []
 
     # --- connections --------------------------------------------------------------------
 
     def connect(self, connection_id: ConnectionId, *, legacy_errors: bool = False) -> None:
         self.connections[connection_id] = LocalConnection(connection_id, legacy_errors)
+        if self.auth is not None:
+            heapq.heappush(self._auth_due, (self.clock() + self.auth.timeout, connection_id))
 
     def is_connected(self, connection_id: ConnectionId) -> bool:
         return connection_id in self.connections
@@ -274,9 +320,14 @@ class BrokerCore:
     # --- register -----------------------------------------------------------------------
 
     def begin_register(
-        self, connection_id: ConnectionId, request: Register
+        self,
+        connection_id: ConnectionId,
+        request: Register,
+        token: Identity | TokenRefusal | None = None,
     ) -> list[Action] | ConnectionRecord:
-        """Refuse the request, or return the record the shell must write to the registry."""
+        """Refuse the request, or return the record the shell must write to the registry.
+
+        ``token``: the verified ``token`` field of the request, if it had one."""
         conn = self.connections[connection_id]
         error: str | None = None
         if conn.role is not None or conn.registering:
@@ -285,6 +336,8 @@ class BrokerCore:
             error = "Invalid field: role must be a non-empty string"
         elif len(request.role) > self.max_role_length:
             error = f"Invalid field: role is longer than {self.max_role_length} characters"
+        elif self.auth is not None:
+            error = self._authorize_register(conn, request.role, token)
         if error is not None:
             return self._fail(conn, "register", request.id, "", error)
         conn.registering = True
@@ -300,8 +353,15 @@ class BrokerCore:
         if error is not None:
             return self._fail(conn, "register", request.id, "", error)
         conn.role = request.role
+        if conn.identity is not None:
+            conn.grants = grants_for(self._policy(), conn.identity, request.role)
         frame = encode(
-            Registered(id=self._next_id(conn), replyTo=request.id, connectionId=connection_id)
+            Registered(
+                id=self._next_id(conn),
+                replyTo=request.id,
+                connectionId=connection_id,
+                expiresIn=self._expires_in(conn),
+            )
         )
         return [Send(connection_id, frame)]
 
@@ -326,6 +386,8 @@ class BrokerCore:
             return []
         if ids is None:
             return self._fail(conn, "list_by_role", request.id, "", error or REGISTRY_UNAVAILABLE)
+        if self.auth is not None and not self._may_list(conn, request.role):
+            ids = []  # a role the caller may not see looks empty: nothing leaks
         frame = encode(Connections(id=self._next_id(conn), replyTo=request.id, ids=list(ids)))
         return [Send(connection_id, frame)]
 
@@ -345,6 +407,8 @@ class BrokerCore:
         conn = self.connections.get(connection_id)
         if conn is None:
             return []
+        if target is not None and self.auth is not None and not self._may_open(conn, target):
+            target = None  # a forbidden target is answered exactly as a missing one
         if target is None:
             return self._fail(conn, "open", request.id, request.targetId, TARGET_NOT_FOUND)
         return ChannelRecord(
@@ -462,7 +526,8 @@ class BrokerCore:
             actions = [Publish(peer_node, envelope)]
         conn.unconfirmed += 1
         conn.unconfirmed_bytes += size
-        self._reserve(conn, channel_id, request.id)
+        pending = conn.pending
+        pending[channel_id] = pending.get(channel_id, 0) + 1
         if not conn.flow_paused and (
             conn.unconfirmed > self.max_unconfirmed
             or conn.unconfirmed_bytes > self.max_unconfirmed_bytes
@@ -472,13 +537,26 @@ class BrokerCore:
             actions.append(PauseReading(connection_id))
         return actions
 
-    def _unhold(self, conn: LocalConnection, size: int, actions: list[Action]) -> None:
-        """One message of ``conn`` is settled: resume reading once half the window is free."""
+    def _unhold(
+        self, conn: LocalConnection, channel_id: ChannelId, size: int, actions: list[Action]
+    ) -> None:
+        """A message of ``conn`` is settled (its reply is in ``actions``): what waited behind
+        it may go, and reading resumes once half the window is free."""
+        left = conn.pending[channel_id] - 1
+        if left:
+            conn.pending[channel_id] = left
+        else:
+            del conn.pending[channel_id]
+            if conn.held:
+                self._release_held(conn, channel_id, actions)
         conn.unconfirmed -= 1
         conn.unconfirmed_bytes -= size
+        if conn.flow_paused:
+            self._maybe_resume(conn, actions)
+
+    def _maybe_resume(self, conn: LocalConnection, actions: list[Action]) -> None:
         if (
-            conn.flow_paused
-            and conn.unconfirmed <= self.max_unconfirmed // 2
+            conn.unconfirmed <= self.max_unconfirmed // 2
             and conn.unconfirmed_bytes <= self.max_unconfirmed_bytes // 2
         ):
             conn.flow_paused = False
@@ -489,23 +567,47 @@ class BrokerCore:
     def written(self, receipts: Iterable[Receipt]) -> list[Action]:
         """The kernel accepted these frames: confirm them to their senders."""
         actions: list[Action] = []
-        confirmations: dict[NodeId, list[int]] = {}
+        confirmations: dict[NodeId, list[int]] | None = None
+        connections = self.connections
         for receipt in receipts:
             if type(receipt) is LocalReceipt:
-                sender = self.connections.get(receipt.sender)
+                sender = connections.get(receipt.sender)
                 if sender is None:
                     continue
-                self._message_sent(sender, receipt.request_id, receipt.channel_id, actions)
-                self._unhold(sender, receipt.size, actions)
+                # The hot path of every same-node message: ``_next_id`` and ``_unhold``
+                # inlined for the common case.
+                frame_id = sender.next_id
+                sender.next_id = frame_id + 1
+                channel_id = receipt.channel_id
+                frame = encode(
+                    ChannelMessageSent(
+                        id=frame_id, replyTo=receipt.request_id, channelId=channel_id
+                    )
+                )
+                actions.append(Send(receipt.sender, frame))
+                pending = sender.pending
+                left = pending[channel_id] - 1
+                sender.unconfirmed -= 1
+                sender.unconfirmed_bytes -= receipt.size
+                if left:
+                    pending[channel_id] = left
+                else:
+                    del pending[channel_id]
+                    if sender.held:
+                        self._release_held(sender, channel_id, actions)
+                if sender.flow_paused:
+                    self._maybe_resume(sender, actions)
             else:
                 assert type(receipt) is RemoteReceipt
-                seqs = confirmations.get(receipt.node_id)
-                if seqs is None:
+                if confirmations is None:
+                    confirmations = {receipt.node_id: [receipt.seq]}
+                elif (seqs := confirmations.get(receipt.node_id)) is None:
                     confirmations[receipt.node_id] = [receipt.seq]
                 else:
                     seqs.append(receipt.seq)
-        for node_id, seqs in confirmations.items():
-            actions.append(Publish(node_id, Confirm(seqs, [])))
+        if confirmations is not None:
+            for node_id, seqs in confirmations.items():
+                actions.append(Publish(node_id, Confirm(seqs, [])))
         return actions
 
     def unwritten(self, receipts: Iterable[Receipt], *, handed: bool) -> list[Action]:
@@ -521,10 +623,10 @@ class BrokerCore:
             if type(receipt) is LocalReceipt:
                 sender = self.connections.get(receipt.sender)
                 if sender is not None:
-                    self._fill_failure(
-                        sender, "message", receipt.request_id, receipt.channel_id, error, actions
+                    actions += self._fail(
+                        sender, "message", receipt.request_id, receipt.channel_id, error
                     )
-                    self._unhold(sender, receipt.size, actions)
+                    self._unhold(sender, receipt.channel_id, receipt.size, actions)
             else:
                 assert type(receipt) is RemoteReceipt
                 refusals.setdefault(receipt.node_id, []).append((receipt.seq, error))
@@ -560,7 +662,8 @@ class BrokerCore:
             deadline = self.clock() + self.request_timeout
             self._closes[self._seq] = _PendingClose(connection_id, request.id, channel, deadline)
             self._closing[channel_id] = self._seq
-            self._reserve(conn, channel_id, request.id)
+            # Its reply's place among the frames about the channel: later ones wait behind it.
+            self._held_entry(conn, channel_id, _Held(request.id))
             return [Publish(peer_node, CloseRequest(self._seq, self.node_id, channel_id, peer_id))]
         actions: list[Action] = []
         self._drop_channel(channel)
@@ -753,12 +856,15 @@ class BrokerCore:
             return
         if error is None:
             self.stats.confirmations_sent += 1
-            self._message_sent(conn, pending.request_id, pending.channel_id, actions)
-        else:
-            self._fill_failure(
-                conn, "message", pending.request_id, pending.channel_id, error, actions
+            frame = encode(
+                ChannelMessageSent(
+                    id=self._next_id(conn), replyTo=pending.request_id, channelId=pending.channel_id
+                )
             )
-        self._unhold(conn, pending.size, actions)
+            actions.append(Send(conn.connection_id, frame))
+        else:
+            actions += self._fail(conn, "message", pending.request_id, pending.channel_id, error)
+        self._unhold(conn, pending.channel_id, pending.size, actions)
 
     def _on_incoming(self, seq: int, channel: ChannelRecord, actions: list[Action]) -> None:
         target = self.connections.get(channel.target)
@@ -909,6 +1015,142 @@ class BrokerCore:
         nodes.discard(self.node_id)
         return nodes
 
+    # --- authentication (issue 13) ------------------------------------------------------
+
+    def authenticated(
+        self, connection_id: ConnectionId, token: Identity | TokenRefusal
+    ) -> list[Action]:
+        """The token of the handshake (header or URL): keep it, or close the connection."""
+        conn = self.connections.get(connection_id)
+        if conn is None or self.auth is None:
+            return []
+        if isinstance(token, TokenRefusal):
+            self.stats.token_refusals[token.reason] += 1
+            self.stats.auth_closes["expired" if token.expired else "invalid_token"] += 1
+            code = CLOSE_TOKEN_EXPIRED if token.expired else CLOSE_TOKEN_INVALID
+            return [CloseClient(connection_id, code, token.error)]
+        self._set_identity(conn, token)
+        return []
+
+    def refresh(
+        self, connection_id: ConnectionId, request: Refresh, token: Identity | TokenRefusal
+    ) -> list[Action]:
+        """A fresh token for the same subject and role; the connection keeps going."""
+        conn = self.connections[connection_id]
+        if self.auth is None:
+            return self._fail(conn, "refresh", request.id, "", AUTH_DISABLED)
+        if conn.role is None or conn.identity is None:
+            return self._fail(conn, "refresh", request.id, "", NOT_REGISTERED)
+        if isinstance(token, TokenRefusal):
+            self.stats.token_refusals[token.reason] += 1
+            return self._fail(conn, "refresh", request.id, "", token.error)
+        if token.subject != conn.identity.subject:
+            return self._fail(conn, "refresh", request.id, "", OTHER_SUBJECT)
+        if not may_register(token, conn.role):
+            return self._fail(conn, "refresh", request.id, "", ROLE_NOT_ALLOWED)
+        self._set_identity(conn, token)
+        conn.grants = grants_for(self._policy(), token, conn.role)
+        frame = encode(
+            Refreshed(id=self._next_id(conn), replyTo=request.id, expiresIn=self._expires_in(conn))
+        )
+        return [Send(connection_id, frame)]
+
+    def check_tokens(self) -> list[Action]:
+        """Close connections that did not authenticate in time, or whose token expired and
+        was not refreshed within the grace period (both: "reconnect with a new token").
+
+        Deadlines wait in two heaps, so a check costs the connections that are due, not all of
+        them; an entry whose connection left, authenticated or refreshed since is dropped."""
+        auth = self.auth
+        if auth is None:
+            return []
+        actions: list[Action] = []
+        now = self.clock()
+        due = self._auth_due
+        while due and due[0][0] <= now:
+            _, cid = heapq.heappop(due)
+            conn = self.connections.get(cid)
+            if conn is not None and conn.identity is None:
+                self.stats.auth_closes["timeout"] += 1
+                actions.append(CloseClient(cid, CLOSE_TOKEN_EXPIRED, "Not authenticated in time"))
+        wall = self.wall_clock()
+        expiring = self._expiry_due
+        closing: set[ConnectionId] = set()
+        while expiring and expiring[0][0] <= wall:
+            deadline, cid = heapq.heappop(expiring)
+            conn = self.connections.get(cid)
+            if conn is None or conn.identity is None or conn.identity.expires_at is None:
+                continue
+            # Only the entry of the current token counts (a refresh pushed a new one).
+            if deadline == conn.identity.expires_at + auth.grace and cid not in closing:
+                closing.add(cid)
+                self.stats.auth_closes["expired"] += 1
+                actions.append(CloseClient(cid, CLOSE_TOKEN_EXPIRED, "Token expired"))
+        return actions
+
+    def _set_identity(self, conn: LocalConnection, identity: Identity) -> None:
+        conn.identity = identity
+        auth = self.auth
+        if auth is None or identity.expires_at is None:
+            return
+        heapq.heappush(self._expiry_due, (identity.expires_at + auth.grace, conn.connection_id))
+        # Entries of connections gone or refreshed stay until their (maybe hours away) deadline:
+        # past twice the live ones, the heap is rebuilt from the live connections.
+        if len(self._expiry_due) > 2 * len(self.connections) + 1024:
+            self._expiry_due = [
+                (c.identity.expires_at + auth.grace, c.connection_id)
+                for c in self.connections.values()
+                if c.identity is not None and c.identity.expires_at is not None
+            ]
+            heapq.heapify(self._expiry_due)
+
+    def revoke(self, is_revoked: Callable[[Identity], bool]) -> list[Action]:
+        """Close every local connection whose token ``is_revoked`` (a user or a token was
+        revoked cluster-wide): "token invalid, do not retry"."""
+        actions: list[Action] = [
+            CloseClient(conn.connection_id, CLOSE_TOKEN_INVALID, "Token revoked")
+            for conn in self.connections.values()
+            if conn.identity is not None and is_revoked(conn.identity)
+        ]
+        self.stats.auth_closes["revoked"] += len(actions)
+        return actions
+
+    def identity_of(self, connection_id: ConnectionId) -> Identity | None:
+        conn = self.connections.get(connection_id)
+        return conn.identity if conn is not None else None
+
+    def _authorize_register(
+        self, conn: LocalConnection, role: str, token: Identity | TokenRefusal | None
+    ) -> str | None:
+        if isinstance(token, TokenRefusal):
+            self.stats.token_refusals[token.reason] += 1
+            return token.error
+        identity = token if token is not None else conn.identity
+        if identity is None:
+            return AUTH_REQUIRED
+        if not may_register(identity, role):
+            return ROLE_NOT_ALLOWED
+        if conn.identity is not identity:
+            self._set_identity(conn, identity)
+        return None
+
+    def _policy(self) -> Policy | None:
+        return self.auth.policy if self.auth is not None else None
+
+    def _may_list(self, conn: LocalConnection, role: str) -> bool:
+        return conn.grants is not None and may_list(conn.grants, role)
+
+    def _may_open(self, conn: LocalConnection, target: ConnectionRecord) -> bool:
+        if conn.grants is None or conn.role is None:
+            return False
+        return may_open(self._policy(), conn.grants, conn.role, target.role)
+
+    def _expires_in(self, conn: LocalConnection) -> int | None:
+        identity = conn.identity
+        if identity is None or identity.expires_at is None:
+            return None
+        return max(0, int(identity.expires_at - self.wall_clock()))
+
     # --- frames -------------------------------------------------------------------------
 
     @staticmethod
@@ -920,13 +1162,12 @@ class BrokerCore:
     # --- frames about a channel, in the order one node would send them -----------------
 
     @staticmethod
-    def _reserve(conn: LocalConnection, channel_id: ChannelId, request_id: int) -> None:
-        """Keep the place of request ``request_id``'s reply among the frames about the channel."""
-        slots = conn.slots.get(channel_id)
-        if slots is None:
-            conn.slots[channel_id] = deque((_Slot(request_id),))
+    def _held_entry(conn: LocalConnection, channel_id: ChannelId, entry: _Held) -> None:
+        held = conn.held.get(channel_id)
+        if held is None:
+            conn.held[channel_id] = deque((entry,))
         else:
-            slots.append(_Slot(request_id))
+            held.append(entry)
 
     def _on_channel(
         self,
@@ -937,11 +1178,10 @@ class BrokerCore:
     ) -> None:
         """Send a frame about ``channel_id`` behind the replies still owed to ``conn`` for its
         requests on that channel."""
-        slots = conn.slots.get(channel_id)
-        if slots is None:
-            actions.append(Send(conn.connection_id, build(self._next_id(conn))))
+        if channel_id in conn.pending or channel_id in conn.held:
+            self._held_entry(conn, channel_id, _Held(None, [build]))
         else:
-            slots.append(_Slot(None, [build]))
+            actions.append(Send(conn.connection_id, build(self._next_id(conn))))
 
     def _fill(
         self,
@@ -951,53 +1191,28 @@ class BrokerCore:
         frames: list[FrameBuilder],
         actions: list[Action],
     ) -> None:
-        """The reply to ``request_id`` is known: send it, and what waited behind it, once
-        every reply before it has been sent."""
-        slots = conn.slots.get(channel_id)
-        if slots is None:  # pragma: no cover - every reply filled here had its place kept
-            for build in frames:
-                actions.append(Send(conn.connection_id, build(self._next_id(conn))))
+        """The reply to ``request_id``, whose place was kept, is known."""
+        for entry in conn.held.get(channel_id, ()):
+            if entry.frames is None and entry.request_id == request_id:
+                entry.frames = frames
+                break
+        self._release_held(conn, channel_id, actions)
+
+    def _release_held(
+        self, conn: LocalConnection, channel_id: ChannelId, actions: list[Action]
+    ) -> None:
+        """Send the held frames that no reply owed is ahead of any more."""
+        held = conn.held.get(channel_id)
+        if held is None or channel_id in conn.pending:
             return
-        for slot in slots:
-            if slot.frames is None and slot.request_id == request_id:
-                slot.frames = frames
-                break
-        while slots:
-            ready = slots[0].frames
+        while held:
+            ready = held[0].frames
             if ready is None:
-                break
-            slots.popleft()
+                return
+            held.popleft()
             for build in ready:
                 actions.append(Send(conn.connection_id, build(self._next_id(conn))))
-        if not slots:
-            del conn.slots[channel_id]
-
-    def _message_sent(
-        self, conn: LocalConnection, request_id: int, channel_id: ChannelId, actions: list[Action]
-    ) -> None:
-        def sent(frame_id: int) -> bytes:
-            return encode(ChannelMessageSent(id=frame_id, replyTo=request_id, channelId=channel_id))
-
-        self._fill(conn, channel_id, request_id, [sent], actions)
-
-    def _fill_failure(
-        self,
-        conn: LocalConnection,
-        request_type: str,
-        request_id: int,
-        channel_id: ChannelId,
-        error: str,
-        actions: list[Action],
-    ) -> None:
-        build = partial(
-            self._failure_frame,
-            conn=conn,
-            request_type=request_type,
-            reply_to=request_id,
-            subject=channel_id,
-            error=error,
-        )
-        self._fill(conn, channel_id, request_id, [build], actions)
+        del conn.held[channel_id]
 
     def _fail_on_channel(
         self,
@@ -1061,6 +1276,8 @@ class BrokerCore:
                         id=frame_id, replyTo=reply_to, channelId=subject, error=error
                     )
                 )
+            case "refresh":
+                return encode(RefreshFailed(id=frame_id, replyTo=reply_to, error=error))
             case _:
                 return encode(
                     ChannelCloseFailed(

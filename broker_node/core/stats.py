@@ -33,6 +33,11 @@ class NodeStats:
     bad_frames: Counter[str] = field(default_factory=Counter)
     #: Registry calls: operation -> [count, total seconds, errors].
     registry_calls: dict[str, list[float]] = field(default_factory=dict)
+    # Authentication (issue 13).
+    #: Tokens refused, by reason (expired, signature verification failed, revoked, ...).
+    token_refusals: Counter[str] = field(default_factory=Counter)
+    #: Connections closed by authentication: timeout, expired, revoked, invalid_token.
+    auth_closes: Counter[str] = field(default_factory=Counter)
 
     def registry_call(self, operation: str, seconds: float, failed: bool) -> None:
         entry = self.registry_calls.setdefault(operation, [0, 0.0, 0])

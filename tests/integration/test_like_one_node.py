@@ -195,3 +195,23 @@ async def test_a_failure_during_a_redis_pause_is_true(cluster: Cluster) -> None:
     wrongly_failed = {n: e for n, e in failed.items() if e != NOT_CONFIRMED and n in delivered}
     assert wrongly_failed == {}
     assert failed, "the pause should have failed some sends"
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+async def test_a_peer_told_of_a_disconnect_no_longer_finds_it(cluster: Cluster, nodes: int) -> None:
+    started = await cluster.start(nodes)
+    b = await cluster.client(started[-1], "b")
+    assert b.connection_id is not None
+    for _ in range(30):
+        a = await WireClient(started[0].url).__aenter__()
+        a_id = await a.register("leaver")
+        channel = await a.open(b.connection_id)
+        await b.notification("incoming_channel")
+        await a.close()
+        notice = await b.notification("channel_closed_notification")
+        assert notice["channelId"] == channel
+        # Causally after the notice: as on one node, the registry no longer has it.
+        reply = await b.request("list_by_role", role="leaver")
+        assert a_id not in reply["ids"], reply
+        reply = await b.request("open", targetId=a_id)
+        assert reply["type"] == "channel_open_failed", reply
