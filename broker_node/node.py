@@ -41,6 +41,7 @@ from broker_node.core.actions import (
 )
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore
 from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
+from broker_node.core.records import ConnectionRecord
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
 from broker_node.health import http_response
@@ -129,6 +130,8 @@ class BrokerNode:
         self._flushing = False
         self._accepted = 0
         self._registry_backlog: deque[ForgetChannel | ForgetConnection] = deque()
+        #: Registered clients that left, each leaving the registry before its peers are told.
+        self._departures: set[asyncio.Task[None]] = set()
         #: Connections and channels whose registry write is under way: live for a resync.
         self._writing_connections: set[ConnectionId] = set()
         self._writing_channels: set[ChannelId] = set()
@@ -223,6 +226,9 @@ class BrokerNode:
             # Reading again lets the closing handshake complete; frames that arrive now are
             # past the close and never handled.
             client.resume_reading("drain")
+        # Their departures: each leaves the registry, then its peers are told.
+        if self._departures:
+            await asyncio.gather(*self._departures, return_exceptions=True)
         self._flush_all()
         await self.outbox.wait_idle()
         # Give clients a moment to answer the closing handshake; then the TCP goes anyway.
@@ -300,7 +306,33 @@ class BrokerNode:
         if cid is not None and self.clients.get(cid) is sock:
             del self.clients[cid]
             self.node_auth.drop_slot(cid)
-            self.execute(self.core.disconnect(cid))
+            conn = self.core.connections.get(cid)
+            if conn is None or conn.role is None:
+                self.execute(self.core.disconnect(cid))
+                return
+            # A registered client leaves the registry before anyone hears that it left: a peer
+            # told of the disconnect must no longer find it, as on one node. Until then the
+            # core still holds it (what is sent to it fails "Recipient not connected").
+            record = ConnectionRecord(cid, self.node_id, conn.role)
+            departure = asyncio.get_running_loop().create_task(self._depart(record))
+            self._departures.add(departure)
+            departure.add_done_callback(self._departures.discard)
+
+    async def _depart(self, record: ConnectionRecord) -> None:
+        removed = False
+        try:
+            await self._registry_call(
+                "remove_connections", self.registry.remove_connections([record])
+            )
+            removed = True
+        except BackendUnavailable:
+            # Outcome unknown: the disconnect goes ahead, its removal queued as usual.
+            pass
+        finally:
+            actions = self.core.disconnect(record.connection_id)
+            if removed:
+                actions = [a for a in actions if type(a) is not ForgetConnection]
+            self.execute(actions)
 
     def connection_lost(self, sock: ClientConnection) -> None:
         self.sockets.discard(sock)
