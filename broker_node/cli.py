@@ -32,7 +32,26 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     )
 
 
+# --- hostile input and resource limits (issue 15): each maps to the Settings field of its name
+_LIMIT_OPTIONS: list[Callable[[_F], _F]] = [
+    _option(
+        "--max-json-depth",
+        default=_DEFAULTS.max_json_depth,
+        type=click.IntRange(min=2, max=256),
+        help="Deepest JSON nesting of a frame; deeper ones get their *_failed reply "
+        "(or a 1003 close when too deep to read).",
+    ),
+]
+
+
+def _limit_options(command: _F) -> _F:
+    for option in reversed(_LIMIT_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@_limit_options
 @_option("--host", default=_DEFAULTS.host, help="Interface to listen on.")
 @_option("--port", "-p", default=_DEFAULTS.port, type=click.IntRange(0, 65535), help="Port.")
 @_option(
@@ -135,6 +154,7 @@ def main(
     ping_timeout: float,
     log_level: str,
     log_format: str,
+    **limits: Any,
 ) -> None:
     """Run one node of the connection broker (standalone without --redis-url)."""
     if heartbeat_interval >= node_ttl:
@@ -160,6 +180,7 @@ def main(
         ping_timeout=ping_timeout,
         log_level=log_level,
         log_format="json" if log_format == "json" else "text",
+        **limits,
     )
     run(settings)
 

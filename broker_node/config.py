@@ -37,6 +37,12 @@ class Settings:
     #: Cross-node messages of one connection awaiting confirmation before sends fail.
     max_unconfirmed: int = 4096
 
+    # Hostile input and resource limits (issue 15)
+    #: Deepest JSON nesting of a frame (the request object is level 1); deeper frames are
+    #: refused before the core or the bus sees them, since past ~1,000 levels no node can
+    #: parse them.
+    max_json_depth: int = 64
+
     # Timing
     #: How long a request that needs the cluster backend (or a cross-node confirmation) may
     #: take before it gets its ``*_failed`` reply; below the JS client's own 3 s timeout.

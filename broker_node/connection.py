@@ -249,7 +249,7 @@ class ClientConnection(asyncio.Protocol):
         cid = self.connection_id
         if cid is None or self.closed or self.ws.state is not State.OPEN:
             return
-        request = decode_request(data)
+        request = decode_request(data, self.node.settings.max_json_depth)
         if self._backlog:
             self._enqueue(request)
             return

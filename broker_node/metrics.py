@@ -122,6 +122,13 @@ class NodeCollector(Collector):
             "Times a node holding a channel peer was found gone.",
             value=stats.lost_nodes,
         )
+        # --- hostile input and resource limits (issue 15, issue 11 item 3)
+        yield CounterMetricFamily(
+            "broker_bus_envelopes_dropped",
+            "Bus envelopes that could not be decoded, dropped alone (the rest of the batch "
+            "was handled).",
+            value=stats.bus_envelopes_dropped,
+        )
         yield GaugeMetricFamily("broker_ready", "1 when /readyz answers 200.", value=node.ready)
         yield GaugeMetricFamily("broker_draining", "1 while draining.", value=node.draining)
         yield GaugeMetricFamily(

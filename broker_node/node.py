@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable
 from typing import Final, TypeVar
 
-import msgspec
 from websockets.exceptions import PayloadTooBig
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
@@ -59,6 +58,9 @@ MAX_CLOSED_RETRY: Final = 10_000
 CLOSED_ATTEMPTS: Final = 3
 #: Close code for clients of a node that was reaped while it could not reach Redis.
 CLOSE_SERVICE_RESTART: Final = 1012
+#: A condition met again and again (refusals at a limit, dropped envelopes) is logged at most
+#: once per this many seconds; the counters in /metrics hold every occurrence.
+LIMIT_LOG_INTERVAL: Final = 10.0
 
 
 class BrokerNode:
@@ -108,6 +110,8 @@ class BrokerNode:
         self._closed_attempts: dict[tuple[NodeId, Closed], int] = {}
         self._stopped = asyncio.Event()
         self._no_sockets = asyncio.Event()
+        # --- hostile input and resource limits (issue 15)
+        self._dropped_logged_at = -LIMIT_LOG_INTERVAL
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -415,13 +419,25 @@ class BrokerNode:
                 await asyncio.sleep(min(1.0, self.settings.heartbeat_interval))
 
     def _on_bus_payload(self, payload: bytes) -> None:
-        try:
-            envelopes = decode_batch(payload)
-        except msgspec.DecodeError:
-            logger.warning("dropped an unreadable bus payload (%d bytes)", len(payload))
-            return
+        envelopes, dropped = decode_batch(payload)
+        if dropped:
+            # One bad envelope fails alone; the log line is rate-limited by the counter's
+            # reader, not per envelope (a flood of them must not flood the log).
+            self.stats.bus_envelopes_dropped += dropped
+            self._log_dropped_envelopes(dropped, len(payload))
         self.stats.bus_batches_in += 1
         self.execute(self.core.on_bus(envelopes))
+
+    def _log_dropped_envelopes(self, dropped: int, size: int) -> None:
+        now = time.monotonic()
+        if now - self._dropped_logged_at >= LIMIT_LOG_INTERVAL:
+            self._dropped_logged_at = now
+            logger.warning(
+                "dropped %d undecodable bus envelope(s) of a %d-byte payload (%d so far)",
+                dropped,
+                size,
+                self.stats.bus_envelopes_dropped,
+            )
 
     def _undeliverable(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
         # A close notice that could not go out (Redis away) is sent again once Redis answers:
@@ -572,6 +588,8 @@ class BrokerNode:
 def _rejection_kind(rejection: Rejection) -> str:
     from shared.codec import CLOSE_INVALID_DATA, CloseConnection, ErrorReply, FailedReply
 
+    if rejection.kind is not None:
+        return rejection.kind
     if isinstance(rejection, FailedReply):
         return "bad_fields"
     if isinstance(rejection, ErrorReply):

@@ -1,8 +1,12 @@
 """What nodes say to each other over the bus.
 
-A bus payload is a JSON array of envelopes for one node, in the order they were produced.
-Envelopes stay JSON (not msgpack) because a delivery carries the client's payload as a raw
-JSON value, which is spliced in and out without being parsed.
+A bus payload carries envelopes for one node, in the order they were produced, each framed on
+its own: ``<length>:<JSON envelope>`` repeated (the length in ASCII decimal, in bytes). One
+envelope that cannot be decoded (a bug, a newer or older node, a payload too deep to parse) is
+dropped and counted alone; the others of its batch are handled. Envelopes stay JSON (not
+msgpack) because a delivery carries the client's payload as a raw JSON value, which is spliced
+in and out without being parsed. A payload that starts with ``[`` is the former framing (one
+JSON array per batch), still read during a rolling upgrade.
 """
 
 from __future__ import annotations
@@ -60,13 +64,50 @@ class Closed(_Envelope, frozen=True, tag="x"):
 Envelope = Deliver | Confirm | Incoming | OpenResult | Closed
 
 _batch_decoder: Final[msgspec.json.Decoder[list[Envelope]]] = msgspec.json.Decoder(list[Envelope])
+_envelope_decoder: Final[msgspec.json.Decoder[Envelope]] = msgspec.json.Decoder(Envelope)
 _encoder: Final = msgspec.json.Encoder()
+#: Digits of the longest length prefix read (a bus payload is far below 10**12 bytes).
+_MAX_PREFIX: Final = 12
 
 
 def encode_batch(envelopes: list[Envelope]) -> bytes:
-    return _encoder.encode(envelopes)
+    encode = _encoder.encode
+    parts: list[bytes] = []
+    for envelope in envelopes:
+        data = encode(envelope)
+        parts.append(b"%d:" % len(data))
+        parts.append(data)
+    return b"".join(parts)
 
 
-def decode_batch(data: bytes) -> list[Envelope]:
-    """Decode a bus payload; raises ``msgspec.DecodeError`` on garbage."""
-    return _batch_decoder.decode(data)
+def decode_batch(data: bytes) -> tuple[list[Envelope], int]:
+    """The envelopes of a bus payload that could be decoded, and how many could not.
+
+    Never raises: a broken length prefix loses the rest of the payload (counted as one).
+    """
+    if data[:1] == b"[":
+        try:
+            return _batch_decoder.decode(data), 0
+        except (msgspec.DecodeError, RecursionError):
+            return [], 1
+    envelopes: list[Envelope] = []
+    dropped = 0
+    decode = _envelope_decoder.decode
+    view = memoryview(data)
+    position = 0
+    size = len(data)
+    while position < size:
+        colon = data.find(b":", position, position + _MAX_PREFIX + 1)
+        digits = data[position:colon]
+        if colon < 0 or not digits.isdigit():
+            return envelopes, dropped + 1
+        end = colon + 1 + int(digits)
+        if end > size:
+            return envelopes, dropped + 1
+        try:
+            envelopes.append(decode(view[colon + 1 : end]))
+        except (msgspec.DecodeError, RecursionError):
+            # RecursionError: a JSON value nested past the interpreter's recursion limit.
+            dropped += 1
+        position = end
+    return envelopes, dropped

@@ -27,6 +27,9 @@ class NodeStats:
     #: Refused frames by kind (invalid_json, invalid_utf8, binary, too_big, bad_shape,
     #: unknown_type, bad_fields).
     bad_frames: Counter[str] = field(default_factory=Counter)
+    # --- hostile input and resource limits (issue 15, issue 11 item 3)
+    #: Bus envelopes that could not be decoded and were dropped alone.
+    bus_envelopes_dropped: int = 0
     #: Registry calls: operation -> [count, total seconds, errors].
     registry_calls: dict[str, list[float]] = field(default_factory=dict)
 

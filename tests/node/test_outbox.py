@@ -27,7 +27,7 @@ class RecordingBus:
         self.fail = fail
 
     def send(self, messages: Sequence[tuple[NodeId, bytes]], on_result: PublishResult) -> None:
-        self.calls.append([(node, decode_batch(payload)) for node, payload in messages])
+        self.calls.append([(node, decode_batch(payload)[0]) for node, payload in messages])
         result: list[int] | BackendUnavailable = (
             BackendUnavailable("publish") if self.fail else [1] * len(messages)
         )
