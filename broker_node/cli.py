@@ -41,6 +41,18 @@ _LIMIT_OPTIONS: list[Callable[[_F], _F]] = [
         help="Deepest JSON nesting of a frame; deeper ones get their *_failed reply "
         "(or a 1003 close when too deep to read).",
     ),
+    _option(
+        "--max-channels-per-connection",
+        default=_DEFAULTS.max_channels_per_connection,
+        type=click.IntRange(min=1),
+        help="Channels one connection may be an end of; past it open fails.",
+    ),
+    _option(
+        "--max-list-page",
+        default=_DEFAULTS.max_list_page,
+        type=click.IntRange(min=1),
+        help="Most ids in one connections reply (list_by_role pages with after).",
+    ),
 ]
 
 

@@ -42,6 +42,10 @@ class Settings:
     #: refused before the core or the bus sees them, since past ~1,000 levels no node can
     #: parse them.
     max_json_depth: int = 64
+    #: Channels one connection may be an end of; past it ``open`` fails.
+    max_channels_per_connection: int = 1000
+    #: Most ids in one ``connections`` reply (more pages with ``after``).
+    max_list_page: int = 1000
 
     # Timing
     #: How long a request that needs the cluster backend (or a cross-node confirmation) may

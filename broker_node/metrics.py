@@ -129,6 +129,15 @@ class NodeCollector(Collector):
             "was handled).",
             value=stats.bus_envelopes_dropped,
         )
+        limited = CounterMetricFamily(
+            "broker_limit_refusals",
+            "Requests refused, connections refused or closed, and sockets paused at a "
+            "configured limit, by limit.",
+            labels=["limit"],
+        )
+        for limit, count in sorted(stats.limit_refusals.items()):
+            limited.add_metric([limit], count)
+        yield limited
         yield GaugeMetricFamily("broker_ready", "1 when /readyz answers 200.", value=node.ready)
         yield GaugeMetricFamily("broker_draining", "1 while draining.", value=node.draining)
         yield GaugeMetricFamily(

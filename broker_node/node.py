@@ -80,6 +80,8 @@ class BrokerNode:
             clock=time.monotonic,
             stats=self.stats,
             first_seq=time.time_ns() // 1000,
+            max_channels=settings.max_channels_per_connection,
+            list_page_size=settings.max_list_page,
         )
         self.outbox = Outbox(
             self.backend.bus,

@@ -134,6 +134,8 @@ class RegisteredAs:
 @dataclass(frozen=True, slots=True)
 class Listed:
     ids: list[ConnectionId]
+    #: More ids follow (a node caps its page size): ask again ``after`` the last one.
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,10 +300,11 @@ class Session:
         request_id = self._take_id("register")
         return OutgoingRequest(request_id, "register", encode(Register(id=request_id, role=role)))
 
-    def list_by_role(self, role: str) -> OutgoingRequest:
+    def list_by_role(self, role: str, *, after: str | None = None) -> OutgoingRequest:
+        """A ``list_by_role`` request; ``after``: the page after that id (paging)."""
         self._require_ready()
         request_id = self._take_id("list_by_role")
-        frame = encode(ListByRole(id=request_id, role=role))
+        frame = encode(ListByRole(id=request_id, role=role, after=after))
         return OutgoingRequest(request_id, "list_by_role", frame)
 
     def open_channel(self, target_id: str) -> OutgoingRequest:
@@ -428,8 +431,8 @@ class Session:
         match message:
             case Registered(connectionId=connection_id):
                 return self._registered(reply_to, pending, ConnectionId(connection_id))
-            case Connections(ids=ids):
-                return self._done(reply_to, pending, Listed([ConnectionId(i) for i in ids]))
+            case Connections(ids=ids, more=more):
+                return self._done(reply_to, pending, Listed([ConnectionId(i) for i in ids], more))
             case ChannelOpened(channelId=channel):
                 return self._opened(reply_to, pending, ChannelId(channel))
             case ChannelMessageSent(channelId=channel):

@@ -80,6 +80,10 @@ TOO_MANY_UNCONFIRMED: Final = "Too many unconfirmed messages"
 TARGET_NODE_SILENT: Final = "Target's node did not answer in time"
 REGISTRY_UNAVAILABLE: Final = "Cluster registry unavailable, try again"
 LATE_DELIVERY: Final = "Delivery arrived out of order and was dropped"
+# --- hostile input and resource limits (issue 15)
+TOO_MANY_CHANNELS: Final = "Too many channels on this connection"
+TARGET_TOO_MANY_CHANNELS: Final = "Target connection has too many channels"
+INVALID_LIMIT: Final = "Invalid field: limit must be a positive integer"
 
 #: Failure reasons used as metric labels; any other text counts as "invalid_request".
 KNOWN_REASONS: Final = frozenset(
@@ -96,6 +100,9 @@ KNOWN_REASONS: Final = frozenset(
         TARGET_NODE_SILENT,
         REGISTRY_UNAVAILABLE,
         LATE_DELIVERY,
+        TOO_MANY_CHANNELS,
+        TARGET_TOO_MANY_CHANNELS,
+        INVALID_LIMIT,
     }
 )
 
@@ -144,8 +151,15 @@ class BrokerCore:
         clock: Callable[[], float],
         stats: NodeStats | None = None,
         first_seq: int = 0,
+        # --- hostile input and resource limits (issue 15)
+        max_channels: int = 1000,
+        list_page_size: int = 1000,
     ) -> None:
         self.node_id = node_id
+        #: Channels one connection may be an end of (opened by it or to it).
+        self.max_channels = max_channels
+        #: Most ids in one ``connections`` reply.
+        self.list_page_size = list_page_size
         self.max_role_length = max_role_length
         self.max_unconfirmed = max_unconfirmed
         self.request_timeout = request_timeout
@@ -252,6 +266,8 @@ class BrokerCore:
         conn = self.connections[connection_id]
         if conn.role is None:
             return self._fail(conn, "list_by_role", request.id, "", NOT_REGISTERED)
+        if request.limit is not None and request.limit < 1:
+            return self._fail(conn, "list_by_role", request.id, "", INVALID_LIMIT)
         return None
 
     def finish_list(
@@ -266,8 +282,19 @@ class BrokerCore:
             return []
         if ids is None:
             return self._fail(conn, "list_by_role", request.id, "", error or REGISTRY_UNAVAILABLE)
-        frame = encode(Connections(id=self._next_id(conn), replyTo=request.id, ids=list(ids)))
+        page, more = self._page(ids, request)
+        frame = encode(Connections(id=self._next_id(conn), replyTo=request.id, ids=page, more=more))
         return [Send(connection_id, frame)]
+
+    def _page(self, ids: Iterable[str], request: ListByRole) -> tuple[list[str], bool]:
+        # Sorted, so that ``after`` (the last id of a page) finds the next page even as
+        # connections come and go between the requests.
+        size = self.list_page_size
+        if request.limit is not None:
+            size = min(size, request.limit)
+        after = request.after
+        ordered = sorted(ids) if after is None else sorted(i for i in ids if i > after)
+        return ordered[:size], len(ordered) > size
 
     # --- open ---------------------------------------------------------------------------
 
@@ -276,7 +303,19 @@ class BrokerCore:
         conn = self.connections[connection_id]
         if conn.role is None:
             return self._fail(conn, "open", request.id, request.targetId, NOT_REGISTERED)
+        if self._at_channel_cap(conn):
+            self.stats.limit_refusals["channels"] += 1
+            return self._fail(conn, "open", request.id, request.targetId, TOO_MANY_CHANNELS)
         return None
+
+    def _at_channel_cap(self, conn: LocalConnection) -> bool:
+        """The connection's channels, with its opens still in flight, reach the cap."""
+        cap = self.max_channels
+        held = len(conn.channels)
+        if held + len(self._opens) < cap:
+            return False
+        cid = conn.connection_id
+        return held + sum(1 for pending in self._opens.values() if pending.opener == cid) >= cap
 
     def plan_open(
         self, connection_id: ConnectionId, request: Open, target: ConnectionRecord | None
@@ -287,6 +326,10 @@ class BrokerCore:
             return []
         if target is None:
             return self._fail(conn, "open", request.id, request.targetId, TARGET_NOT_FOUND)
+        local_target = self.connections.get(target.connection_id)
+        if local_target is not None and len(local_target.channels) >= self.max_channels:
+            self.stats.limit_refusals["channels"] += 1
+            return self._fail(conn, "open", request.id, request.targetId, TARGET_TOO_MANY_CHANNELS)
         return ChannelRecord(
             channel_id=new_channel_id(),
             opener=connection_id,
@@ -524,6 +567,10 @@ class BrokerCore:
         target = self.connections.get(channel.target)
         if target is None or target.role is None:
             actions.append(Publish(channel.opener_node, OpenResult(seq, TARGET_NOT_FOUND)))
+            return
+        if len(target.channels) >= self.max_channels:
+            self.stats.limit_refusals["channels"] += 1
+            actions.append(Publish(channel.opener_node, OpenResult(seq, TARGET_TOO_MANY_CHANNELS)))
             return
         actions.append(self._tell_incoming(target, channel))
         actions.append(Publish(channel.opener_node, OpenResult(seq, None)))
