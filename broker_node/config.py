@@ -46,6 +46,36 @@ class Settings:
     max_channels_per_connection: int = 1000
     #: Most ids in one ``connections`` reply (more pages with ``after``).
     max_list_page: int = 1000
+    #: Frames per second one connection may send (0: no limit), with bursts of twice that;
+    #: over it the node stops reading the socket until the client is within its rate.
+    max_requests_per_second: float = 10_000.0
+    #: Bytes per second one connection may send (0: no limit), likewise; bursts of two
+    #: seconds' worth, and at least two frames of the largest size.
+    max_bytes_per_second: int = 64 * 1024 * 1024
+
+    #: Seconds a connection has to send its whole HTTP request (the WebSocket upgrade).
+    handshake_timeout: float = 5.0
+    #: Bytes an HTTP request's line and headers may take (431 past it).
+    max_header_bytes: int = 16 * 1024
+    #: WebSocket clients of this node; further upgrades get 503 (/healthz still answers).
+    max_connections: int = 50_000
+    #: WebSocket clients from one client address (0: no limit); further upgrades get 429.
+    max_connections_per_ip: int = 10_000
+    #: Addresses or CIDR ranges of proxies whose X-Forwarded-For / X-Real-IP are believed.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Origins (scheme://host[:port], lower case) browsers may connect from; empty: any.
+    allowed_origins: tuple[str, ...] = ()
+    #: Serve /metrics on this port (and host) instead of the client port; None: client port.
+    metrics_port: int | None = None
+    metrics_host: str | None = None
+
+    @property
+    def request_burst(self) -> float:
+        return 2 * self.max_requests_per_second
+
+    @property
+    def byte_burst(self) -> float:
+        return max(2 * self.max_bytes_per_second, 2 * self.max_message_size)
 
     # Timing
     #: How long a request that needs the cluster backend (or a cross-node confirmation) may

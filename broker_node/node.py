@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import time
+from collections import Counter
 from collections.abc import Awaitable
 from typing import Final, TypeVar
 
@@ -19,6 +21,7 @@ from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
+from broker_node.admission import client_address, origin_allowed, parse_networks
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
@@ -35,7 +38,7 @@ from broker_node.core.broker import REGISTRY_UNAVAILABLE, BrokerCore
 from broker_node.core.envelopes import Closed, Envelope, decode_batch
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
-from broker_node.health import http_response
+from broker_node.health import http_response, serve_metrics_connection
 from broker_node.metrics import metrics_registry
 from broker_node.outbox import Outbox
 from broker_node.supervisor import Supervisor
@@ -61,6 +64,8 @@ CLOSE_SERVICE_RESTART: Final = 1012
 #: A condition met again and again (refusals at a limit, dropped envelopes) is logged at most
 #: once per this many seconds; the counters in /metrics hold every occurrence.
 LIMIT_LOG_INTERVAL: Final = 10.0
+#: File descriptors kept for Redis connections, the listeners, logs and the like.
+FD_RESERVE: Final = 32
 
 
 class BrokerNode:
@@ -114,6 +119,13 @@ class BrokerNode:
         self._no_sockets = asyncio.Event()
         # --- hostile input and resource limits (issue 15)
         self._dropped_logged_at = -LIMIT_LOG_INTERVAL
+        self._limit_logged_at: dict[str, float] = {}
+        #: Sockets still in their HTTP handshake, oldest first.
+        self._handshaking: dict[ClientConnection, None] = {}
+        self._ip_connections: Counter[str] = Counter()
+        self._trusted_proxies = parse_networks(settings.trusted_proxies)
+        self._socket_budget = _socket_budget()
+        self.metrics_server: asyncio.Server | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -142,6 +154,14 @@ class BrokerNode:
         sockets = self.server.sockets
         if sockets:
             self.port = int(sockets[0].getsockname()[1])
+        if self.settings.metrics_port is not None:
+            self.metrics_server = await asyncio.start_server(
+                lambda reader, writer: serve_metrics_connection(self, reader, writer),
+                self.settings.metrics_host or self.settings.host,
+                self.settings.metrics_port,
+                reuse_address=True,
+                limit=self.settings.max_header_bytes,
+            )
         self.started = True
         mode = "standalone" if self.backend.standalone else "cluster"
         logger.info(
@@ -169,6 +189,8 @@ class BrokerNode:
             logger.warning("drain timed out after %.1fs", self.settings.drain_timeout)
         if self.server is not None:
             self.server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         for sock in list(self.sockets):
             sock.abort()
         await self.supervisor.stop()
@@ -213,11 +235,45 @@ class BrokerNode:
 
     def connection_opened(self, sock: ClientConnection) -> None:
         self.sockets.add(sock)
+        self._handshaking[sock] = None
+        if self._socket_budget is not None and len(self.sockets) > self._socket_budget:
+            # Short of file descriptors: the oldest socket still in its handshake goes (often
+            # a silent or dripping one), so that /healthz and real clients still get in.
+            self.limit_reached("file_descriptors", sock)
+            oldest = next(iter(self._handshaking))
+            self.handshake_over(oldest)
+            oldest.abort()
+
+    @property
+    def handshaking_count(self) -> int:
+        return len(self._handshaking)
+
+    def handshake_over(self, sock: ClientConnection) -> None:
+        self._handshaking.pop(sock, None)
+
+    def admit(self, sock: ClientConnection, request: HttpRequest) -> Response | None:
+        """Refuse a WebSocket upgrade at a limit (before any state is made), or None."""
+        settings = self.settings
+        headers = request.headers
+        if not origin_allowed(headers, settings.allowed_origins):
+            self.limit_reached("origin", sock)
+            return sock.ws.reject(403, "Origin not allowed\n")
+        if len(self.clients) >= settings.max_connections:
+            self.limit_reached("connections", sock)
+            return sock.ws.reject(503, "Node is at its connection limit; try another\n")
+        sock.client_ip = client_address(sock.peer, headers, self._trusted_proxies)
+        per_ip = settings.max_connections_per_ip
+        if per_ip and self._ip_connections[sock.client_ip] >= per_ip:
+            self.limit_reached("connections_per_ip", sock)
+            return sock.ws.reject(429, "Too many connections from this address\n")
+        return None
 
     def client_accepted(self, sock: ClientConnection, *, legacy_errors: bool) -> None:
         assert sock.connection_id is not None
         self._accepted += 1
         sock.keepalive_slice = self._accepted % KEEPALIVE_SLICES
+        self._ip_connections[sock.client_ip] += 1
+        sock.ip_counted = True
         self.clients[sock.connection_id] = sock
         self.core.connect(sock.connection_id, legacy_errors=legacy_errors)
 
@@ -229,11 +285,32 @@ class BrokerNode:
 
     def connection_lost(self, sock: ClientConnection) -> None:
         self.sockets.discard(sock)
+        self._handshaking.pop(sock, None)
+        if sock.ip_counted:
+            sock.ip_counted = False
+            left = self._ip_connections[sock.client_ip] - 1
+            if left > 0:
+                self._ip_connections[sock.client_ip] = left
+            else:
+                del self._ip_connections[sock.client_ip]
         if not self.sockets:
             self._no_sockets.set()
         if isinstance(sock.ws.parser_exc, PayloadTooBig):
             self.bad_frame("too_big")
         self.client_closing(sock)
+
+    def limit_reached(self, limit: str, sock: ClientConnection | None = None) -> None:
+        """Count a refusal or pause at ``limit``; logged at most once per interval."""
+        self.stats.limit_refusals[limit] += 1
+        now = time.monotonic()
+        if now - self._limit_logged_at.get(limit, -LIMIT_LOG_INTERVAL) >= LIMIT_LOG_INTERVAL:
+            self._limit_logged_at[limit] = now
+            logger.warning(
+                "limit %s reached (%d times so far%s)",
+                limit,
+                self.stats.limit_refusals[limit],
+                f", e.g. by {sock.peer}" if sock is not None and sock.peer else "",
+            )
 
     def bad_frame(self, kind: str) -> None:
         self.stats.bad_frames[kind] += 1
@@ -585,6 +662,14 @@ class BrokerNode:
         await self._registry_call(
             "rejoin", self.registry.rejoin(self.node_id, self.settings.node_ttl_ms)
         )
+
+
+def _socket_budget() -> int | None:
+    """Client sockets this process can hold, keeping some descriptors for everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft - FD_RESERVE, 1)
 
 
 def _rejection_kind(rejection: Rejection) -> str:
