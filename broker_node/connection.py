@@ -57,6 +57,12 @@ _OPEN: Final = State.OPEN
 CLOSE_PING_TIMEOUT: Final = 1011
 
 
+#: The answer to an HTTP request that is not a GET websockets can parse.
+_BAD_REQUEST: Final = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 52\r\n"
+    b"Connection: close\r\n\r\nOnly GET: a WebSocket upgrade, /healthz or /readyz.\n"
+)
+
 #: An unmasked server-to-client ping with no payload.
 PING_FRAME: Final = b"\x89\x00"
 
@@ -240,6 +246,12 @@ class ClientConnection(asyncio.Protocol):
             return b""
         self._head = None
         self._receive_via_websockets(bytes(head[: end + 4]))
+        if not self._http_answered and self.transport is not None:
+            # Not a request websockets accepts (another method, a malformed line): it closes
+            # without a word; say why first.
+            self._http_answered = True
+            self._handshake_over()
+            self.transport.write(_BAD_REQUEST)
         rest = bytes(head[end + 4 :])
         return rest if rest and self.ws.state is _OPEN else b""
 

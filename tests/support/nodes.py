@@ -50,12 +50,15 @@ class NodeProcess:
         node_id: str | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
     ) -> None:
         self.port = port if port is not None else free_port()
         self.redis_url = redis_url
         self.node_id = node_id
         self.extra_args = list(extra_args or [])
         self.env = dict(env or {})
+        #: A command the node runs under (e.g. ``prlimit --nofile=...``).
+        self.wrapper = list(wrapper or [])
         self.process: subprocess.Popen[bytes] | None = None
         self.log = Path(tempfile.mkstemp(prefix="broker-node-", suffix=".log")[1])
 
@@ -74,6 +77,7 @@ class NodeProcess:
 
     def start(self, *, timeout: float = 15.0, wait_ready: bool = True) -> NodeProcess:
         args = [
+            *self.wrapper,
             BROKER_NODE,
             "--host",
             "127.0.0.1",
