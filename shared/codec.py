@@ -280,7 +280,8 @@ def _answer_with(
         request_type=request_type,
         reply_to=request_id,
         error=error,
-        subject=subject if isinstance(subject, str) else "",
+        # type(): a number kept as text (_Number) is no channel or connection id.
+        subject=subject if type(subject) is str else "",
         kind=kind,
     )
 

@@ -89,3 +89,10 @@ def test_not_json_constants_stay_invalid_json() -> None:
 def test_a_missing_field_is_named_even_beside_a_huge_number() -> None:
     rejection = decode_request('{"type":"message","id":4,"payload":1e400}')
     assert isinstance(rejection, FailedReply) and "channelId" in rejection.error
+
+
+def test_a_huge_number_as_the_subject_is_not_echoed() -> None:
+    # Found by the fuzz test: the number came back as a str subclass msgspec cannot encode.
+    rejection = decode_request('{"type":"close","id":0,"channelId":1e400}')
+    assert isinstance(rejection, FailedReply) and type(rejection.subject) is str
+    assert rejection.subject == ""
