@@ -25,7 +25,7 @@ class NodeStats:
     #: ``*_failed`` / ``error`` replies by reply type and reason (bounded label sets).
     failures: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: Refused frames by kind (invalid_json, invalid_utf8, binary, too_big, bad_shape,
-    #: unknown_type, bad_fields).
+    #: unknown_type, bad_fields, too_deep, uncarriable).
     bad_frames: Counter[str] = field(default_factory=Counter)
     # --- hostile input and resource limits (issue 15, issue 11 item 3)
     #: Bus envelopes that could not be decoded and were dropped alone.
