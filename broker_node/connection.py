@@ -419,6 +419,11 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading("rate")
             self._rate_timer = asyncio.get_running_loop().call_later(wait, self._rate_lifted)
 
+    def add_request_cost(self, requests: int) -> None:
+        """Count a costly request as ``requests`` more against the rate (at the next read)."""
+        if self._request_bucket is not None:
+            self._frames_seen += requests
+
     def _rate_lifted(self) -> None:
         self._rate_timer = None
         self.resume_reading("rate")

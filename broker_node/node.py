@@ -64,6 +64,8 @@ CLOSE_SERVICE_RESTART: Final = 1012
 #: A condition met again and again (refusals at a limit, dropped envelopes) is logged at most
 #: once per this many seconds; the counters in /metrics hold every occurrence.
 LIMIT_LOG_INTERVAL: Final = 10.0
+#: How many ids of a list_by_role reply weigh as much as one request against the rate limit.
+LIST_IDS_PER_REQUEST: Final = 50
 #: File descriptors kept for Redis connections, the listeners, logs and the like.
 FD_RESERVE: Final = 32
 
@@ -395,6 +397,12 @@ class BrokerNode:
                 "list_by_role", self.registry.list_by_role(request.role)
             )
         self.execute(self.core.finish_list(cid, request, ids))
+        client = self.clients.get(cid)
+        if ids and client is not None:
+            # A reply of many ids costs the node and Redis far more than one request: it
+            # counts as one request per LIST_IDS_PER_REQUEST ids against the client's rate.
+            page = min(len(ids), self.settings.max_list_page, request.limit or len(ids))
+            client.add_request_cost(page // LIST_IDS_PER_REQUEST)
 
     async def _open(self, cid: ConnectionId, request: Open) -> None:
         core = self.core

@@ -101,3 +101,23 @@ async def test_a_role_below_the_page_size_gets_the_readme_reply() -> None:
             me = await client.register("solo")
             reply = await client.request("list_by_role", role="solo")
             assert set(reply) == {"type", "id", "replyTo", "ids"} and reply["ids"] == [me]
+
+
+async def test_large_list_replies_weigh_more_against_the_request_rate() -> None:
+    # 20 plain requests stay within a burst of 40; 20 lists of 100 ids weigh 60 and do not.
+    with NodeProcess(extra_args=["--max-requests-per-second", "20"]) as node:
+        members = [await WireClient(node.url).__aenter__() for _ in range(100)]
+        try:
+            for member in members:
+                await member.register("member")
+            asker = members[0]
+            for _ in range(20):
+                await asker.request("ping-like-unknown-type")
+            assert await limit_count(node, "requests_rate") == 0
+            for _ in range(20):
+                reply = await asker.request("list_by_role", role="member", timeout=30)
+                assert len(reply["ids"]) == 100
+            assert await limit_count(node, "requests_rate") >= 1
+        finally:
+            for member in members:
+                await member.close()
