@@ -32,7 +32,7 @@ def stdlib_valid(frame: str | bytes) -> bool:
     return True
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(frames)
 def test_every_frame_gets_a_request_or_a_rejection(frame: str | bytes) -> None:
     result = decode_request(frame)
@@ -50,7 +50,7 @@ def test_every_frame_gets_a_request_or_a_rejection(frame: str | bytes) -> None:
         assert not stdlib_valid(text), frame
 
 
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(json_texts)
 def test_every_payload_is_carried_byte_for_byte_or_refused_with_a_reason(payload: str) -> None:
     frame = f'{{"type":"message","id":1,"channelId":"c","payload":{payload}}}'

@@ -170,6 +170,10 @@ async def test_over_the_request_rate_reading_pauses_and_every_request_succeeds()
         # only: a slower machine makes it longer, never shorter).
         assert elapsed >= 1.0
         assert await counter(node, "broker_limit_refusals_total", limit="requests_rate") > 0
+        # Every message arrived, in order (read before closing: a client with unread frames
+        # is slow to finish its closing handshake).
+        received = [(await b.notification("channel_message"))["payload"] for _ in range(800)]
+        assert received == list(range(100, 900))
         await a.close()
         await b.close()
 
@@ -186,6 +190,8 @@ async def test_over_the_byte_rate_reading_pauses() -> None:
         # A burst of 400 kB, then 200 kB/s: 800 kB take about 2 s.
         assert time.monotonic() - started >= 1.0
         assert await counter(node, "broker_limit_refusals_total", limit="bytes_rate") > 0
+        for _ in range(16):
+            assert (await b.notification("channel_message"))["payload"] == body
         await a.close()
         await b.close()
 
