@@ -508,8 +508,8 @@ class BrokerNode:
     def _on_bus_payload(self, payload: bytes) -> None:
         envelopes, dropped = decode_batch(payload)
         if dropped:
-            # One bad envelope fails alone; the log line is rate-limited by the counter's
-            # reader, not per envelope (a flood of them must not flood the log).
+            # The others of the batch are still handled. Logged at most once per interval:
+            # a flood of bad envelopes must not flood the log (the counter has them all).
             self.stats.bus_envelopes_dropped += dropped
             self._log_dropped_envelopes(dropped, len(payload))
         self.stats.bus_batches_in += 1

@@ -1,16 +1,18 @@
 """What nodes say to each other over the bus.
 
-A bus payload carries envelopes for one node, in the order they were produced, each framed on
-its own: ``<length>:<JSON envelope>`` repeated (the length in ASCII decimal, in bytes). One
-envelope that cannot be decoded (a bug, a newer or older node, a payload too deep to parse) is
-dropped and counted alone; the others of its batch are handled. Envelopes stay JSON (not
-msgpack) because a delivery carries the client's payload as a raw JSON value, which is spliced
-in and out without being parsed. A payload that starts with ``[`` is the former framing (one
-JSON array per batch), still read during a rolling upgrade.
+A bus payload is a JSON array of envelopes for one node, in the order they were produced.
+Envelopes stay JSON (not msgpack) because a delivery carries the client's payload as a raw
+JSON value, which is spliced in and out without being parsed.
+
+One envelope that cannot be decoded (a bug, a newer or older node, a payload nested too deep
+to parse) fails alone: the batch is decoded at once (the usual case, at msgspec's speed), and
+only when that fails is it split into its elements, each decoded on its own; the ones that
+fail are dropped and counted, the others are handled.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import msgspec
@@ -66,48 +68,64 @@ Envelope = Deliver | Confirm | Incoming | OpenResult | Closed
 _batch_decoder: Final[msgspec.json.Decoder[list[Envelope]]] = msgspec.json.Decoder(list[Envelope])
 _envelope_decoder: Final[msgspec.json.Decoder[Envelope]] = msgspec.json.Decoder(Envelope)
 _encoder: Final = msgspec.json.Encoder()
-#: Digits of the longest length prefix read (a bus payload is far below 10**12 bytes).
-_MAX_PREFIX: Final = 12
+#: The tokens that delimit JSON values: whole strings (so that brackets and commas inside
+#: them are skipped), brackets and commas. Everything else lies between them.
+_TOKENS: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
 
 
 def encode_batch(envelopes: list[Envelope]) -> bytes:
-    encode = _encoder.encode
-    parts: list[bytes] = []
-    for envelope in envelopes:
-        data = encode(envelope)
-        parts.append(b"%d:" % len(data))
-        parts.append(data)
-    return b"".join(parts)
+    return _encoder.encode(envelopes)
 
 
 def decode_batch(data: bytes) -> tuple[list[Envelope], int]:
     """The envelopes of a bus payload that could be decoded, and how many could not.
 
-    Never raises: a broken length prefix loses the rest of the payload (counted as one).
+    Never raises. A payload that is not a JSON array at all counts as one undecodable
+    envelope; so does whatever follows a break in the array's structure.
     """
-    if data[:1] == b"[":
-        try:
-            return _batch_decoder.decode(data), 0
-        except (msgspec.DecodeError, RecursionError):
-            return [], 1
+    try:
+        return _batch_decoder.decode(data), 0
+    except (msgspec.DecodeError, RecursionError):
+        # RecursionError: a value nested past the interpreter's recursion limit.
+        pass
+    elements, broken = _split_array(data)
     envelopes: list[Envelope] = []
-    dropped = 0
-    decode = _envelope_decoder.decode
-    view = memoryview(data)
-    position = 0
-    size = len(data)
-    while position < size:
-        colon = data.find(b":", position, position + _MAX_PREFIX + 1)
-        digits = data[position:colon]
-        if colon < 0 or not digits.isdigit():
-            return envelopes, dropped + 1
-        end = colon + 1 + int(digits)
-        if end > size:
-            return envelopes, dropped + 1
+    dropped = int(broken)
+    for element in elements:
         try:
-            envelopes.append(decode(view[colon + 1 : end]))
+            envelopes.append(_envelope_decoder.decode(element))
         except (msgspec.DecodeError, RecursionError):
-            # RecursionError: a JSON value nested past the interpreter's recursion limit.
             dropped += 1
-        position = end
     return envelopes, dropped
+
+
+def _split_array(data: bytes) -> tuple[list[memoryview], bool]:
+    """The top-level elements of a JSON array (unparsed), and whether its structure broke."""
+    view = memoryview(data)
+    elements: list[memoryview] = []
+    depth = 0
+    start = -1
+    for token in _TOKENS.finditer(data):
+        mark = token.group()
+        if mark in _OPEN:
+            depth += 1
+            if depth == 1:
+                if mark != b"[" or data[: token.start()].strip():
+                    return elements, True
+                start = token.end()
+        elif mark in _CLOSE:
+            depth -= 1
+            if depth == 0:
+                if data[start : token.start()].strip():
+                    elements.append(view[start : token.start()])
+                return elements, bool(data[token.end() :].strip())
+            if depth < 0:
+                return elements, True
+        elif mark == b"," and depth == 1:
+            elements.append(view[start : token.start()])
+            start = token.end()
+    return elements, True
+
+
+_OPEN: Final = (b"[", b"{")
+_CLOSE: Final = (b"]", b"}")
