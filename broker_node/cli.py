@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
+from broker_node.admission import parse_networks
 from broker_node.config import Settings
 from broker_node.errors import ConfigurationError
 from broker_node.logs import configure_logging
@@ -32,7 +33,119 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     )
 
 
+# --- hostile input and resource limits (issue 15): each maps to the Settings field of its name
+_LIMIT_OPTIONS: list[Callable[[_F], _F]] = [
+    _option(
+        "--max-json-depth",
+        default=_DEFAULTS.max_json_depth,
+        type=click.IntRange(min=2, max=256),
+        help="Deepest JSON nesting of a frame; deeper ones get their *_failed reply "
+        "(or a 1003 close when too deep to read).",
+    ),
+    _option(
+        "--max-channels-per-connection",
+        default=_DEFAULTS.max_channels_per_connection,
+        type=click.IntRange(min=1),
+        help="Channels one connection may be an end of; past it open fails.",
+    ),
+    _option(
+        "--max-list-page",
+        default=_DEFAULTS.max_list_page,
+        type=click.IntRange(min=1),
+        help="Most ids in one connections reply (list_by_role pages with after).",
+    ),
+    _option(
+        "--max-requests-per-second",
+        default=_DEFAULTS.max_requests_per_second,
+        type=click.FloatRange(min=0),
+        help="Frames per second per connection, bursts of twice that (0: no limit); over "
+        "it the node stops reading that socket for a while.",
+    ),
+    _option(
+        "--max-bytes-per-second",
+        default=_DEFAULTS.max_bytes_per_second,
+        type=click.IntRange(min=0),
+        help="Bytes per second per connection, bursts of twice that (0: no limit); over "
+        "it the node stops reading that socket for a while.",
+    ),
+    _option(
+        "--handshake-timeout",
+        default=_DEFAULTS.handshake_timeout,
+        type=click.FloatRange(min=0.1),
+        help="Seconds a connection has to send its HTTP request; then it is dropped.",
+    ),
+    _option(
+        "--max-header-bytes",
+        default=_DEFAULTS.max_header_bytes,
+        type=click.IntRange(min=1024),
+        help="Bytes of an HTTP request line and headers; larger requests get 431.",
+    ),
+    _option(
+        "--max-connections",
+        default=_DEFAULTS.max_connections,
+        type=click.IntRange(min=1),
+        help="WebSocket clients of this node; further upgrades get 503.",
+    ),
+    _option(
+        "--max-connections-per-ip",
+        default=_DEFAULTS.max_connections_per_ip,
+        type=click.IntRange(min=0),
+        help="WebSocket clients from one address (0: no limit); further upgrades get 429.",
+    ),
+    _option(
+        "--trusted-proxies",
+        default="",
+        callback=lambda _ctx, _param, value: _networks(value),
+        help="Comma-separated addresses or CIDRs of proxies whose X-Forwarded-For / "
+        "X-Real-IP name the client (for --max-connections-per-ip and logs).",
+    ),
+    _option(
+        "--allowed-origins",
+        default="",
+        callback=lambda _ctx, _param, value: _origins(value),
+        help="Comma-separated Origins browsers may connect from (e.g. "
+        "https://app.example.com); others get 403. Empty: any.",
+    ),
+    _option(
+        "--metrics-port",
+        default=None,
+        type=click.IntRange(0, 65535),
+        help="Serve /metrics (and /healthz, /readyz) on this port instead of the client "
+        "port, where /metrics then answers 404.",
+    ),
+    _option(
+        "--metrics-host",
+        default=None,
+        help="Interface of the --metrics-port listener  [default: --host]",
+    ),
+]
+
+
+def _csv(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _networks(value: str | None) -> tuple[str, ...]:
+    items = _csv(value)
+    try:
+        parse_networks(items)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return tuple(items)
+
+
+def _origins(value: str | None) -> tuple[str, ...]:
+    return tuple(item.rstrip("/").lower() for item in _csv(value))
+
+
+def _limit_options(command: _F) -> _F:
+    for option in reversed(_LIMIT_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@_limit_options
 @_option("--host", default=_DEFAULTS.host, help="Interface to listen on.")
 @_option("--port", "-p", default=_DEFAULTS.port, type=click.IntRange(0, 65535), help="Port.")
 @_option(
@@ -236,6 +349,7 @@ def main(
     auth_policy: str | None = None,
     auth_query_token: bool = False,
     auth_max_connections_per_user: int = 0,
+    **limits: Any,
 ) -> None:
     """Run one node of the connection broker (standalone without --redis-url)."""
     if heartbeat_interval >= node_ttl:
@@ -276,6 +390,7 @@ def main(
         auth_policy=auth_policy or None,
         auth_query_token=auth_query_token,
         auth_max_connections_per_user=auth_max_connections_per_user,
+        **limits,
     )
     run(settings)
 

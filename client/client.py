@@ -641,11 +641,22 @@ class BrokerClient:
     # --- operations -----------------------------------------------------------------------
 
     async def list_by_role(self, role: str) -> list[ConnectionId]:
-        """Every live connection registered with ``role``, on every node."""
-        link = self._require_link()
-        result = await link.request(link.session.list_by_role(role), "list_by_role")
-        assert isinstance(result, Listed)
-        return result.ids
+        """Every live connection registered with ``role``, on every node.
+
+        A node answers at most a page of ids (1,000 by default), sorted, saying when more
+        follow; the pages are requested one after another and joined here.
+        """
+        ids: list[ConnectionId] = []
+        after: str | None = None
+        while True:
+            link = self._require_link()
+            request = link.session.list_by_role(role, after=after)
+            result = await link.request(request, "list_by_role")
+            assert isinstance(result, Listed)
+            ids += result.ids
+            if not result.more or not result.ids:
+                return ids
+            after = result.ids[-1]
 
     async def open_channel(self, target_id: str) -> Channel:
         """Open a channel to the connection ``target_id``; it gets an incoming channel.

@@ -147,6 +147,8 @@ class TokenRefreshed:
 @dataclass(frozen=True, slots=True)
 class Listed:
     ids: list[ConnectionId]
+    #: More ids follow (a node caps its page size): ask again ``after`` the last one.
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,10 +321,11 @@ class Session:
         request_id = self._take_id("refresh")
         return OutgoingRequest(request_id, "refresh", encode(Refresh(id=request_id, token=token)))
 
-    def list_by_role(self, role: str) -> OutgoingRequest:
+    def list_by_role(self, role: str, *, after: str | None = None) -> OutgoingRequest:
+        """A ``list_by_role`` request; ``after``: the page after that id (paging)."""
         self._require_ready()
         request_id = self._take_id("list_by_role")
-        frame = encode(ListByRole(id=request_id, role=role))
+        frame = encode(ListByRole(id=request_id, role=role, after=after))
         return OutgoingRequest(request_id, "list_by_role", frame)
 
     def open_channel(self, target_id: str) -> OutgoingRequest:
@@ -454,8 +457,8 @@ class Session:
                 return self._registered(reply_to, pending, ConnectionId(connection_id), expires_in)
             case Refreshed(expiresIn=expires_in):
                 return self._done(reply_to, pending, TokenRefreshed(expires_in))
-            case Connections(ids=ids):
-                return self._done(reply_to, pending, Listed([ConnectionId(i) for i in ids]))
+            case Connections(ids=ids, more=more):
+                return self._done(reply_to, pending, Listed([ConnectionId(i) for i in ids], more))
             case ChannelOpened(channelId=channel):
                 return self._opened(reply_to, pending, ChannelId(channel))
             case ChannelMessageSent(channelId=channel):

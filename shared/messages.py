@@ -62,6 +62,11 @@ class Register(_Wire, frozen=True, tag="register"):
 class ListByRole(_Wire, frozen=True, tag="list_by_role"):
     id: int
     role: str
+    # --- paging (issue 15; optional, absent in the README's request) ---
+    #: At most this many ids in the reply (the node caps it at its own page size).
+    limit: int | None = None
+    #: Only ids that sort after this one (the last id of the previous page).
+    after: str | None = None
 
 
 class Open(_Wire, frozen=True, tag="open"):
@@ -132,6 +137,9 @@ class Connections(_Wire, frozen=True, tag="connections"):
     id: int
     replyTo: int
     ids: list[str]
+    # --- paging (issue 15; optional, absent when false, so the README's reply stays valid) ---
+    #: More ids follow the last one of ``ids``: ask again with ``after`` set to it.
+    more: bool = False
 
 
 class ListByRoleFailed(_Wire, frozen=True, tag="list_by_role_failed"):

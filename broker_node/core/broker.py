@@ -112,6 +112,10 @@ ROLE_NOT_ALLOWED: Final = "Role not allowed for this token"
 AUTH_DISABLED: Final = "Authentication is not enabled on this node"
 OTHER_SUBJECT: Final = "Token is for another subject"
 USER_LIMIT: Final = "Too many connections for this user"
+# --- hostile input and resource limits (issue 15)
+TOO_MANY_CHANNELS: Final = "Too many channels on this connection"
+TARGET_TOO_MANY_CHANNELS: Final = "Target connection has too many channels"
+INVALID_LIMIT: Final = "Invalid field: limit must be a positive integer"
 
 #: Failure reasons used as metric labels; any other text counts as "invalid_request".
 KNOWN_REASONS: Final = frozenset(
@@ -133,6 +137,9 @@ KNOWN_REASONS: Final = frozenset(
         AUTH_DISABLED,
         OTHER_SUBJECT,
         USER_LIMIT,
+        TOO_MANY_CHANNELS,
+        TARGET_TOO_MANY_CHANNELS,
+        INVALID_LIMIT,
     }
 )
 
@@ -232,8 +239,15 @@ class BrokerCore:
         max_unconfirmed_bytes: int = 2 * 1024 * 1024,
         auth: AuthRules | None = None,
         wall_clock: Callable[[], float] | None = None,
+        # --- hostile input and resource limits (issue 15)
+        max_channels: int = 1000,
+        list_page_size: int = 1000,
     ) -> None:
         self.node_id = node_id
+        #: Channels one connection may be an end of (opened by it or to it).
+        self.max_channels = max_channels
+        #: Most ids in one ``connections`` reply.
+        self.list_page_size = list_page_size
         self.max_role_length = max_role_length
         #: Flow control: past either bound, reading the sender's socket pauses until half of
         #: it is settled. Nothing is refused for it: the sender is slowed down.
@@ -278,19 +292,21 @@ class BrokerCore:
         conn = self.connections.pop(connection_id, None)
         if conn is None:
             return []
-        actions: list[Action] = []
+        notices: list[Action] = []
+        forget: list[Action] = []
         for channel_id in conn.channels:
             record = self.channels.pop(channel_id, None)
             if record is not None:
                 if self._closing.pop(channel_id, None) is None:
-                    self._notify_other_end(record, connection_id, actions)
+                    self._notify_other_end(record, connection_id, notices)
                 # else: the other end's node is being told by the close already under way.
-                actions.append(ForgetChannel(record))
-        if conn.role is not None:
-            actions.append(
-                ForgetConnection(ConnectionRecord(connection_id, self.node_id, conn.role))
-            )
-        return actions
+                forget.append(ForgetChannel(record))
+        if conn.role is None:
+            return notices + forget
+        # As on one node, a peer that hears of the departure no longer finds the connection.
+        gone = ConnectionRecord(connection_id, self.node_id, conn.role)
+        forget.append(ForgetConnection(gone, tuple(notices)))
+        return forget
 
     def pending_counts(self) -> tuple[int, int]:
         """Cross-node messages and opens (closes included) awaiting another node."""
@@ -372,6 +388,8 @@ class BrokerCore:
         conn = self.connections[connection_id]
         if conn.role is None:
             return self._fail(conn, "list_by_role", request.id, "", NOT_REGISTERED)
+        if request.limit is not None and request.limit < 1:
+            return self._fail(conn, "list_by_role", request.id, "", INVALID_LIMIT)
         return None
 
     def finish_list(
@@ -388,8 +406,19 @@ class BrokerCore:
             return self._fail(conn, "list_by_role", request.id, "", error or REGISTRY_UNAVAILABLE)
         if self.auth is not None and not self._may_list(conn, request.role):
             ids = []  # a role the caller may not see looks empty: nothing leaks
-        frame = encode(Connections(id=self._next_id(conn), replyTo=request.id, ids=list(ids)))
+        page, more = self._page(ids, request)
+        frame = encode(Connections(id=self._next_id(conn), replyTo=request.id, ids=page, more=more))
         return [Send(connection_id, frame)]
+
+    def _page(self, ids: Iterable[str], request: ListByRole) -> tuple[list[str], bool]:
+        # Sorted, so that ``after`` (the last id of a page) finds the next page even as
+        # connections come and go between the requests.
+        size = self.list_page_size
+        if request.limit is not None:
+            size = min(size, request.limit)
+        after = request.after
+        ordered = sorted(ids) if after is None else sorted(i for i in ids if i > after)
+        return ordered[:size], len(ordered) > size
 
     # --- open ---------------------------------------------------------------------------
 
@@ -398,7 +427,19 @@ class BrokerCore:
         conn = self.connections[connection_id]
         if conn.role is None:
             return self._fail(conn, "open", request.id, request.targetId, NOT_REGISTERED)
+        if self._at_channel_cap(conn):
+            self.stats.limit_refusals["channels"] += 1
+            return self._fail(conn, "open", request.id, request.targetId, TOO_MANY_CHANNELS)
         return None
+
+    def _at_channel_cap(self, conn: LocalConnection) -> bool:
+        """The connection's channels, with its opens still in flight, reach the cap."""
+        cap = self.max_channels
+        held = len(conn.channels)
+        if held + len(self._opens) < cap:
+            return False
+        cid = conn.connection_id
+        return held + sum(1 for pending in self._opens.values() if pending.opener == cid) >= cap
 
     def plan_open(
         self, connection_id: ConnectionId, request: Open, target: ConnectionRecord | None
@@ -411,6 +452,10 @@ class BrokerCore:
             target = None  # a forbidden target is answered exactly as a missing one
         if target is None:
             return self._fail(conn, "open", request.id, request.targetId, TARGET_NOT_FOUND)
+        local_target = self.connections.get(target.connection_id)
+        if local_target is not None and len(local_target.channels) >= self.max_channels:
+            self.stats.limit_refusals["channels"] += 1
+            return self._fail(conn, "open", request.id, request.targetId, TARGET_TOO_MANY_CHANNELS)
         return ChannelRecord(
             channel_id=new_channel_id(),
             opener=connection_id,
@@ -870,6 +915,10 @@ class BrokerCore:
         target = self.connections.get(channel.target)
         if target is None or target.role is None:
             actions.append(Publish(channel.opener_node, OpenResult(seq, TARGET_NOT_FOUND)))
+            return
+        if len(target.channels) >= self.max_channels:
+            self.stats.limit_refusals["channels"] += 1
+            actions.append(Publish(channel.opener_node, OpenResult(seq, TARGET_TOO_MANY_CHANNELS)))
             return
         actions.append(self._tell_incoming(target, channel))
         actions.append(Publish(channel.opener_node, OpenResult(seq, None)))

@@ -26,6 +26,7 @@ from tests.integration.helpers import (
     Cluster,
     RedisInspector,
     eventually,
+    fast_args,
     list_role,
     node_keys,
     status,
@@ -190,6 +191,8 @@ async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
         heartbeat_interval=HEARTBEAT,
         node_ttl=TTL,
         request_timeout=REQUEST_TIMEOUT * 5,
+        # A channel cap far above the default: this client's point is to have very many.
+        max_channels_per_connection=1_000_000,
     )
     redis = RedisInspector(redis_server.url)
     # Every deletion of a live client's record is seen as it happens (keyspace events).
@@ -258,7 +261,9 @@ async def _told_of_channels(target: WireClient, count: int) -> None:
 
 
 async def test_a_client_with_many_channels_leaving_real_nodes(cluster: Cluster) -> None:
-    node, other = await cluster.start(2)
+    node, other = await cluster.start(
+        2, args=[*fast_args(), "--max-channels-per-connection", str(2 * MANY)]
+    )
     told: list[asyncio.Task[None]] = []
     redis = RedisInspector(cluster.redis.url)
     await redis.client.config_set("notify-keyspace-events", "Kg")
