@@ -71,7 +71,9 @@ async def payloads_at(client: WireClient, count: int, timeout: float = 60) -> li
 
 async def test_a_fast_sender_across_nodes_is_slowed_down_not_failed(cluster: Cluster) -> None:
     # A small window makes the sender outrun it many times over.
-    a, b, channel = await cross_node_channel(cluster, [*fast_args(), "--max-unconfirmed", "64"])
+    # A long request timeout: no confirmation may time out on a loaded machine here.
+    args = [*fast_args(request_timeout=5.0), "--max-unconfirmed", "64"]
+    a, b, channel = await cross_node_channel(cluster, args)
     count = 10_000
     ids = list(range(a.next_id, a.next_id + count))
     # The sender reads its replies while it sends, as every client does.
