@@ -426,14 +426,20 @@ class ClientConnection(asyncio.Protocol):
         if self._backlog:
             self._enqueue(request)
             return
-        # message and close never wait for the registry: decide and execute right here.
+        # message and close on a channel this node holds never wait for the registry: decide
+        # and execute right here.
         kind = type(request)
-        if kind is Message:
-            self.node.execute(self.node.core.message(cid, request))  # type: ignore[arg-type]
-        elif kind is Close:
-            self.node.execute(self.node.core.close(cid, request))  # type: ignore[arg-type]
-        else:
-            self._enqueue(request)
+        if kind is Message or kind is Close:
+            node = self.node
+            core = node.core
+            channel_id: str = request.channelId  # type: ignore[union-attr]
+            if node.standalone or core.knows_channel(cid, channel_id):
+                if kind is Message:
+                    node.execute(core.message(cid, request))  # type: ignore[arg-type]
+                else:
+                    node.execute(core.close(cid, request))  # type: ignore[arg-type]
+                return
+        self._enqueue(request)
 
     def _enqueue(self, request: Request | Rejection) -> None:
         # Requests after one that waits for the registry wait too: replies keep request order

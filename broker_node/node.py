@@ -90,6 +90,7 @@ class BrokerNode:
         self.node_id: NodeId = settings.node_id
         self.backend = backend if backend is not None else create_backend(settings)
         self.registry = self.backend.registry
+        self.standalone = self.backend.standalone
         self.stats = NodeStats()
         # Authentication (issue 13): off (the original protocol) unless a key is configured.
         self.node_auth = NodeAuth(settings, self.node_id)
@@ -471,9 +472,17 @@ class BrokerNode:
         if not core.is_connected(cid):
             return
         if isinstance(request, Message):
-            self.execute(core.message(cid, request))
+            elsewhere = await self._open_elsewhere(cid, request.channelId)
+            if elsewhere is not None:
+                self.execute(core.message(cid, request, elsewhere=elsewhere))
+            else:
+                self.execute(core.fail_on_channel(cid, "message", request, REGISTRY_UNAVAILABLE))
         elif isinstance(request, Close):
-            self.execute(core.close(cid, request))
+            elsewhere = await self._open_elsewhere(cid, request.channelId)
+            if elsewhere is not None:
+                self.execute(core.close(cid, request, elsewhere=elsewhere))
+            else:
+                self.execute(core.fail_on_channel(cid, "close", request, REGISTRY_UNAVAILABLE))
         elif isinstance(request, Register):
             await self._register(cid, request)
         elif isinstance(request, ListByRole):
@@ -486,6 +495,19 @@ class BrokerNode:
         else:
             self.bad_frame(_rejection_kind(request))
             self.execute(core.reject(cid, request))
+
+    async def _open_elsewhere(self, cid: ConnectionId, channel_id: str) -> bool | None:
+        """For a channel this node does not hold: is it open on other nodes? (A connection
+        that is not one of its ends is then "not authorized", as on one node, rather than told
+        the channel does not exist.) None when the registry cannot say."""
+        if self.backend.standalone or self.core.knows_channel(cid, channel_id):
+            return False
+        try:
+            return await self._registry_call(
+                "channel_exists", self.registry.channel_exists(ChannelId(channel_id))
+            )
+        except BackendUnavailable:
+            return None
 
     async def _register(self, cid: ConnectionId, request: Register) -> None:
         plan = self.core.begin_register(cid, request, self.node_auth.verify(request.token))

@@ -517,7 +517,28 @@ class BrokerCore:
 
     # --- message (the hot path) ---------------------------------------------------------
 
-    def message(self, connection_id: ConnectionId, request: Message) -> list[Action]:
+    def fail_on_channel(
+        self, connection_id: ConnectionId, kind: str, request: Message | Close, error: str
+    ) -> list[Action]:
+        """Fail a message or close for ``error`` (the registry could not be asked)."""
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return []
+        channel_id = ChannelId(request.channelId)
+        return self._fail_on_channel(conn, kind, request.id, channel_id, error, [])
+
+    def knows_channel(self, connection_id: ConnectionId, channel_id: str) -> bool:
+        """Whether this node can answer a message or close on ``channel_id`` by itself: it
+        holds the channel, or the request fails before the channel matters. Otherwise the
+        shell asks the registry whether the channel is open elsewhere (``elsewhere``)."""
+        conn = self.connections.get(connection_id)
+        return conn is None or conn.role is None or ChannelId(channel_id) in self.channels
+
+    def message(
+        self, connection_id: ConnectionId, request: Message, *, elsewhere: bool = False
+    ) -> list[Action]:
+        """A message; ``elsewhere``: the registry says the channel, unknown here, is open on
+        other nodes, so this connection is not one of its ends."""
         conn = self.connections[connection_id]
         channel_id = ChannelId(request.channelId)
         if conn.role is None:
@@ -526,9 +547,8 @@ class BrokerCore:
             )
         channel = self.channels.get(channel_id)
         if channel is None:
-            return self._fail_on_channel(
-                conn, "message", request.id, channel_id, CHANNEL_NOT_FOUND, []
-            )
+            error = NOT_AUTHORIZED if elsewhere else CHANNEL_NOT_FOUND
+            return self._fail_on_channel(conn, "message", request.id, channel_id, error, [])
         if connection_id == channel.opener:
             peer, peer_node = channel.target, channel.target_node
         elif connection_id == channel.target:
@@ -681,16 +701,18 @@ class BrokerCore:
 
     # --- close --------------------------------------------------------------------------
 
-    def close(self, connection_id: ConnectionId, request: Close) -> list[Action]:
+    def close(
+        self, connection_id: ConnectionId, request: Close, *, elsewhere: bool = False
+    ) -> list[Action]:
+        """A close; ``elsewhere`` as for ``message``."""
         conn = self.connections[connection_id]
         channel_id = ChannelId(request.channelId)
         if conn.role is None:
             return self._fail_on_channel(conn, "close", request.id, channel_id, NOT_REGISTERED, [])
         channel = self.channels.get(channel_id)
         if channel is None:
-            return self._fail_on_channel(
-                conn, "close", request.id, channel_id, CHANNEL_NOT_FOUND, []
-            )
+            error = NOT_AUTHORIZED if elsewhere else CHANNEL_NOT_FOUND
+            return self._fail_on_channel(conn, "close", request.id, channel_id, error, [])
         if channel.peer_of(connection_id) is None:
             return self._fail_on_channel(conn, "close", request.id, channel_id, NOT_AUTHORIZED, [])
         if self._closing and channel_id in self._closing:

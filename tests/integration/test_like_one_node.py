@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from tests.integration.helpers import Cluster, fast_args, frames_for, send_confirmed
+from tests.integration.helpers import Cluster, eventually, fast_args, frames_for, send_confirmed
 from tests.support.wire import WireClient
 
 pytestmark = pytest.mark.slow
@@ -218,3 +218,27 @@ async def test_a_peer_told_of_a_disconnect_no_longer_finds_it(cluster: Cluster, 
         assert a_id not in reply["ids"], reply
         reply = await b.request("open", targetId=a_id)
         assert reply["type"] == "channel_open_failed", reply
+
+
+async def test_a_stranger_on_a_third_node_is_not_authorized(cluster: Cluster) -> None:
+    n0, n1, n2 = await cluster.start(3)
+    a, b = await cluster.client(n0, "a"), await cluster.client(n1, "b")
+    stranger = await cluster.client(n2, "stranger")
+    assert b.connection_id is not None
+    channel = await a.open(b.connection_id)
+    await b.notification("incoming_channel")
+    # As on one node: the channel exists, the stranger is not one of its ends.
+    for kind, fields in (("message", {"payload": 1}), ("close", {})):
+        reply = await stranger.request(kind, channelId=channel, **fields)
+        assert reply["type"] == f"channel_{'message' if kind == 'message' else 'close'}_failed"
+        assert reply["error"] == "Not authorized for this channel", reply
+    await send_confirmed(a, b, channel, "untouched")
+    assert (await a.request("close", channelId=channel))["type"] == "channel_closed"
+    # Once it is closed and gone from the registry (in the background, within moments),
+    # everyone is told it does not exist.
+
+    async def not_found() -> bool:
+        reply = await stranger.request("message", channelId=channel, payload=2)
+        return bool(reply["error"] == "Channel not found")
+
+    await eventually(not_found, timeout=5)
