@@ -111,12 +111,15 @@ class RawClient:
             return first & 0x0F, await self.reader.readexactly(length)
 
     async def json(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The next text frame, decoded; pongs met on the way go to ``pongs``."""
+        """The next text frame, decoded; pongs met on the way go to ``pongs``, pings are
+        skipped."""
         while True:
             opcode, payload = await self.frame(timeout)
             if opcode == OP_PONG:
                 self.pongs.append(payload)
                 continue
+            if opcode == OP_PING:
+                continue  # a keepalive ping: the node waits --ping-timeout for an answer
             assert opcode == OP_TEXT, (opcode, payload)
             value: dict[str, Any] = json.loads(payload)
             return value
