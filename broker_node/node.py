@@ -497,17 +497,19 @@ class BrokerNode:
             self.execute(core.reject(cid, request))
 
     async def _open_elsewhere(self, cid: ConnectionId, channel_id: str) -> bool | None:
-        """For a channel this node does not hold: is it open on other nodes? (A connection
-        that is not one of its ends is then "not authorized", as on one node, rather than told
-        the channel does not exist.) None when the registry cannot say."""
-        if self.backend.standalone or self.core.knows_channel(cid, channel_id):
+        """For a channel this node does not hold: is it open on other nodes, with ``cid`` not
+        one of its ends? (That connection is then "not authorized", as on one node, rather
+        than told the channel does not exist; an end of a channel this node no longer holds
+        was closed already.) None when the registry cannot say."""
+        if self.standalone or self.core.knows_channel(cid, channel_id):
             return False
         try:
-            return await self._registry_call(
-                "channel_exists", self.registry.channel_exists(ChannelId(channel_id))
+            record = await self._registry_call(
+                "find_channel", self.registry.find_channel(ChannelId(channel_id))
             )
         except BackendUnavailable:
             return None
+        return record is not None and record.peer_of(cid) is None
 
     async def _register(self, cid: ConnectionId, request: Register) -> None:
         plan = self.core.begin_register(cid, request, self.node_auth.verify(request.token))

@@ -113,8 +113,8 @@ class MemoryRegistry(Registry):
     async def list_by_role(self, role: str) -> list[ConnectionId]:
         return list(self._hub.roles.get(role, ()))
 
-    async def channel_exists(self, channel_id: ChannelId) -> bool:
-        return channel_id in self._hub.channels
+    async def find_channel(self, channel_id: ChannelId) -> ChannelRecord | None:
+        return self._hub.channels.get(channel_id)
 
     async def add_channel(self, record: ChannelRecord) -> None:
         hub = self._hub

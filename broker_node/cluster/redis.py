@@ -312,9 +312,22 @@ class RedisRegistry(Registry):
             return None
         return ConnectionRecord(connection_id, NodeId(_text(node)), _text(role))
 
-    async def channel_exists(self, channel_id: ChannelId) -> bool:
-        async with self._guard("channel_exists"):
-            return bool(await self._client.exists(self._keys.channel(channel_id)))
+    async def find_channel(self, channel_id: ChannelId) -> ChannelRecord | None:
+        async with self._guard("find_channel"):
+            fields = await self._client.hmget(
+                self._keys.channel(channel_id), ["opener", "opener_node", "target", "target_node"]
+            )
+        texts = [_text(field) for field in fields if field is not None]
+        if len(texts) != 4:
+            return None
+        opener, opener_node, target, target_node = texts
+        return ChannelRecord(
+            channel_id=channel_id,
+            opener=ConnectionId(opener),
+            opener_node=NodeId(opener_node),
+            target=ConnectionId(target),
+            target_node=NodeId(target_node),
+        )
 
     async def list_by_role(self, role: str) -> list[ConnectionId]:
         # SMEMBERS of the role's own set: the cost follows the answer, not the cluster.

@@ -242,3 +242,20 @@ async def test_a_stranger_on_a_third_node_is_not_authorized(cluster: Cluster) ->
         return bool(reply["error"] == "Channel not found")
 
     await eventually(not_found, timeout=5)
+
+
+async def test_an_end_of_a_just_closed_channel_is_told_it_is_gone(cluster: Cluster) -> None:
+    a, b, channel = await cross_node_channel(cluster)
+    assert b.connection_id is not None
+    for _ in range(10):
+        reply = await a.request("close", channelId=channel)
+        assert reply["type"] == "channel_closed"
+        # Right away, while the registry may still hold it: gone, for both ends, as on one node.
+        for end in (a, b):
+            reply = await end.request("message", channelId=channel, payload=0)
+            assert reply["error"] == "Channel not found", reply
+            reply = await end.request("close", channelId=channel)
+            assert reply["error"] == "Channel not found", reply
+        await b.notification("channel_closed_notification")
+        channel = await a.open(b.connection_id)
+        await b.notification("incoming_channel")
