@@ -7,6 +7,10 @@ import pytest
 from broker_node.config import Settings
 from broker_node.node import BrokerNode
 from shared.ids import NodeId
+from tests.differential import profiles
+
+# The differential tests' Hypothesis profiles (`--hypothesis-profile` overrides this choice).
+profiles.load()
 
 
 @pytest.fixture
