@@ -15,7 +15,7 @@ from broker_node.config import Settings
 from broker_node.errors import ConfigurationError
 from broker_node.logs import configure_logging
 from broker_node.node import BrokerNode
-from shared.ids import NodeId, new_node_id
+from shared.ids import NodeId, incarnation_id, new_node_id
 
 logger = logging.getLogger("broker_node.cli")
 _DEFAULTS = Settings(node_id=NodeId("-"))
@@ -41,18 +41,22 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     help="redis://, rediss:// or unix:// URL; absent: a standalone node with no Redis.",
 )
 @_option("--redis-prefix", default=_DEFAULTS.redis_prefix, help="Prefix of every Redis key.")
-@_option("--node-id", default=None, help="This node's id in the cluster  [default: random]")
+@_option(
+    "--node-id",
+    default=None,
+    help="This node's name (e.g. the pod name); each start adds an incarnation  [default: random]",
+)
 @_option(
     "--heartbeat-interval",
     default=_DEFAULTS.heartbeat_interval,
     type=click.FloatRange(min=0.05),
-    help="Seconds between heartbeats (and checks for lost nodes).",
+    help="Seconds between heartbeats (peers are checked every second, or this, if shorter).",
 )
 @_option(
     "--node-ttl",
     default=_DEFAULTS.node_ttl,
     type=click.FloatRange(min=0.1),
-    help="Seconds without a heartbeat after which a node counts as lost and is reaped.",
+    help="A node dead this long is lost: reaped, its peers told.",
 )
 @_option(
     "--bus-batch-delay",
@@ -83,7 +87,21 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     "--max-unconfirmed",
     default=_DEFAULTS.max_unconfirmed,
     type=click.IntRange(min=1),
-    help="Cross-node messages of one client awaiting confirmation before sends fail.",
+    help="Messages of one client awaiting confirmation before the node stops reading its "
+    "socket (flow control; it resumes once half are confirmed).",
+)
+@_option(
+    "--max-unconfirmed-bytes",
+    default=None,
+    type=click.IntRange(min=1),
+    help="The same bound in payload bytes (default: half of --max-outbound-buffer).",
+)
+@_option(
+    "--slow-consumer-timeout",
+    default=_DEFAULTS.slow_consumer_timeout,
+    type=click.FloatRange(min=0.01),
+    help="Seconds a client's socket may take nothing while frames wait for it before it is "
+    "closed with 1008 (slow consumer).",
 )
 @_option(
     "--request-timeout",
@@ -129,6 +147,8 @@ def main(
     max_role_length: int,
     max_outbound_buffer: int,
     max_unconfirmed: int,
+    max_unconfirmed_bytes: int | None,
+    slow_consumer_timeout: float,
     request_timeout: float,
     drain_timeout: float,
     ping_interval: float,
@@ -146,7 +166,7 @@ def main(
         port=port,
         redis_url=redis_url or None,
         redis_prefix=redis_prefix,
-        node_id=NodeId(node_id) if node_id else new_node_id(),
+        node_id=incarnation_id(node_id) if node_id else new_node_id(),
         heartbeat_interval=heartbeat_interval,
         node_ttl=node_ttl,
         bus_batch_delay=bus_batch_delay,
@@ -154,6 +174,8 @@ def main(
         max_role_length=max_role_length,
         max_outbound_buffer=max_outbound_buffer,
         max_unconfirmed=max_unconfirmed,
+        max_unconfirmed_bytes=max_unconfirmed_bytes,
+        slow_consumer_timeout=slow_consumer_timeout,
         request_timeout=request_timeout,
         drain_timeout=drain_timeout,
         ping_interval=ping_interval,

@@ -34,8 +34,15 @@ class Settings:
     max_role_length: int = 256
     #: Bytes queued for one client before it is closed with 1008 "slow consumer".
     max_outbound_buffer: int = 4 * 1024 * 1024
-    #: Cross-node messages of one connection awaiting confirmation before sends fail.
+    #: Flow control: messages of one connection awaiting confirmation before the node stops
+    #: reading its socket (it resumes once half are confirmed); nothing is refused for it.
     max_unconfirmed: int = 4096
+    #: The same bound in payload bytes (None: half of max_outbound_buffer, so that what one
+    #: sender has in flight never makes its recipient a slow consumer by itself).
+    max_unconfirmed_bytes: int | None = None
+    #: A client whose socket takes nothing for this long while the node has frames for it is
+    #: closed with 1008 "slow consumer" (as is one with more than max_outbound_buffer queued).
+    slow_consumer_timeout: float = 30.0
 
     # Timing
     #: How long a request that needs the cluster backend (or a cross-node confirmation) may
@@ -53,6 +60,12 @@ class Settings:
     # Logging
     log_level: str = "info"
     log_format: LogFormat = "text"
+
+    @property
+    def unconfirmed_bytes_bound(self) -> int:
+        if self.max_unconfirmed_bytes is not None:
+            return self.max_unconfirmed_bytes
+        return max(1, self.max_outbound_buffer // 2)
 
     @property
     def node_ttl_ms(self) -> int:

@@ -30,6 +30,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
+from broker_node.core.actions import Receipt
 from broker_node.frame_scanner import FAST_PONG, FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
 from shared.codec import CLOSE_POLICY_VIOLATION, decode_request
 from shared.ids import ConnectionId, new_connection_id
@@ -46,6 +47,10 @@ _websockets_logger = logging.getLogger("websockets.server")
 MAX_BACKLOG: Final = 1024
 #: How long a closing handshake may take before the TCP connection is dropped.
 CLOSE_TIMEOUT: Final = 2.0
+#: Bytes handed to the transport in one write at most: what waits behind a slow reader stays
+#: here, as whole frames, so that it can be dropped (and its senders told) and a close frame
+#: does not wait behind megabytes.
+WRITE_CHUNK: Final = 256 * 1024
 
 _TEXT: Final = Opcode.TEXT
 _CONT: Final = Opcode.CONT
@@ -84,8 +89,18 @@ class ClientConnection(asyncio.Protocol):
         self.ws = ServerProtocol(max_size=node.settings.max_message_size, logger=_websockets_logger)
         self.transport: asyncio.Transport | None = None
         self.connection_id: ConnectionId | None = None
-        #: Frames built this loop turn, written together by ``flush``.
+        #: Frames not yet handed to the transport (built this loop turn, or waiting while the
+        #: transport drains), written together by ``flush``; and their size.
         self.outgoing: list[bytes] = []
+        self._outgoing_bytes = 0
+        #: Bytes handed to the transport so far; the kernel has accepted all of them whenever
+        #: the transport's buffer is empty (``_writing_paused`` is False).
+        self._handed = 0
+        self._writing_paused = False
+        #: Receipts of frames not yet accepted by the kernel, with the offset (in handed
+        #: bytes) at which each frame ends.
+        self._receipts: deque[tuple[int, Receipt]] = deque()
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._fragments: list[BytesLike] | None = None
         self._backlog: deque[Request | Rejection] = deque()
         self._worker: asyncio.Task[None] | None = None
@@ -107,7 +122,9 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        transport.set_write_buffer_limits(high=self.node.settings.max_outbound_buffer)
+        # Anything left in the transport's buffer pauses writing, and resume_writing says when
+        # the kernel took all of it: that is when messages are confirmed to their senders.
+        transport.set_write_buffer_limits(high=0)
         self.node.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -136,21 +153,45 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         if self._close_timer is not None:
             self._close_timer.cancel()
-        if self._worker is not None:
-            self._worker.cancel()
-        self._backlog.clear()
-        self.outgoing.clear()
+        # The request being worked on is never cancelled: its registry write may already be on
+        # the wire, and only its own worker knows to remove what it wrote once it completes
+        # (bounded by the request timeout). Requests still queued behind it are dropped.
+        if self._worker is not None and self._backlog:
+            in_flight = self._backlog[0]
+            self._backlog.clear()
+            self._backlog.append(in_flight)
+        else:
+            self._backlog.clear()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+        self._drop_outgoing()
+        if self._receipts:
+            # Handed to the socket, never known to be taken by the kernel: outcome unknown.
+            receipts = [receipt for _, receipt in self._receipts]
+            self._receipts.clear()
+            self.node.receipts_unwritten(receipts, handed=True)
         self.node.connection_lost(self)
 
     def pause_writing(self) -> None:
-        # The transport's buffer passed max_outbound_buffer: the client reads too slowly.
-        if self.connection_id is not None and self.ws.state is State.OPEN:
-            self.node.stats.slow_consumers += 1
-            logger.info("closing slow consumer %s", self.connection_id)
-            self.close(CLOSE_POLICY_VIOLATION, "slow consumer")
+        # The kernel did not take everything: the rest waits in the transport's buffer.
+        self._writing_paused = True
+        if self._stall_timer is None and self.ws.state is State.OPEN:
+            timeout = self.node.settings.slow_consumer_timeout
+            self._stall_timer = asyncio.get_running_loop().call_later(timeout, self._stalled)
 
     def resume_writing(self) -> None:
-        return None
+        # The transport's buffer is empty: the kernel accepted every byte handed so far.
+        self._writing_paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self._release(self._handed)
+        self.flush()
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self._writing_paused:
+            self._close_slow_consumer("no progress")
 
     # --- HTTP and the handshake -------------------------------------------------------------
 
@@ -198,6 +239,10 @@ class ClientConnection(asyncio.Protocol):
             self._receive_via_websockets(rest)
 
     def _receive_via_websockets(self, data: bytes | bytearray) -> None:
+        if self.ws.state is _OPEN:
+            # This may be a close frame, or a frame that fails the connection: the replies to
+            # the frames before it (confirmations of frames the kernel takes now) go first.
+            self.node.flush_now()
         self.ws.receive_data(data)
         for event in self.ws.events_received():
             if type(event) is Frame:
@@ -271,6 +316,11 @@ class ClientConnection(asyncio.Protocol):
         if self._worker is None:
             self._worker = asyncio.create_task(self._work_backlog())
 
+    @property
+    def requests_pending(self) -> bool:
+        """A request read from this client still waits for its turn or for the registry."""
+        return bool(self._backlog)
+
     async def _work_backlog(self) -> None:
         cid = self.connection_id
         assert cid is not None
@@ -278,7 +328,9 @@ class ClientConnection(asyncio.Protocol):
             while self._backlog and not self.closed:
                 await self.node.handle_request(cid, self._backlog[0])
                 if self.closed:
-                    # The client left during the await (connection_lost cleared the backlog).
+                    # The client left during the await: the request finished (and removed
+                    # what it wrote, the core having forgotten the client); nothing else runs.
+                    self._backlog.clear()
                     break
                 self._backlog.popleft()
                 if len(self._backlog) < MAX_BACKLOG // 2:
@@ -310,26 +362,99 @@ class ClientConnection(asyncio.Protocol):
 
     # --- frames out -------------------------------------------------------------------------
 
-    def send(self, frame: bytes) -> None:
-        """Queue a text frame; it is written with the others at the end of this loop turn."""
+    def send(self, frame: bytes, receipt: Receipt | None = None) -> None:
+        """Queue a text frame; it is written with the others at the end of this loop turn.
+
+        ``receipt`` is settled through the node once the kernel accepted the whole frame, or
+        failed if the connection ends first.
+        """
         if self.ws.state is not State.OPEN:
+            if receipt is not None:
+                self.node.receipts_unwritten([receipt], handed=False)
             return
         if not self.outgoing:
             self.node.flush_soon(self)
-        self.outgoing.append(text_frame(frame))
+        data = text_frame(frame)
+        self.outgoing.append(data)
+        self._outgoing_bytes += len(data)
+        if receipt is not None:
+            self._receipts.append((self._handed + self._outgoing_bytes, receipt))
+        if self._outgoing_bytes > self.node.settings.max_outbound_buffer:
+            self._close_slow_consumer("too much queued")
 
     def flush(self) -> None:
-        if self.outgoing and self.transport is not None and not self.closed:
-            data = b"".join(self.outgoing) if len(self.outgoing) > 1 else self.outgoing[0]
+        """Hand queued frames to the transport while the kernel keeps taking them."""
+        transport = self.transport
+        if transport is None or self.closed:
+            self._drop_outgoing()
+            return
+        outgoing = self.outgoing
+        while outgoing and not self._writing_paused:
+            if self._outgoing_bytes <= WRITE_CHUNK:
+                data = b"".join(outgoing) if len(outgoing) > 1 else outgoing[0]
+                outgoing.clear()
+            else:
+                size = count = 0
+                while count < len(outgoing) and (count == 0 or size < WRITE_CHUNK):
+                    size += len(outgoing[count])
+                    count += 1
+                data = b"".join(outgoing[:count])
+                del outgoing[:count]
+            self._outgoing_bytes -= len(data)
+            self._handed += len(data)
+            transport.write(data)  # may call pause_writing
+        if not self._writing_paused and self._receipts:
+            self._release(self._handed)
+
+    def _write_now(self, data: bytes) -> None:
+        """Write websockets' bytes (a close frame, a pong, an HTTP response) behind every
+        frame queued before them."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self.outgoing:
+            data = b"".join(self.outgoing) + data
             self.outgoing.clear()
-            self.transport.write(data)
-        else:
-            self.outgoing.clear()
+            self._outgoing_bytes = 0
+        if not data:
+            return
+        self._handed += len(data)
+        transport.write(data)
+        if not self._writing_paused and self._receipts:
+            self._release(self._handed)
+
+    def _release(self, accepted: int) -> None:
+        receipts = self._receipts
+        if not receipts or receipts[0][0] > accepted:
+            return
+        released = []
+        while receipts and receipts[0][0] <= accepted:
+            released.append(receipts.popleft()[1])
+        self.node.receipts_written(released)
+
+    def _drop_outgoing(self) -> None:
+        """Forget the frames not yet handed to the transport; their senders are told."""
+        self.outgoing.clear()
+        self._outgoing_bytes = 0
+        dropped = [receipt for end, receipt in self._receipts if end > self._handed]
+        if dropped:
+            while self._receipts and self._receipts[-1][0] > self._handed:
+                self._receipts.pop()
+            self.node.receipts_unwritten(dropped, handed=False)
+
+    def _close_slow_consumer(self, why: str) -> None:
+        if self.connection_id is None or self.ws.state is not State.OPEN:
+            return
+        self.node.stats.slow_consumers += 1
+        logger.info("closing slow consumer %s (%s)", self.connection_id, why)
+        # What never reached the socket is dropped, so that the close frame goes out right
+        # behind what the transport holds (at most about one write chunk).
+        self._drop_outgoing()
+        self.close(CLOSE_POLICY_VIOLATION, "slow consumer")
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; the node forgets the client at once."""
         if self.ws.state is State.OPEN:
-            self.flush()
             self.ws.send_close(code, reason)
             self._write_protocol_data()
             loop = asyncio.get_running_loop()
@@ -341,13 +466,15 @@ class ClientConnection(asyncio.Protocol):
         if self.ws.state is not State.OPEN or self.connection_id is None:
             return
         if self.ping_sent_at is not None:
-            if now - self.ping_sent_at >= timeout:
+            # A client whose socket is not being read (flow control) cannot be heard answering.
+            if now - self.ping_sent_at >= timeout and not self.reading_paused:
                 logger.info("closing %s: no answer to a keepalive ping", self.connection_id)
                 self.close(CLOSE_PING_TIMEOUT, "keepalive ping timeout")
             return
         self.ping_sent_at = now
         # Written as text frames are, bypassing websockets (which keeps no state for a ping
         # it did not send: the pong comes back as a frame like any other).
+        # A control frame may go between data frames: it need not wait for the queued ones.
         if self.transport is not None:
             self.transport.write(PING_FRAME)
 
@@ -361,13 +488,11 @@ class ClientConnection(asyncio.Protocol):
             return
         for data in self.ws.data_to_send():
             if data:
-                if self.outgoing:
-                    self.flush()
-                transport.write(data)
+                self._write_now(data)
             else:
                 # End of stream: a server closes the TCP connection once its close frame or
                 # HTTP response is written (transport.close flushes first).
-                self.flush()
+                self._write_now(b"")
                 transport.close()
         if self.ws.state is State.CLOSED or self.ws.close_expected():
             self.node.client_closing(self)

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shared.ids import node_name
+
 if TYPE_CHECKING:
     from broker_node.node import BrokerNode
 
@@ -66,6 +68,18 @@ class NodeCollector(Collector):
         for kind, count in sorted(stats.bad_frames.items()):
             bad.add_metric([kind], count)
         yield bad
+        yield CounterMetricFamily(
+            "broker_flow_control_pauses",
+            "Times reading a client's socket paused because it had more unconfirmed messages "
+            "(or bytes) in flight than --max-unconfirmed allows.",
+            value=stats.flow_pauses,
+        )
+        yield CounterMetricFamily(
+            "broker_bus_retries",
+            "Bus payloads sent again because the destination node was not subscribed to its "
+            "inbox at the time (Redis restarted, a subscriber connection lost).",
+            value=stats.bus_retries,
+        )
         yield CounterMetricFamily(
             "broker_slow_consumer_closes",
             "Clients closed with 1008 for reading too slowly.",
@@ -132,6 +146,14 @@ class NodeCollector(Collector):
             "1 while the bus subscription is active.",
             value=node.subscribed,
         )
+        # --- registry: which incarnation of which configured node this is (issue 11) ---
+        info = GaugeMetricFamily(
+            "broker_node_info",
+            "This node: its id in the cluster (name plus this start's incarnation) and name.",
+            labels=["node_id", "node_name"],
+        )
+        info.add_metric([node.node_id, node_name(node.node_id)], 1)
+        yield info
 
 
 def metrics_registry(node: BrokerNode) -> CollectorRegistry:

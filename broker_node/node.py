@@ -1,8 +1,9 @@
 """A broker node: the server, the core, the cluster backend and the background loops.
 
 Lifecycle: ``start`` subscribes to the node's bus inbox, announces the node (heartbeat) and
-listens; ``stop`` drains: not ready, stop accepting, close clients with 1001 (their channels'
-peers are notified), publish what is left, leave the registry, exit within the drain timeout.
+listens; ``stop`` drains: not ready, stop accepting, stop reading clients and answer every
+request already read, close clients with 1001 (their channels' peers are notified), publish
+what is left, leave the registry, exit within the drain timeout.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable
 from typing import Final, TypeVar
 
@@ -29,11 +31,14 @@ from broker_node.core.actions import (
     CloseClient,
     ForgetChannel,
     ForgetConnection,
+    PauseReading,
     Publish,
+    Receipt,
+    ResumeReading,
     Send,
 )
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, BrokerCore
-from broker_node.core.envelopes import Closed, Envelope, decode_batch
+from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
 from broker_node.health import http_response
@@ -41,7 +46,7 @@ from broker_node.metrics import metrics_registry
 from broker_node.outbox import Outbox
 from broker_node.supervisor import Supervisor
 from shared.codec import CLOSE_GOING_AWAY, Rejection
-from shared.ids import ConnectionId, NodeId
+from shared.ids import ChannelId, ConnectionId, NodeId, node_name
 from shared.messages import Close, ListByRole, Message, Open, Register, Request
 
 logger = logging.getLogger("broker_node.node")
@@ -52,8 +57,14 @@ _T = TypeVar("_T")
 EXPIRY_INTERVAL: Final = 0.25
 #: Keepalive pings go out in this many slices per ping interval.
 KEEPALIVE_SLICES: Final = 20
-#: Registry removals waiting to be written; past this the node resynchronises instead.
-MAX_REGISTRY_BACKLOG: Final = 100_000
+#: Peers' liveness is checked this often (or once per heartbeat, if that is more often): a
+#: cheap SMEMBERS + EXISTS pipeline. It is the slack between a heartbeat key's TTL and the
+#: node TTL, so that a dead node's peers are told within the node TTL (see ``heartbeat_ttl``).
+PEER_CHECK_INTERVAL: Final = 1.0
+#: How often a drain checks whether every request it read has been answered.
+DRAIN_POLL: Final = 0.005
+#: Registry removals written per round trip by the registry writer.
+REMOVAL_BATCH: Final = 500
 #: Close notices kept to send again after an outage, and how often each is tried.
 MAX_CLOSED_RETRY: Final = 10_000
 CLOSED_ATTEMPTS: Final = 3
@@ -78,12 +89,16 @@ class BrokerNode:
             clock=time.monotonic,
             stats=self.stats,
             first_seq=time.time_ns() // 1000,
+            max_unconfirmed_bytes=settings.unconfirmed_bytes_bound,
         )
         self.outbox = Outbox(
             self.backend.bus,
             on_undeliverable=self._undeliverable,
+            on_unknown=self._unknown,
             on_published=self._published,
+            on_retry=self._retried,
             batch_delay=settings.bus_batch_delay,
+            retry_window=settings.request_timeout,
         )
         self.clients: dict[ConnectionId, ClientConnection] = {}
         self.sockets: set[ClientConnection] = set()
@@ -96,14 +111,19 @@ class BrokerNode:
         self.subscribed = False
         self.backend_up = True
         self._dirty: list[ClientConnection] = []
+        #: Frames the kernel accepted during this flush, to confirm in one go.
+        self._written: list[Receipt] = []
         self._flush_scheduled = False
+        self._flushing = False
         self._accepted = 0
-        self._registry_backlog: list[ForgetChannel | ForgetConnection] = []
+        self._registry_backlog: deque[ForgetChannel | ForgetConnection] = deque()
+        #: Connections and channels whose registry write is under way: live for a resync.
+        self._writing_connections: set[ConnectionId] = set()
+        self._writing_channels: set[ChannelId] = set()
         self._registry_wake = asyncio.Event()
         self._registry_dirty = False
         self._subscribed_event = asyncio.Event()
         self._liveness_grace_until = 0.0
-        self._missing_once: set[NodeId] = set()
         self._closed_retry: list[tuple[NodeId, Closed, int]] = []
         self._closed_attempts: dict[tuple[NodeId, Closed], int] = {}
         self._stopped = asyncio.Event()
@@ -141,6 +161,12 @@ class BrokerNode:
         logger.info(
             "listening on %s:%d (%s, node %s)", self.settings.host, self.port, mode, self.node_id
         )
+        if node_name(self.node_id) != self.node_id:
+            logger.info(
+                "node name %s, this start's id %s: a restart under the same name is a new node",
+                node_name(self.node_id),
+                self.node_id,
+            )
 
     async def __aenter__(self) -> BrokerNode:
         await self.start()
@@ -173,8 +199,12 @@ class BrokerNode:
         # The listening socket stays open until the end so that probes see /readyz answer
         # 503 (and the load balancer moves on) rather than a refused connection; new
         # WebSocket upgrades are refused with 503 meanwhile (see ClientConnection).
+        await self._answer_what_was_read()
         for client in list(self.clients.values()):
             client.close(CLOSE_GOING_AWAY, "Server shutting down")
+            # Reading again lets the closing handshake complete; frames that arrive now are
+            # past the close and never handled.
+            client.resume_reading("drain")
         self._flush_all()
         await self.outbox.wait_idle()
         # Give clients a moment to answer the closing handshake; then the TCP goes anyway.
@@ -187,6 +217,33 @@ class BrokerNode:
             await self.registry.leave(self.node_id)
         except BackendUnavailable:
             logger.warning("could not remove this node's registry entries (Redis unavailable)")
+
+    async def _answer_what_was_read(self) -> None:
+        """Stop reading every client, then wait until every request read so far is answered:
+        no request waits in a backlog, no cross-node message or open awaits another node,
+        nothing waits to be published. What a client sends from now on is never read: it
+        gets no reply and has no effect. Bounded by half the drain timeout (the rest is for
+        closing); cross-node work is bounded by the request timeout anyway."""
+        for client in list(self.clients.values()):
+            client.pause_reading("drain")
+        try:
+            async with asyncio.timeout(self.settings.drain_timeout / 2):
+                # Polled: the work finishes in the core, in backlogs and in the outbox, and no
+                # one event says all of it is done; the drain runs once per process.
+                while (  # noqa: ASYNC110
+                    any(client.requests_pending for client in self.clients.values())
+                    or self.core.pending_counts() != (0, 0)
+                    # Same-node messages wait for their recipient's socket to take them.
+                    or any(conn.unconfirmed for conn in self.core.connections.values())
+                    or len(self.outbox)
+                ):
+                    await asyncio.sleep(DRAIN_POLL)
+                await self.outbox.wait_idle()
+        except TimeoutError:
+            logger.warning(
+                "drain: requests still unanswered after %.1fs", self.settings.drain_timeout / 2
+            )
+        self._flush_all()
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()
@@ -243,7 +300,9 @@ class BrokerNode:
             if type(action) is Send:
                 client = clients.get(action.connection_id)
                 if client is not None:
-                    client.send(action.frame)
+                    client.send(action.frame, action.receipt)
+                elif action.receipt is not None:
+                    self.receipts_unwritten([action.receipt], handed=False)
             elif type(action) is Publish:
                 self.outbox.put(action.node_id, action.envelope)
             elif type(action) is CloseClient:
@@ -252,6 +311,24 @@ class BrokerNode:
                     client.close(action.code, action.reason)
             elif type(action) is ForgetChannel or type(action) is ForgetConnection:
                 self._forget(action)
+            elif type(action) is PauseReading:
+                client = clients.get(action.connection_id)
+                if client is not None:
+                    client.pause_reading("flow")
+            elif type(action) is ResumeReading:
+                client = clients.get(action.connection_id)
+                if client is not None:
+                    client.resume_reading("flow")
+
+    def receipts_written(self, receipts: list[Receipt]) -> None:
+        """The kernel accepted these frames: confirm them (batched while flushing)."""
+        if self._flushing:
+            self._written += receipts
+        else:
+            self.execute(self.core.written(receipts))
+
+    def receipts_unwritten(self, receipts: list[Receipt], *, handed: bool) -> None:
+        self.execute(self.core.unwritten(receipts, handed=handed))
 
     def flush_soon(self, sock: ClientConnection) -> None:
         self._dirty.append(sock)
@@ -259,11 +336,26 @@ class BrokerNode:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_all)
 
+    def flush_now(self) -> None:
+        """Write what this turn produced so far, rather than at the end of the turn."""
+        if self._dirty and not self._flushing:
+            self._flush_all()
+
     def _flush_all(self) -> None:
-        self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for sock in dirty:
-            sock.flush()
+        # Confirmations of what the kernel took go out in the same turn: flushing may make
+        # more frames (the senders' replies), which are flushed in turn.
+        self._flushing = True
+        try:
+            while self._dirty:
+                dirty, self._dirty = self._dirty, []
+                for sock in dirty:
+                    sock.flush()
+                if self._written:
+                    written, self._written = self._written, []
+                    self.execute(self.core.written(written))
+        finally:
+            self._flushing = False
+            self._flush_scheduled = False
 
     async def handle_request(self, cid: ConnectionId, request: Request | Rejection) -> None:
         """One request, in arrival order, possibly waiting for the registry."""
@@ -290,13 +382,16 @@ class BrokerNode:
             self.execute(plan)
             return
         error = None
+        self._writing_connections.add(cid)
         try:
             await self._registry_call("add_connection", self.registry.add_connection(plan))
         except BackendUnavailable:
             error = REGISTRY_UNAVAILABLE
             # Outcome unknown: a stalled Redis runs the write when it resumes, which would
-            # list a connection that was refused. Rewrite this node's entries once it answers.
+            # list a connection that was refused. Resynchronise once it answers.
             self._registry_dirty = True
+        finally:
+            self._writing_connections.discard(cid)
         if error is None and not self.core.is_connected(cid):
             self._forget(ForgetConnection(plan))
         self.execute(self.core.finish_register(cid, request, error))
@@ -327,12 +422,15 @@ class BrokerNode:
             if isinstance(plan, list):
                 self.execute(plan)
                 return
+            self._writing_channels.add(plan.channel_id)
             try:
                 await self._registry_call("add_channel", self.registry.add_channel(plan))
             except BackendUnavailable:
-                # As for register: the channel may still be written; rewrite when back.
+                # As for register: the channel may still be written; resynchronise when back.
                 self._registry_dirty = True
                 raise
+            finally:
+                self._writing_channels.discard(plan.channel_id)
         except BackendUnavailable:
             self.execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
             return
@@ -368,36 +466,42 @@ class BrokerNode:
     # --- the registry in the background -----------------------------------------------------
 
     def _forget(self, action: ForgetChannel | ForgetConnection) -> None:
-        if len(self._registry_backlog) >= MAX_REGISTRY_BACKLOG:
-            # Rather than grow, rewrite this node's whole registry state once Redis answers.
-            self._registry_backlog.clear()
-            self._registry_dirty = True
-            return
+        # No bound: the queue holds at most one entry per connection and channel this node
+        # had, and the writer takes it in batches.
         self._registry_backlog.append(action)
         self._registry_wake.set()
 
     async def _registry_writer_loop(self) -> None:
+        backlog = self._registry_backlog
         while True:
             await self._registry_wake.wait()
             self._registry_wake.clear()
-            while self._registry_backlog:
-                action = self._registry_backlog.pop(0)
+            while backlog:
+                batch = [backlog.popleft() for _ in range(min(REMOVAL_BATCH, len(backlog)))]
+                channels = [a.record for a in batch if isinstance(a, ForgetChannel)]
+                connections = [a.record for a in batch if isinstance(a, ForgetConnection)]
                 try:
-                    if isinstance(action, ForgetChannel):
+                    if channels:
                         await self._registry_call(
-                            "remove_channel", self.registry.remove_channel(action.record)
+                            "remove_channels", self.registry.remove_channels(channels)
                         )
-                    else:
+                    if connections:
                         await self._registry_call(
-                            "remove_connection", self.registry.remove_connection(action.record)
+                            "remove_connections", self.registry.remove_connections(connections)
                         )
                 except BackendUnavailable:
-                    # The liveness loop resynchronises this node once the backend is back.
+                    # Whatever is still queued is not live either: the resync, once the
+                    # backend is back, removes it with every other entry that is not live.
+                    backlog.clear()
                     self._registry_dirty = True
 
     # --- the bus ----------------------------------------------------------------------------
 
     async def _subscriber_loop(self) -> None:
+        # A lost subscription is made again at once: while it is missing, what other nodes
+        # send here reaches nobody (their outboxes retry for a while). Only repeated failures
+        # wait, a little longer each time.
+        failures = 0
         while True:
             try:
                 bus = self.backend.bus
@@ -406,13 +510,16 @@ class BrokerNode:
                         logger.info("subscribed to this node's bus inbox")
                     self.subscribed = True
                     self._subscribed_event.set()
+                    failures = 0
                     await subscription.wait_lost()
             except BackendUnavailable:
                 if self.subscribed:
                     logger.warning("bus subscription lost; resubscribing")
                 self.subscribed = False
                 self._subscribed_event.clear()
-                await asyncio.sleep(min(1.0, self.settings.heartbeat_interval))
+                if failures:
+                    await asyncio.sleep(min(0.05 * 2**failures, 1.0))
+                failures += 1
 
     def _on_bus_payload(self, payload: bytes) -> None:
         try:
@@ -424,15 +531,30 @@ class BrokerNode:
         self.execute(self.core.on_bus(envelopes))
 
     def _undeliverable(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
-        # A close notice that could not go out (Redis away) is sent again once Redis answers:
-        # otherwise the far end would keep a channel that is gone. A few attempts, then it is
-        # dropped (its node is likely gone too, and then its clients were told).
+        """``node_id`` did not listen on its inbox for a whole retry window."""
+        self._keep_close_notices(node_id, envelopes)
+        self.execute(self.core.undeliverable(node_id, envelopes))
+
+    def _unknown(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
+        """Redis did not answer: these may or may not reach ``node_id``. What waits on them
+        is answered when its deadline passes ("not confirmed in time": outcome unknown)."""
+        self._keep_close_notices(node_id, envelopes)
+
+    def _keep_close_notices(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
+        # A close notice that may not have gone out is sent again once Redis answers (it is
+        # idempotent there): otherwise the far end could keep a channel that is gone. A few
+        # attempts, then it is dropped (its node is likely gone too, and then its clients
+        # were told).
         for envelope in envelopes:
+            if isinstance(envelope, CloseRequest):
+                envelope = Closed(envelope.channel_id, envelope.recipient)
             if isinstance(envelope, Closed) and len(self._closed_retry) < MAX_CLOSED_RETRY:
                 attempts = self._closed_attempts.pop((node_id, envelope), 0) + 1
                 if attempts <= CLOSED_ATTEMPTS:
                     self._closed_retry.append((node_id, envelope, attempts))
-        self.execute(self.core.undeliverable(node_id, envelopes))
+
+    def _retried(self, count: int) -> None:
+        self.stats.bus_retries += count
 
     def _resend_closed(self) -> None:
         retry, self._closed_retry = self._closed_retry, []
@@ -471,24 +593,53 @@ class BrokerNode:
 
     # --- liveness: heartbeat, reaping, restore ----------------------------------------------
 
+    @property
+    def peer_check_interval(self) -> float:
+        return min(PEER_CHECK_INTERVAL, self.settings.heartbeat_interval)
+
+    @property
+    def heartbeat_ttl_ms(self) -> int:
+        """The TTL of this node's heartbeat key: the node TTL less one peer check interval.
+
+        A node killed right after renewing its key is gone from Redis one key TTL later; its
+        peers notice at their next check, at most one interval after that: within the node
+        TTL. When the heartbeat interval leaves no room for that slack, the key keeps the
+        full node TTL (and the bound is the node TTL plus one check interval).
+        """
+        settings = self.settings
+        ttl = settings.node_ttl - self.peer_check_interval
+        if ttl <= settings.heartbeat_interval:
+            ttl = settings.node_ttl
+        return int(ttl * 1000)
+
     async def _liveness_loop(self) -> None:
         first = True
         failed = False
+        next_beat = 0.0
         while True:
             try:
-                await self._liveness_round(first=first, after_outage=failed)
-                first = failed = False
+                started = time.monotonic()
+                if failed or started >= next_beat:
+                    await self._beat(first=first, after_outage=failed)
+                    next_beat = started + self.settings.heartbeat_interval
+                    first = failed = False
+                if await self._check_liveness():
+                    # Our own key was missing: Redis lost its state (or we stalled). Renew
+                    # (which restores our entries) before judging anyone.
+                    await self._beat(first=False, after_outage=False)
+                    next_beat = started + self.settings.heartbeat_interval
                 self._backend_state(True)
             except BackendUnavailable as exc:
                 logger.debug("liveness round failed: %s", exc)
                 failed = True
                 self._backend_state(False)
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            await asyncio.sleep(self.peer_check_interval)
 
-    async def _liveness_round(self, *, first: bool, after_outage: bool) -> None:
+    async def _beat(self, *, first: bool, after_outage: bool) -> None:
         registry = self.registry
-        ttl_ms = self.settings.node_ttl_ms
-        beat = await self._registry_call("heartbeat", registry.heartbeat(self.node_id, ttl_ms))
+        beat = await self._registry_call(
+            "heartbeat", registry.heartbeat(self.node_id, self.heartbeat_ttl_ms)
+        )
         if beat is Heartbeat.FENCED:
             await self._fenced()
             return
@@ -505,8 +656,16 @@ class BrokerNode:
             await self._resync()
         if self._closed_retry:
             self._resend_closed()
+
+    async def _check_liveness(self) -> bool:
+        """Reap lapsed nodes and close channels to nodes that are gone. True when this node's
+        own heartbeat was found missing (nothing was judged then)."""
         if self.backend.standalone or time.monotonic() < self._liveness_grace_until:
-            return
+            return False
+        registry = self.registry
+        live = await self._registry_call("live_nodes", registry.live_nodes())
+        if self.node_id not in live:
+            return True
         lapsed = await self._registry_call("lapsed_nodes", registry.lapsed_nodes())
         for node_id in lapsed:
             if node_id == self.node_id:
@@ -515,40 +674,67 @@ class BrokerNode:
             if removed is not None:
                 self.stats.reaped_nodes += 1
                 logger.info("reaped lost node %s (%d channels)", node_id, len(removed))
-        await self._check_peers()
-
-    async def _check_peers(self) -> None:
-        remote = self.core.remote_nodes()
-        if not remote:
-            self._missing_once.clear()
-            return
-        live = await self._registry_call("live_nodes", self.registry.live_nodes())
-        missing = remote - live
-        # A node counts as lost when it is missing twice in a row: a single miss can be the
-        # moment a node rewrites its registry entries (or Redis has just come back empty).
-        lost = missing & self._missing_once
-        self._missing_once = missing - lost
-        for node_id in lost:
+        # A node holding the other end of a channel here is lost once its heartbeat is gone
+        # (lapsed, reaped by anyone, or left). A resync never removes a heartbeat, and an
+        # empty Redis is recognised above by our own missing key.
+        for node_id in self.core.remote_nodes() - live:
             self.stats.lost_nodes += 1
             logger.info("node %s is gone; closing this node's channels to it", node_id)
             self.execute(self.core.node_lost(node_id))
+        return False
 
     async def _restore(self) -> None:
-        connections, channels = self.core.records()
+        # Entries written back are found by other nodes at once: this node's inbox must be
+        # listened to by then, or what they send reaches nobody.
+        if not self.backend.standalone and not self.subscribed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.request_timeout):
+                    await self._subscribed_event.wait()
+        core = self.core
+        connections, channels = core.records()
         self._registry_dirty = False
         await self._registry_call(
             "restore", self.registry.restore(self.node_id, connections, channels)
         )
+        # What left while the records were being written was removed before they landed:
+        # remove it again.
+        for connection in connections:
+            if not core.is_connected(connection.connection_id):
+                self._forget(ForgetConnection(connection))
+        for channel in channels:
+            if channel.channel_id not in core.channels:
+                self._forget(ForgetChannel(channel))
 
     async def _resync(self) -> None:
-        logger.info("rewriting this node's registry entries after failed writes")
+        """After writes whose outcome is unknown: make the registry hold exactly this node's
+        live entries, without a moment in which a live entry is missing (no leave + restore):
+        remove what is indexed under the node and is not live, then write the live again."""
+        logger.info("resynchronising this node's registry entries after failed writes")
         self._registry_dirty = False
+        core = self.core
         try:
-            await self._registry_call("leave", self.registry.leave(self.node_id))
-            await self._restore()
-            await self._registry_call(
-                "heartbeat", self.registry.heartbeat(self.node_id, self.settings.node_ttl_ms)
+            indexed_connections, indexed_channels = await self._registry_call(
+                "node_index", self.registry.node_index(self.node_id)
             )
+            live_connections, live_channels = core.records()
+            stale_connections = (
+                indexed_connections
+                - {c.connection_id for c in live_connections}
+                - self._writing_connections
+            )
+            stale_channels = (
+                indexed_channels
+                - {c.channel_id for c in live_channels}
+                - self._writing_channels
+                - core.pending_channel_ids()
+            )
+            await self._registry_call(
+                "prune",
+                self.registry.prune(
+                    self.node_id, sorted(stale_connections), sorted(stale_channels)
+                ),
+            )
+            await self._restore()
         except BackendUnavailable:
             self._registry_dirty = True
             raise
@@ -565,7 +751,7 @@ class BrokerNode:
         self._registry_backlog.clear()
         self._registry_dirty = False
         await self._registry_call(
-            "rejoin", self.registry.rejoin(self.node_id, self.settings.node_ttl_ms)
+            "rejoin", self.registry.rejoin(self.node_id, self.heartbeat_ttl_ms)
         )
 
 

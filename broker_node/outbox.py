@@ -4,8 +4,9 @@ Everything the core asks to publish during one loop turn goes out in one ``Bus.s
 end of that turn (or after ``batch_delay``): one payload per destination node, all of them in
 one write. Sends are pipelined, never awaited, and a bus keeps them in order, so a node's
 envelopes reach each destination in the order the core produced them; that order is what keeps
-messages ordered per channel. Outcomes come back through a callback: envelopes a node did not
-receive (nobody listening, or Redis unavailable) are handed to ``on_undeliverable``.
+messages ordered per channel. Outcomes come back through callbacks: envelopes a node did not
+receive (nobody listening, even after retries) go to ``on_undeliverable``; envelopes whose fate
+is unknown (Redis did not answer in time) go to ``on_unknown``.
 """
 
 from __future__ import annotations
@@ -33,35 +34,61 @@ class Sender(Protocol):
     def send(self, messages: Sequence[tuple[NodeId, bytes]], on_result: PublishResult) -> None: ...
 
 
-#: Called with the envelopes that could not be handed to a node.
+#: Called with envelopes whose node certainly did not receive them (nobody listened on its
+#: inbox, retried until the retry window passed).
 Undeliverable = Callable[[NodeId, list[Envelope]], None]
+#: Called with envelopes whose fate is unknown (Redis did not answer: they may still arrive).
+Unknown = Callable[[NodeId, list[Envelope]], None]
+
+#: First pause before sending again to a node that was not listening; it doubles up to the max.
+RETRY_DELAY: Final = 0.02
+MAX_RETRY_DELAY: Final = 0.25
 
 
 class Outbox:
-    """Batches envelopes per node and sends them once per loop turn."""
+    """Batches envelopes per node and sends them once per loop turn.
+
+    A payload that reached no subscriber (its node is between two subscriptions: Redis came
+    back empty, its subscriber connection was cut) is sent again, in order and ahead of what
+    was put for that node since, until ``retry_window`` after it was first sent; meanwhile
+    nothing else goes to that node. Only then is it reported undeliverable: a message never
+    fails for a gap the cluster repairs by itself.
+    """
 
     def __init__(
         self,
         bus: Sender,
         *,
         on_undeliverable: Undeliverable,
+        on_unknown: Unknown = lambda node_id, envelopes: None,
         on_published: Callable[[float, int], None] = lambda seconds, count: None,
+        on_retry: Callable[[int], None] = lambda count: None,
         batch_delay: float = 0.0,
+        retry_window: float = 0.0,
     ) -> None:
         self._bus = bus
         self._batch_delay = batch_delay
+        self._retry_window = retry_window
         self._on_undeliverable = on_undeliverable
+        self._on_unknown = on_unknown
         self._on_published = on_published
+        self._on_retry = on_retry
         self._pending: dict[NodeId, list[Envelope]] = {}
         self._size = 0
         self._flush_scheduled = False
+        #: Per node not listening: envelopes to send again (with when each was first sent),
+        #: the loop time before which nothing goes to it, and the current delay.
+        self._retry: dict[NodeId, list[tuple[Envelope, float]]] = {}
+        self._held_until: dict[NodeId, float] = {}
+        self._delay: dict[NodeId, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
         #: Sends whose outcome has not come back yet.
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     def __len__(self) -> int:
-        return self._size
+        return self._size + sum(len(retry) for retry in self._retry.values())
 
     def put(self, node_id: NodeId, envelope: Envelope) -> None:
         queue = self._pending.get(node_id)
@@ -82,21 +109,37 @@ class Outbox:
                 loop.call_soon(self.flush)
 
     async def wait_idle(self) -> None:
-        """Until everything put so far has been sent and answered (or reported undeliverable)."""
+        """Until everything put so far has been sent and answered (or reported)."""
         await self._idle.wait()
 
     def flush(self) -> None:
         """Send what is pending now (normally called by the loop, once per turn)."""
         self._flush_scheduled = False
-        if not self._pending:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        batches: list[tuple[NodeId, list[tuple[Envelope, float]]]] = []
+        nodes = list(self._pending)
+        nodes += [node_id for node_id in self._retry if node_id not in self._pending]
+        for node_id in nodes:
+            held_until = self._held_until.get(node_id)
+            if held_until is not None:
+                if now < held_until:
+                    continue
+                del self._held_until[node_id]
+            items = self._retry.pop(node_id, [])
+            fresh = self._pending.pop(node_id, None)
+            if fresh is not None:
+                self._size -= len(fresh)
+                items += [(envelope, now) for envelope in fresh]
+            for start in range(0, len(items), MAX_BATCH):
+                batches.append((node_id, items[start : start + MAX_BATCH]))
+        if not batches:
             self._settle()
             return
-        pending, self._pending, self._size = self._pending, {}, 0
-        batches: list[tuple[NodeId, list[Envelope]]] = []
-        for node_id, envelopes in pending.items():
-            for start in range(0, len(envelopes), MAX_BATCH):
-                batches.append((node_id, envelopes[start : start + MAX_BATCH]))
-        payloads = [(node_id, encode_batch(envelopes)) for node_id, envelopes in batches]
+        payloads = [
+            (node_id, encode_batch([envelope for envelope, _ in items]))
+            for node_id, items in batches
+        ]
         started = time.perf_counter()
 
         def on_result(result: list[int] | BackendUnavailable) -> None:
@@ -104,15 +147,47 @@ class Outbox:
             self._on_published(time.perf_counter() - started, len(payloads))
             if isinstance(result, BackendUnavailable):
                 logger.debug("publish failed: %s", result)
-                result = [0] * len(batches)
-            for (node_id, envelopes), count in zip(batches, result, strict=True):
-                if count == 0:
-                    self._on_undeliverable(node_id, envelopes)
+                for node_id, items in batches:
+                    self._on_unknown(node_id, [envelope for envelope, _ in items])
+            else:
+                for (node_id, items), count in zip(batches, result, strict=True):
+                    if count == 0:
+                        self._not_listening(node_id, items)
+                    else:
+                        self._delay.pop(node_id, None)
             self._settle()
 
         self._in_flight += 1
         self._bus.send(payloads, on_result)
 
+    def _not_listening(self, node_id: NodeId, items: list[tuple[Envelope, float]]) -> None:
+        now = asyncio.get_running_loop().time()
+        window = self._retry_window
+        expired = [envelope for envelope, first in items if now - first >= window]
+        if expired:
+            self._on_undeliverable(node_id, expired)
+        kept = [item for item in items if now - item[1] < window]
+        if not kept:
+            return
+        self._on_retry(len(kept))
+        self._retry.setdefault(node_id, []).extend(kept)
+        delay = self._delay.get(node_id, RETRY_DELAY / 2) * 2
+        self._delay[node_id] = min(delay, MAX_RETRY_DELAY)
+        self._held_until[node_id] = now + self._delay[node_id]
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._timer is not None or not self._held_until:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, min(self._held_until.values()) - loop.time())
+        self._timer = loop.call_later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._timer = None
+        self.flush()
+        self._schedule_retry()
+
     def _settle(self) -> None:
-        if self._in_flight == 0 and not self._pending:
+        if self._in_flight == 0 and not self._pending and not self._retry:
             self._idle.set()

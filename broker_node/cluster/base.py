@@ -31,7 +31,7 @@ from typing import Protocol
 
 from broker_node.core.records import ChannelRecord, ConnectionRecord
 from broker_node.errors import BackendUnavailable
-from shared.ids import ConnectionId, NodeId
+from shared.ids import ChannelId, ConnectionId, NodeId
 
 
 class Heartbeat(enum.Enum):
@@ -67,6 +67,28 @@ class Registry(Protocol):
 
     async def remove_channel(self, record: ChannelRecord) -> None:
         """Remove a channel from every index; absent entries are fine."""
+
+    # Bulk removal and resynchronisation: bounded work per call, and never a moment in which
+    # a live entry is missing (no remove-everything-then-rewrite).
+
+    async def remove_connections(self, records: Sequence[ConnectionRecord]) -> None:
+        """``remove_connection`` for each record, in few round trips."""
+
+    async def remove_channels(self, records: Sequence[ChannelRecord]) -> None:
+        """``remove_channel`` for each record, in few round trips."""
+
+    async def node_index(self, node_id: NodeId) -> tuple[set[ConnectionId], set[ChannelId]]:
+        """The ids of the connections and channels indexed under ``node_id``."""
+
+    async def prune(
+        self,
+        node_id: NodeId,
+        connection_ids: Sequence[ConnectionId],
+        channel_ids: Sequence[ChannelId],
+    ) -> None:
+        """Remove these connections of ``node_id`` and these channels opened from ``node_id``,
+        each from every index, as the stored records name them; an id whose record belongs to
+        another node (or is gone) only leaves ``node_id``'s index."""
 
     async def heartbeat(self, node_id: NodeId, ttl_ms: int) -> Heartbeat:
         """Renew the node's liveness for ``ttl_ms``, unless it was reaped (see ``Heartbeat``)."""

@@ -122,6 +122,37 @@ class MemoryRegistry(Registry):
     async def remove_channel(self, record: ChannelRecord) -> None:
         self._hub._drop_channel(record)
 
+    async def remove_connections(self, records: Sequence[ConnectionRecord]) -> None:
+        for record in records:
+            self._hub._drop_connection(record)
+
+    async def remove_channels(self, records: Sequence[ChannelRecord]) -> None:
+        for record in records:
+            self._hub._drop_channel(record)
+
+    async def node_index(self, node_id: NodeId) -> tuple[set[ConnectionId], set[ChannelId]]:
+        hub = self._hub
+        return set(hub.node_connections.get(node_id, ())), set(hub.node_channels.get(node_id, ()))
+
+    async def prune(
+        self,
+        node_id: NodeId,
+        connection_ids: Sequence[ConnectionId],
+        channel_ids: Sequence[ChannelId],
+    ) -> None:
+        hub = self._hub
+        for connection_id in connection_ids:
+            conn = hub.connections.get(connection_id)
+            if conn is not None and conn.node_id == node_id:
+                hub._drop_connection(conn)
+            hub._discard(hub.node_connections, node_id, connection_id)
+        for channel_id in channel_ids:
+            chan = hub.channels.get(channel_id)
+            if chan is not None and chan.opener_node == node_id:
+                hub._drop_channel(chan)
+            elif chan is None:
+                hub._discard(hub.node_channels, node_id, channel_id)
+
     async def heartbeat(self, node_id: NodeId, ttl_ms: int) -> Heartbeat:
         hub = self._hub
         if node_id in hub.tombstones:

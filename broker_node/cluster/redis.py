@@ -220,6 +220,38 @@ return false
 """
 )
 
+# Removes connections (KEYS[1] the node's connection set) and channels (KEYS[2] its channel
+# set) named in ARGV after the count of connections (ARGV[7]); ARGV 1-6 as for the node scripts.
+# A connection is removed only when its record says it is the node's, a channel only when it was
+# opened from the node: another node's entries are that node's to keep or remove.
+_PRUNE = """
+local node = ARGV[1]
+local p_conn, p_role, p_chan = ARGV[2], ARGV[3], ARGV[4]
+local p_node_chans = ARGV[6]
+local n_conns = tonumber(ARGV[7])
+for i = 8, 7 + n_conns do
+  local id = ARGV[i]
+  local c = redis.call('HMGET', p_conn .. id, 'node', 'role')
+  if c[1] == node and c[2] then
+    redis.call('DEL', p_conn .. id)
+    redis.call('SREM', p_role .. c[2], id)
+  end
+  redis.call('SREM', KEYS[1], id)
+end
+for i = 8 + n_conns, #ARGV do
+  local id = ARGV[i]
+  local c = redis.call('HMGET', p_chan .. id, 'opener_node', 'target_node')
+  if c[1] == node and c[2] then
+    redis.call('DEL', p_chan .. id)
+    redis.call('SREM', p_node_chans .. c[1], id)
+    redis.call('SREM', p_node_chans .. c[2], id)
+  elseif not c[1] then
+    redis.call('SREM', KEYS[2], id)
+  end
+end
+return false
+"""
+
 _HEARTBEAT_REPLIES = {0: Heartbeat.RENEWED, 1: Heartbeat.REJOINED, 2: Heartbeat.FENCED}
 
 
@@ -249,6 +281,7 @@ class RedisRegistry(Registry):
         self._reap: AsyncScript = self._maintenance.register_script(_REAP)
         self._leave: AsyncScript = self._maintenance.register_script(_LEAVE)
         self._rejoin: AsyncScript = self._maintenance.register_script(_REJOIN)
+        self._prune: AsyncScript = client.register_script(_PRUNE)
 
     def _guard(self, operation: str) -> AbstractAsyncContextManager[None]:
         return _guard(operation, self._timeout)
@@ -296,6 +329,61 @@ class RedisRegistry(Registry):
             pipe.srem(k.node_channels(record.opener_node), record.channel_id)
             pipe.srem(k.node_channels(record.target_node), record.channel_id)
             await pipe.execute()
+
+    async def remove_connections(self, records: Sequence[ConnectionRecord]) -> None:
+        k = self._keys
+        for start in range(0, len(records), RESTORE_CHUNK):
+            async with (
+                self._guard("remove_connections"),
+                self._client.pipeline(transaction=False) as pipe,
+            ):
+                for record in records[start : start + RESTORE_CHUNK]:
+                    pipe.delete(k.connection(record.connection_id))
+                    pipe.srem(k.role(record.role), record.connection_id)
+                    pipe.srem(k.node_connections(record.node_id), record.connection_id)
+                await pipe.execute()
+
+    async def remove_channels(self, records: Sequence[ChannelRecord]) -> None:
+        k = self._keys
+        for start in range(0, len(records), RESTORE_CHUNK):
+            async with (
+                self._guard("remove_channels"),
+                self._client.pipeline(transaction=False) as pipe,
+            ):
+                for record in records[start : start + RESTORE_CHUNK]:
+                    pipe.delete(k.channel(record.channel_id))
+                    pipe.srem(k.node_channels(record.opener_node), record.channel_id)
+                    pipe.srem(k.node_channels(record.target_node), record.channel_id)
+                await pipe.execute()
+
+    async def node_index(self, node_id: NodeId) -> tuple[set[ConnectionId], set[ChannelId]]:
+        k = self._keys
+        async with self._guard("node_index"), self._client.pipeline(transaction=False) as pipe:
+            pipe.smembers(k.node_connections(node_id))
+            pipe.smembers(k.node_channels(node_id))
+            connections, channels = await pipe.execute()
+        return (
+            {ConnectionId(_text(member)) for member in connections},
+            {ChannelId(_text(member)) for member in channels},
+        )
+
+    async def prune(
+        self,
+        node_id: NodeId,
+        connection_ids: Sequence[ConnectionId],
+        channel_ids: Sequence[ChannelId],
+    ) -> None:
+        k = self._keys
+        base = self._node_args(node_id, 0)[:6]
+        keys = [k.node_connections(node_id), k.node_channels(node_id)]
+        for start in range(0, len(connection_ids), RESTORE_CHUNK):
+            chunk = list(connection_ids[start : start + RESTORE_CHUNK])
+            async with self._guard("prune"):
+                await self._prune(keys=keys, args=[*base, len(chunk), *chunk])
+        for start in range(0, len(channel_ids), RESTORE_CHUNK):
+            ids = list(channel_ids[start : start + RESTORE_CHUNK])
+            async with self._guard("prune"):
+                await self._prune(keys=keys, args=[*base, 0, *ids])
 
     async def _write(
         self,

@@ -6,14 +6,36 @@ from typing import NamedTuple
 
 from broker_node.core.envelopes import Envelope
 from broker_node.core.records import ChannelRecord, ConnectionRecord
-from shared.ids import ConnectionId, NodeId
+from shared.ids import ChannelId, ConnectionId, NodeId
+
+
+class LocalReceipt(NamedTuple):
+    """Confirm a same-node message to its sender once the recipient's socket took the frame."""
+
+    sender: ConnectionId
+    request_id: int
+    channel_id: ChannelId
+    #: Payload bytes, counted against the sender's unconfirmed bytes.
+    size: int
+
+
+class RemoteReceipt(NamedTuple):
+    """Confirm delivery ``seq`` to the sending node once the recipient's socket took the frame."""
+
+    node_id: NodeId
+    seq: int
+
+
+#: What to confirm once a frame has been accepted by the kernel (or fail when it never was).
+Receipt = LocalReceipt | RemoteReceipt
 
 
 class Send(NamedTuple):
-    """Write a text frame to a local client."""
+    """Write a text frame to a local client; ``receipt`` settles once the kernel accepted it."""
 
     connection_id: ConnectionId
     frame: bytes
+    receipt: Receipt | None = None
 
 
 class CloseClient(NamedTuple):
@@ -43,4 +65,18 @@ class ForgetConnection(NamedTuple):
     record: ConnectionRecord
 
 
-Action = Send | CloseClient | Publish | ForgetChannel | ForgetConnection
+class PauseReading(NamedTuple):
+    """Stop reading a client's socket: it has too much in flight (TCP backpressure)."""
+
+    connection_id: ConnectionId
+
+
+class ResumeReading(NamedTuple):
+    """Read a client's socket again: enough of what it sent has been confirmed."""
+
+    connection_id: ConnectionId
+
+
+Action = (
+    Send | CloseClient | Publish | ForgetChannel | ForgetConnection | PauseReading | ResumeReading
+)

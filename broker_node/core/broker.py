@@ -21,8 +21,10 @@ core produced them, and a node handles a bus batch in order.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final, NamedTuple
 
 from broker_node.core.actions import (
@@ -30,10 +32,24 @@ from broker_node.core.actions import (
     CloseClient,
     ForgetChannel,
     ForgetConnection,
+    LocalReceipt,
+    PauseReading,
     Publish,
+    Receipt,
+    RemoteReceipt,
+    ResumeReading,
     Send,
 )
-from broker_node.core.envelopes import Closed, Confirm, Deliver, Envelope, Incoming, OpenResult
+from broker_node.core.envelopes import (
+    Closed,
+    CloseRequest,
+    CloseResult,
+    Confirm,
+    Deliver,
+    Envelope,
+    Incoming,
+    OpenResult,
+)
 from broker_node.core.records import ChannelRecord, ConnectionRecord
 from broker_node.core.stats import NodeStats
 from shared.codec import (
@@ -76,7 +92,9 @@ NOT_AUTHORIZED: Final = "Not authorized for this channel"
 RECIPIENT_GONE: Final = "Recipient not connected"
 NODE_LOST: Final = "Recipient's node was lost"
 NOT_CONFIRMED: Final = "Delivery not confirmed in time"
-TOO_MANY_UNCONFIRMED: Final = "Too many unconfirmed messages"
+#: The frame was handed to the recipient's socket, which closed before the kernel took all of
+#: it: like ``NOT_CONFIRMED``, the outcome is unknown.
+DELIVERY_UNKNOWN: Final = "Recipient disconnected during delivery; outcome unknown"
 TARGET_NODE_SILENT: Final = "Target's node did not answer in time"
 REGISTRY_UNAVAILABLE: Final = "Cluster registry unavailable, try again"
 LATE_DELIVERY: Final = "Delivery arrived out of order and was dropped"
@@ -92,12 +110,25 @@ KNOWN_REASONS: Final = frozenset(
         RECIPIENT_GONE,
         NODE_LOST,
         NOT_CONFIRMED,
-        TOO_MANY_UNCONFIRMED,
+        DELIVERY_UNKNOWN,
         TARGET_NODE_SILENT,
         REGISTRY_UNAVAILABLE,
         LATE_DELIVERY,
     }
 )
+
+
+#: Builds a frame given its id (ids are taken when the frame is sent, so that they increase).
+FrameBuilder = Callable[[int], bytes]
+
+
+@dataclass(slots=True)
+class _Held:
+    """Frames about a channel that wait behind the replies still owed before them: ready
+    frames, or the place of request ``request_id``'s reply (``frames`` None until known)."""
+
+    request_id: int | None
+    frames: list[FrameBuilder] | None = None
 
 
 @dataclass(slots=True)
@@ -112,8 +143,16 @@ class LocalConnection:
     #: The ``id`` of the next frame sent to this client (strictly increasing from 1).
     next_id: int = 1
     channels: set[ChannelId] = field(default_factory=set)
-    #: Cross-node messages sent and not yet confirmed.
+    #: Messages sent and not yet confirmed or failed, and their payload bytes.
     unconfirmed: int = 0
+    unconfirmed_bytes: int = 0
+    #: Reading this client's socket is paused until enough of that is settled.
+    flow_paused: bool = False
+    #: Per channel: messages of this client not yet settled (they settle in order), and the
+    #: frames about that channel made meanwhile, which wait behind their replies so that the
+    #: client gets them in the order one node would have sent them.
+    pending: dict[ChannelId, int] = field(default_factory=dict)
+    held: dict[ChannelId, deque[_Held]] = field(default_factory=dict)
 
 
 class _PendingDelivery(NamedTuple):
@@ -122,6 +161,15 @@ class _PendingDelivery(NamedTuple):
     channel_id: ChannelId
     node_id: NodeId
     deadline: float
+    size: int
+
+
+@dataclass(slots=True)
+class _PendingClose:
+    closer: ConnectionId
+    request_id: int
+    channel: ChannelRecord
+    deadline: float
 
 
 class _PendingOpen(NamedTuple):
@@ -129,6 +177,10 @@ class _PendingOpen(NamedTuple):
     request_id: int
     channel: ChannelRecord
     deadline: float
+
+
+def _notification_frame(channel_id: ChannelId, frame_id: int) -> bytes:
+    return encode(ChannelClosedNotification(id=frame_id, channelId=channel_id))
 
 
 class BrokerCore:
@@ -144,10 +196,14 @@ class BrokerCore:
         clock: Callable[[], float],
         stats: NodeStats | None = None,
         first_seq: int = 0,
+        max_unconfirmed_bytes: int = 2 * 1024 * 1024,
     ) -> None:
         self.node_id = node_id
         self.max_role_length = max_role_length
+        #: Flow control: past either bound, reading the sender's socket pauses until half of
+        #: it is settled. Nothing is refused for it: the sender is slowed down.
         self.max_unconfirmed = max_unconfirmed
+        self.max_unconfirmed_bytes = max_unconfirmed_bytes
         self.request_timeout = request_timeout
         self.clock = clock
         self.stats = stats if stats is not None else NodeStats()
@@ -155,6 +211,9 @@ class BrokerCore:
         self.channels: dict[ChannelId, ChannelRecord] = {}
         self._deliveries: dict[int, _PendingDelivery] = {}
         self._opens: dict[int, _PendingOpen] = {}
+        self._closes: dict[int, _PendingClose] = {}
+        #: Channels with a cross-node close in flight, to the close's seq.
+        self._closing: dict[ChannelId, int] = {}
         # Sequence numbers of this node's envelopes; the shell starts them from the wall clock
         # so that they keep increasing across a restart under the same node id.
         self._seq = first_seq
@@ -178,7 +237,9 @@ class BrokerCore:
         for channel_id in conn.channels:
             record = self.channels.pop(channel_id, None)
             if record is not None:
-                self._notify_other_end(record, connection_id, actions)
+                if self._closing.pop(channel_id, None) is None:
+                    self._notify_other_end(record, connection_id, actions)
+                # else: the other end's node is being told by the close already under way.
                 actions.append(ForgetChannel(record))
         if conn.role is not None:
             actions.append(
@@ -187,8 +248,8 @@ class BrokerCore:
         return actions
 
     def pending_counts(self) -> tuple[int, int]:
-        """Cross-node messages and opens awaiting another node."""
-        return len(self._deliveries), len(self._opens)
+        """Cross-node messages and opens (closes included) awaiting another node."""
+        return len(self._deliveries), len(self._opens) + len(self._closes)
 
     # --- bad input ----------------------------------------------------------------------
 
@@ -352,41 +413,163 @@ class BrokerCore:
         conn = self.connections[connection_id]
         channel_id = ChannelId(request.channelId)
         if conn.role is None:
-            return self._fail(conn, "message", request.id, channel_id, NOT_REGISTERED)
+            return self._fail_on_channel(
+                conn, "message", request.id, channel_id, NOT_REGISTERED, []
+            )
         channel = self.channels.get(channel_id)
         if channel is None:
-            return self._fail(conn, "message", request.id, channel_id, CHANNEL_NOT_FOUND)
+            return self._fail_on_channel(
+                conn, "message", request.id, channel_id, CHANNEL_NOT_FOUND, []
+            )
         if connection_id == channel.opener:
             peer, peer_node = channel.target, channel.target_node
         elif connection_id == channel.target:
             peer, peer_node = channel.opener, channel.opener_node
         else:
-            return self._fail(conn, "message", request.id, channel_id, NOT_AUTHORIZED)
+            return self._fail_on_channel(
+                conn, "message", request.id, channel_id, NOT_AUTHORIZED, []
+            )
+        if self._closing and channel_id in self._closing:
+            # Its own close is under way: as on one node, the channel is gone for it.
+            return self._fail_on_channel(
+                conn, "message", request.id, channel_id, CHANNEL_NOT_FOUND, []
+            )
+        size = len(request.payload)
+        actions: list[Action]
         if peer_node == self.node_id:
             recipient = self.connections.get(peer)
             if recipient is None:
-                return self._fail(conn, "message", request.id, channel_id, RECIPIENT_GONE)
+                return self._fail_on_channel(
+                    conn, "message", request.id, channel_id, RECIPIENT_GONE, []
+                )
             delivery = encode(
                 ChannelMessage(
                     id=self._next_id(recipient), channelId=channel_id, payload=request.payload
                 )
             )
-            sent = encode(
-                ChannelMessageSent(id=self._next_id(conn), replyTo=request.id, channelId=channel_id)
-            )
             self.stats.messages_local += 1
-            return [Send(peer, delivery), Send(connection_id, sent)]
-        if conn.unconfirmed >= self.max_unconfirmed:
-            return self._fail(conn, "message", request.id, channel_id, TOO_MANY_UNCONFIRMED)
+            # Confirmed once the recipient's socket took it (see ``written``).
+            actions = [
+                Send(peer, delivery, LocalReceipt(connection_id, request.id, channel_id, size))
+            ]
+        else:
+            self._seq += 1
+            deadline = self.clock() + self.request_timeout
+            self._deliveries[self._seq] = _PendingDelivery(
+                connection_id, request.id, channel_id, peer_node, deadline, size
+            )
+            self.stats.messages_cross_node_out += 1
+            envelope = Deliver(self._seq, self.node_id, channel_id, peer, request.payload)
+            actions = [Publish(peer_node, envelope)]
         conn.unconfirmed += 1
-        self._seq += 1
-        deadline = self.clock() + self.request_timeout
-        self._deliveries[self._seq] = _PendingDelivery(
-            connection_id, request.id, channel_id, peer_node, deadline
-        )
-        self.stats.messages_cross_node_out += 1
-        envelope = Deliver(self._seq, self.node_id, channel_id, peer, request.payload)
-        return [Publish(peer_node, envelope)]
+        conn.unconfirmed_bytes += size
+        pending = conn.pending
+        pending[channel_id] = pending.get(channel_id, 0) + 1
+        if not conn.flow_paused and (
+            conn.unconfirmed > self.max_unconfirmed
+            or conn.unconfirmed_bytes > self.max_unconfirmed_bytes
+        ):
+            conn.flow_paused = True
+            self.stats.flow_pauses += 1
+            actions.append(PauseReading(connection_id))
+        return actions
+
+    def _unhold(
+        self, conn: LocalConnection, channel_id: ChannelId, size: int, actions: list[Action]
+    ) -> None:
+        """A message of ``conn`` is settled (its reply is in ``actions``): what waited behind
+        it may go, and reading resumes once half the window is free."""
+        left = conn.pending[channel_id] - 1
+        if left:
+            conn.pending[channel_id] = left
+        else:
+            del conn.pending[channel_id]
+            if conn.held:
+                self._release_held(conn, channel_id, actions)
+        conn.unconfirmed -= 1
+        conn.unconfirmed_bytes -= size
+        if conn.flow_paused:
+            self._maybe_resume(conn, actions)
+
+    def _maybe_resume(self, conn: LocalConnection, actions: list[Action]) -> None:
+        if (
+            conn.unconfirmed <= self.max_unconfirmed // 2
+            and conn.unconfirmed_bytes <= self.max_unconfirmed_bytes // 2
+        ):
+            conn.flow_paused = False
+            actions.append(ResumeReading(conn.connection_id))
+
+    # --- frames written (or not) to a recipient's socket --------------------------------
+
+    def written(self, receipts: Iterable[Receipt]) -> list[Action]:
+        """The kernel accepted these frames: confirm them to their senders."""
+        actions: list[Action] = []
+        confirmations: dict[NodeId, list[int]] | None = None
+        connections = self.connections
+        for receipt in receipts:
+            if type(receipt) is LocalReceipt:
+                sender = connections.get(receipt.sender)
+                if sender is None:
+                    continue
+                # The hot path of every same-node message: ``_next_id`` and ``_unhold``
+                # inlined for the common case.
+                frame_id = sender.next_id
+                sender.next_id = frame_id + 1
+                channel_id = receipt.channel_id
+                frame = encode(
+                    ChannelMessageSent(
+                        id=frame_id, replyTo=receipt.request_id, channelId=channel_id
+                    )
+                )
+                actions.append(Send(receipt.sender, frame))
+                pending = sender.pending
+                left = pending[channel_id] - 1
+                sender.unconfirmed -= 1
+                sender.unconfirmed_bytes -= receipt.size
+                if left:
+                    pending[channel_id] = left
+                else:
+                    del pending[channel_id]
+                    if sender.held:
+                        self._release_held(sender, channel_id, actions)
+                if sender.flow_paused:
+                    self._maybe_resume(sender, actions)
+            else:
+                assert type(receipt) is RemoteReceipt
+                if confirmations is None:
+                    confirmations = {receipt.node_id: [receipt.seq]}
+                elif (seqs := confirmations.get(receipt.node_id)) is None:
+                    confirmations[receipt.node_id] = [receipt.seq]
+                else:
+                    seqs.append(receipt.seq)
+        if confirmations is not None:
+            for node_id, seqs in confirmations.items():
+                actions.append(Publish(node_id, Confirm(seqs, [])))
+        return actions
+
+    def unwritten(self, receipts: Iterable[Receipt], *, handed: bool) -> list[Action]:
+        """The recipient's connection ended before the kernel took these frames.
+
+        ``handed``: the frames were given to the socket, so some bytes may have reached the
+        recipient: the outcome is unknown. Otherwise nothing of them left this node.
+        """
+        error = DELIVERY_UNKNOWN if handed else RECIPIENT_GONE
+        actions: list[Action] = []
+        refusals: dict[NodeId, list[tuple[int, str]]] = {}
+        for receipt in receipts:
+            if type(receipt) is LocalReceipt:
+                sender = self.connections.get(receipt.sender)
+                if sender is not None:
+                    actions += self._fail(
+                        sender, "message", receipt.request_id, receipt.channel_id, error
+                    )
+                    self._unhold(sender, receipt.channel_id, receipt.size, actions)
+            else:
+                assert type(receipt) is RemoteReceipt
+                refusals.setdefault(receipt.node_id, []).append((receipt.seq, error))
+        for node_id, refused in refusals.items():
+            actions.append(Publish(node_id, Confirm([], refused)))
+        return actions
 
     # --- close --------------------------------------------------------------------------
 
@@ -394,21 +577,108 @@ class BrokerCore:
         conn = self.connections[connection_id]
         channel_id = ChannelId(request.channelId)
         if conn.role is None:
-            return self._fail(conn, "close", request.id, channel_id, NOT_REGISTERED)
+            return self._fail_on_channel(conn, "close", request.id, channel_id, NOT_REGISTERED, [])
         channel = self.channels.get(channel_id)
         if channel is None:
-            return self._fail(conn, "close", request.id, channel_id, CHANNEL_NOT_FOUND)
+            return self._fail_on_channel(
+                conn, "close", request.id, channel_id, CHANNEL_NOT_FOUND, []
+            )
         if channel.peer_of(connection_id) is None:
-            return self._fail(conn, "close", request.id, channel_id, NOT_AUTHORIZED)
+            return self._fail_on_channel(conn, "close", request.id, channel_id, NOT_AUTHORIZED, [])
+        if self._closing and channel_id in self._closing:
+            return self._fail_on_channel(
+                conn, "close", request.id, channel_id, CHANNEL_NOT_FOUND, []
+            )
+        peer = channel.peer_of(connection_id)
+        assert peer is not None
+        peer_id, peer_node = peer
+        if peer_node != self.node_id and peer_id != connection_id:
+            # Confirmed once the other end's node applied it (``CloseResult``); meanwhile the
+            # channel stays known here so that the other end's earlier messages still arrive.
+            self._seq += 1
+            deadline = self.clock() + self.request_timeout
+            self._closes[self._seq] = _PendingClose(connection_id, request.id, channel, deadline)
+            self._closing[channel_id] = self._seq
+            # Its reply's place among the frames about the channel: later ones wait behind it.
+            self._held_entry(conn, channel_id, _Held(request.id))
+            return [Publish(peer_node, CloseRequest(self._seq, self.node_id, channel_id, peer_id))]
         actions: list[Action] = []
         self._drop_channel(channel)
         self._notify_other_end(channel, connection_id, actions)
-        frame = encode(
-            ChannelClosed(id=self._next_id(conn), replyTo=request.id, channelId=channel_id)
-        )
-        actions.append(Send(connection_id, frame))
+        self._channel_closed(conn, request.id, channel_id, actions)
         actions.append(ForgetChannel(channel))
         return actions
+
+    def _channel_closed(
+        self, conn: LocalConnection, request_id: int, channel_id: ChannelId, actions: list[Action]
+    ) -> None:
+        def build(frame_id: int) -> bytes:
+            return encode(ChannelClosed(id=frame_id, replyTo=request_id, channelId=channel_id))
+
+        self._on_channel(conn, channel_id, build, actions)
+
+    def _on_close_request(self, envelope: CloseRequest, actions: list[Action]) -> None:
+        channel_id, recipient = envelope.channel_id, envelope.recipient
+        channel = self.channels.get(channel_id)
+        if channel is None or channel.peer_of(recipient) is None:
+            # Already closed here (this end closed it, or left): that came first.
+            actions.append(Publish(envelope.sender_node, CloseResult(envelope.seq, False)))
+            return
+        own_seq = self._closing.get(channel_id)
+        if own_seq is not None:
+            # Both ends closed at once. Both nodes pick the same winner, the opener's close,
+            # which is what one node would have done had the opener's request come first.
+            if recipient == channel.opener:
+                actions.append(Publish(envelope.sender_node, CloseResult(envelope.seq, False)))
+                return
+            # This end loses: its own close's answer (not applied) tells it of the closure,
+            # then fails, in the place of its close among its frames about the channel.
+            del self._closing[channel_id]
+            self._drop_channel(channel)
+        else:
+            self._drop_channel(channel)
+            conn = self.connections.get(recipient)
+            if conn is not None:
+                self._closed_notification(conn, channel_id, actions)
+        actions.append(Publish(envelope.sender_node, CloseResult(envelope.seq, True)))
+
+    def _on_close_result(self, seq: int, applied: bool, actions: list[Action]) -> None:
+        pending = self._closes.pop(seq, None)
+        if pending is not None:
+            self._settle_close(seq, pending, applied, actions)
+
+    def _settle_close(
+        self, seq: int, pending: _PendingClose, applied: bool, actions: list[Action]
+    ) -> None:
+        channel = pending.channel
+        if self._closing.get(channel.channel_id) == seq:
+            del self._closing[channel.channel_id]
+        self._drop_channel(channel)
+        actions.append(ForgetChannel(channel))
+        conn = self.connections.get(pending.closer)
+        if conn is None:
+            return
+        channel_id, request_id = channel.channel_id, pending.request_id
+        if applied:
+
+            def closed(frame_id: int) -> bytes:
+                return encode(ChannelClosed(id=frame_id, replyTo=request_id, channelId=channel_id))
+
+            self._fill(conn, channel_id, request_id, [closed], actions)
+            return
+        # The other end closed it first: as on one node, this end hears of it, then fails.
+        frames: list[FrameBuilder] = [partial(_notification_frame, channel_id)]
+        frames.append(
+            partial(
+                self._failure_frame,
+                conn=conn,
+                request_type="close",
+                reply_to=request_id,
+                subject=channel_id,
+                error=CHANNEL_NOT_FOUND,
+            )
+        )
+        self._fill(conn, channel_id, request_id, frames, actions)
 
     def _drop_channel(self, channel: ChannelRecord) -> None:
         self.channels.pop(channel.channel_id, None)
@@ -430,23 +700,25 @@ class BrokerCore:
         conn = self.connections.get(peer_id)
         if conn is not None:
             conn.channels.discard(channel.channel_id)
-            actions.append(self._closed_notification(conn, channel.channel_id))
+            self._closed_notification(conn, channel.channel_id, actions)
 
-    def _closed_notification(self, conn: LocalConnection, channel_id: ChannelId) -> Send:
-        frame = encode(ChannelClosedNotification(id=self._next_id(conn), channelId=channel_id))
-        return Send(conn.connection_id, frame)
+    def _closed_notification(
+        self, conn: LocalConnection, channel_id: ChannelId, actions: list[Action]
+    ) -> None:
+        self._on_channel(conn, channel_id, partial(_notification_frame, channel_id), actions)
 
     # --- the bus ------------------------------------------------------------------------
 
     def on_bus(self, envelopes: Iterable[Envelope]) -> list[Action]:
         """A batch from another node, handled in order."""
         actions: list[Action] = []
-        # Confirmations are batched per sending node: one envelope per node per batch.
-        confirmations: dict[NodeId, tuple[list[int], list[tuple[int, str]]]] = {}
+        # Refusals are batched per sending node: one envelope per node per batch (what is
+        # written is confirmed once the kernel took it, see ``written``).
+        refusals: dict[NodeId, list[tuple[int, str]]] = {}
         for envelope in envelopes:
             match envelope:
                 case Deliver():
-                    self._on_deliver(envelope, actions, confirmations)
+                    self._on_deliver(envelope, actions, refusals)
                 case Confirm(written=written, refused=refused):
                     self._on_confirm(written, refused, actions)
                 case Incoming(seq=seq, channel=channel):
@@ -455,42 +727,53 @@ class BrokerCore:
                     self._on_open_result(seq, error, actions)
                 case Closed(channel_id=channel_id, recipient=recipient):
                     self._on_closed(channel_id, recipient, actions)
-        for node_id, (written, refused) in confirmations.items():
-            actions.append(Publish(node_id, Confirm(written, refused)))
+                case CloseRequest():
+                    self._on_close_request(envelope, actions)
+                case CloseResult(seq=seq, applied=applied):
+                    self._on_close_result(seq, applied, actions)
+        for node_id, refused in refusals.items():
+            actions.append(Publish(node_id, Confirm([], refused)))
         return actions
 
     def _on_deliver(
         self,
         envelope: Deliver,
         actions: list[Action],
-        confirmations: dict[NodeId, tuple[list[int], list[tuple[int, str]]]],
+        refusals: dict[NodeId, list[tuple[int, str]]],
     ) -> None:
-        written, refused = confirmations.setdefault(envelope.sender_node, ([], []))
         # A node's deliveries to this node carry increasing seqs in publish order. One that
         # arrives behind a newer one is from a publish its sender saw fail (a Redis that
-        # stalled, then ran its buffered commands): its sender already reported it failed,
-        # and delivering it now would break the channel's order.
+        # stalled, then ran its buffered commands): its sender already answered it (delivery
+        # not confirmed in time), and delivering it now would break the channel's order.
+        error: str
         if envelope.seq <= self._last_delivery.get(envelope.sender_node, 0):
-            refused.append((envelope.seq, LATE_DELIVERY))
-            return
-        self._last_delivery[envelope.sender_node] = envelope.seq
-        channel = self.channels.get(envelope.channel_id)
-        recipient = self.connections.get(envelope.recipient)
-        if channel is None or channel.peer_of(envelope.recipient) is None:
-            refused.append((envelope.seq, CHANNEL_NOT_FOUND))
-        elif recipient is None:
-            refused.append((envelope.seq, RECIPIENT_GONE))
+            error = LATE_DELIVERY
         else:
-            frame = encode(
-                ChannelMessage(
-                    id=self._next_id(recipient),
-                    channelId=envelope.channel_id,
-                    payload=envelope.payload,
+            self._last_delivery[envelope.sender_node] = envelope.seq
+            channel = self.channels.get(envelope.channel_id)
+            recipient = self.connections.get(envelope.recipient)
+            if channel is None or channel.peer_of(envelope.recipient) is None:
+                error = CHANNEL_NOT_FOUND
+            elif recipient is None:
+                error = RECIPIENT_GONE
+            else:
+                frame = encode(
+                    ChannelMessage(
+                        id=self._next_id(recipient),
+                        channelId=envelope.channel_id,
+                        payload=envelope.payload,
+                    )
                 )
-            )
-            actions.append(Send(recipient.connection_id, frame))
-            written.append(envelope.seq)
-            self.stats.messages_cross_node_in += 1
+                # Confirmed to the sending node once the recipient's socket took it.
+                receipt = RemoteReceipt(envelope.sender_node, envelope.seq)
+                actions.append(Send(recipient.connection_id, frame, receipt))
+                self.stats.messages_cross_node_in += 1
+                return
+        refused = refusals.get(envelope.sender_node)
+        if refused is None:
+            refusals[envelope.sender_node] = [(envelope.seq, error)]
+        else:
+            refused.append((envelope.seq, error))
 
     def _on_confirm(
         self, written: list[int], refused: list[tuple[int, str]], actions: list[Action]
@@ -508,7 +791,6 @@ class BrokerCore:
         conn = self.connections.get(pending.sender)
         if conn is None:
             return
-        conn.unconfirmed -= 1
         if error is None:
             self.stats.confirmations_sent += 1
             frame = encode(
@@ -519,6 +801,7 @@ class BrokerCore:
             actions.append(Send(conn.connection_id, frame))
         else:
             actions += self._fail(conn, "message", pending.request_id, pending.channel_id, error)
+        self._unhold(conn, pending.channel_id, pending.size, actions)
 
     def _on_incoming(self, seq: int, channel: ChannelRecord, actions: list[Action]) -> None:
         target = self.connections.get(channel.target)
@@ -552,9 +835,13 @@ class BrokerCore:
         if channel is None or channel.peer_of(recipient) is None:
             return
         self._drop_channel(channel)
+        if self._closing.pop(channel_id, None) is not None:
+            # The other end left while this end's close was on its way: that came first, and
+            # the close's answer (not applied) tells this end so.
+            return
         conn = self.connections.get(recipient)
         if conn is not None:
-            actions.append(self._closed_notification(conn, channel_id))
+            self._closed_notification(conn, channel_id, actions)
 
     # --- faults and time ----------------------------------------------------------------
 
@@ -569,7 +856,11 @@ class BrokerCore:
                         self._settle(pending, NODE_LOST, actions)
                 case Incoming(seq=seq):
                     self._on_open_result(seq, TARGET_NOT_FOUND, actions)
-                case Closed() | Confirm() | OpenResult():
+                case CloseRequest(seq=seq):
+                    # The other end's node is gone: the channel is closed here, and the shell
+                    # keeps telling that node (as for ``Closed``) in case it comes back.
+                    self._on_close_result(seq, True, actions)
+                case Closed() | Confirm() | OpenResult() | CloseResult():
                     # The other node is unreachable; its own cleanup (or the reaper) settles it.
                     pass
         return actions
@@ -585,12 +876,17 @@ class BrokerCore:
         self._last_delivery.pop(node_id, None)
         lost = [c for c in self.channels.values() if node_id in (c.opener_node, c.target_node)]
         for channel in lost:
+            own_seq = self._closing.get(channel.channel_id)
+            if own_seq is not None:
+                # This end's close stands: the other end's node is gone.
+                self._on_close_result(own_seq, True, actions)
+                continue
             self._drop_channel(channel)
             for end, end_node in channel.ends():
                 if end_node == self.node_id:
                     conn = self.connections.get(end)
                     if conn is not None:
-                        actions.append(self._closed_notification(conn, channel.channel_id))
+                        self._closed_notification(conn, channel.channel_id, actions)
                 else:
                     actions.append(Publish(end_node, Closed(channel.channel_id, end)))
             actions.append(ForgetChannel(channel))
@@ -601,6 +897,9 @@ class BrokerCore:
         for seq, pending_open in list(self._opens.items()):
             if pending_open.channel.target_node == node_id:
                 self._on_open_result(seq, TARGET_NOT_FOUND, actions)
+        for seq, pending_close in list(self._closes.items()):
+            if node_id in (pending_close.channel.opener_node, pending_close.channel.target_node):
+                self._on_close_result(seq, True, actions)
         return actions
 
     def expire(self) -> list[Action]:
@@ -620,6 +919,17 @@ class BrokerCore:
             channel = pending_open.channel
             actions.append(Publish(channel.target_node, Closed(channel.channel_id, channel.target)))
             self._on_open_result(seq, TARGET_NODE_SILENT, actions)
+        for seq, pending_close in list(self._closes.items()):
+            if pending_close.deadline > now:
+                break
+            # The close stands here; the other end's node is told again by a plain notice
+            # (idempotent there) in case the request was lost.
+            del self._closes[seq]
+            channel = pending_close.channel
+            peer = channel.peer_of(pending_close.closer)
+            assert peer is not None
+            actions.append(Publish(peer[1], Closed(channel.channel_id, peer[0])))
+            self._settle_close(seq, pending_close, True, actions)
         return actions
 
     def records(self) -> tuple[list[ConnectionRecord], list[ChannelRecord]]:
@@ -630,6 +940,10 @@ class BrokerCore:
             if conn.role is not None
         ]
         return connections, list(self.channels.values())
+
+    def pending_channel_ids(self) -> set[ChannelId]:
+        """Channels written to the registry whose opening awaits the target's node."""
+        return {pending.channel.channel_id for pending in self._opens.values()}
 
     def remote_nodes(self) -> set[NodeId]:
         """Nodes that hold the other end of one of this node's channels."""
@@ -646,6 +960,81 @@ class BrokerCore:
         conn.next_id = frame_id + 1
         return frame_id
 
+    # --- frames about a channel, in the order one node would send them -----------------
+
+    @staticmethod
+    def _held_entry(conn: LocalConnection, channel_id: ChannelId, entry: _Held) -> None:
+        held = conn.held.get(channel_id)
+        if held is None:
+            conn.held[channel_id] = deque((entry,))
+        else:
+            held.append(entry)
+
+    def _on_channel(
+        self,
+        conn: LocalConnection,
+        channel_id: ChannelId,
+        build: FrameBuilder,
+        actions: list[Action],
+    ) -> None:
+        """Send a frame about ``channel_id`` behind the replies still owed to ``conn`` for its
+        requests on that channel."""
+        if channel_id in conn.pending or channel_id in conn.held:
+            self._held_entry(conn, channel_id, _Held(None, [build]))
+        else:
+            actions.append(Send(conn.connection_id, build(self._next_id(conn))))
+
+    def _fill(
+        self,
+        conn: LocalConnection,
+        channel_id: ChannelId,
+        request_id: int,
+        frames: list[FrameBuilder],
+        actions: list[Action],
+    ) -> None:
+        """The reply to ``request_id``, whose place was kept, is known."""
+        for entry in conn.held.get(channel_id, ()):
+            if entry.frames is None and entry.request_id == request_id:
+                entry.frames = frames
+                break
+        self._release_held(conn, channel_id, actions)
+
+    def _release_held(
+        self, conn: LocalConnection, channel_id: ChannelId, actions: list[Action]
+    ) -> None:
+        """Send the held frames that no reply owed is ahead of any more."""
+        held = conn.held.get(channel_id)
+        if held is None or channel_id in conn.pending:
+            return
+        while held:
+            ready = held[0].frames
+            if ready is None:
+                return
+            held.popleft()
+            for build in ready:
+                actions.append(Send(conn.connection_id, build(self._next_id(conn))))
+        del conn.held[channel_id]
+
+    def _fail_on_channel(
+        self,
+        conn: LocalConnection,
+        request_type: str,
+        reply_to: int,
+        channel_id: ChannelId,
+        error: str,
+        actions: list[Action],
+    ) -> list[Action]:
+        build = partial(
+            self._failure_frame,
+            conn=conn,
+            request_type=request_type,
+            reply_to=reply_to,
+            subject=channel_id,
+            error=error,
+        )
+        self._on_channel(conn, channel_id, build, actions)
+        return actions
+
     def _fail(
         self, conn: LocalConnection, request_type: str, reply_to: int, subject: str, error: str
     ) -> list[Action]:
@@ -656,7 +1045,19 @@ class BrokerCore:
     def _failure(
         self, conn: LocalConnection, request_type: str, reply_to: int, subject: str, error: str
     ) -> bytes:
-        frame_id = self._next_id(conn)
+        return self._failure_frame(
+            self._next_id(conn), conn, request_type, reply_to, subject, error
+        )
+
+    def _failure_frame(
+        self,
+        frame_id: int,
+        conn: LocalConnection,
+        request_type: str,
+        reply_to: int,
+        subject: str,
+        error: str,
+    ) -> bytes:
         reason = error if error in KNOWN_REASONS else "invalid_request"
         self.stats.failures[(FAILURE_TYPE[request_type], reason)] += 1
         if conn.legacy_errors:

@@ -57,7 +57,27 @@ class Closed(_Envelope, frozen=True, tag="x"):
     recipient: ConnectionId
 
 
-Envelope = Deliver | Confirm | Incoming | OpenResult | Closed
+class CloseRequest(_Envelope, frozen=True, tag="q"):
+    """An end closed the channel: notify ``recipient``, then answer with ``CloseResult``.
+
+    The closer hears ``channel_closed`` only once the other end's node applied the close, so
+    that whatever happens causally after that reply sees the channel gone, as on one node.
+    """
+
+    seq: int
+    sender_node: NodeId
+    channel_id: ChannelId
+    recipient: ConnectionId
+
+
+class CloseResult(_Envelope, frozen=True, tag="r"):
+    """Close ``seq`` was applied (``applied``), or the channel was already gone there."""
+
+    seq: int
+    applied: bool
+
+
+Envelope = Deliver | Confirm | Incoming | OpenResult | Closed | CloseRequest | CloseResult
 
 _batch_decoder: Final[msgspec.json.Decoder[list[Envelope]]] = msgspec.json.Decoder(list[Envelope])
 _encoder: Final = msgspec.json.Encoder()

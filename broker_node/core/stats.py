@@ -17,6 +17,10 @@ class NodeStats:
     messages_cross_node_in: int = 0
     confirmations_sent: int = 0
     slow_consumers: int = 0
+    #: Times a client's socket stopped being read because it had too much unconfirmed.
+    flow_pauses: int = 0
+    #: Bus payloads sent again because no node was listening on the inbox at the time.
+    bus_retries: int = 0
     reaped_nodes: int = 0
     lost_nodes: int = 0
     bus_batches_in: int = 0

@@ -1,3 +1,4 @@
-"""``run_bench.py`` is a benchmark script, not a test: CI never collects it."""
+"""``run_bench.py`` and ``compare_builds.py`` are benchmark scripts, not tests: CI never
+collects them."""
 
-collect_ignore = ["run_bench.py"]
+collect_ignore = ["run_bench.py", "compare_builds.py"]

@@ -274,6 +274,66 @@ async def test_restore_after_the_store_was_wiped(harness: Harness) -> None:
     assert sorted(c.channel_id for c in removed) == sorted(c.channel_id for c in channels)
 
 
+async def test_bulk_removal_removes_every_entry_of_the_records(harness: Harness) -> None:
+    registry = harness.backend.registry
+    keep = connection(A, "r")
+    gone = [connection(A, "r") for _ in range(1_203)] + [connection(A, "other")]
+    await registry.restore(A, [keep, *gone], [])
+    kept_channel = channel(keep, keep)
+    gone_channels = [channel(keep, record) for record in gone[:1_100]]
+    await registry.restore(A, [], [kept_channel, *gone_channels])
+
+    await registry.remove_channels(gone_channels)
+    await registry.remove_connections(gone)
+    await registry.remove_connections(gone)  # absent entries are fine
+
+    assert await registry.list_by_role("r") == [keep.connection_id]
+    assert await registry.list_by_role("other") == []
+    assert await registry.node_index(A) == ({keep.connection_id}, {kept_channel.channel_id})
+    assert await harness.stored_keys() == {
+        KEYS.connection(keep.connection_id),
+        KEYS.role("r"),
+        KEYS.node_connections(A),
+        KEYS.channel(kept_channel.channel_id),
+        KEYS.node_channels(A),
+    }
+
+
+async def test_prune_removes_only_the_nodes_own_entries(harness: Harness) -> None:
+    registry = harness.backend.registry
+    a_live, a_ghost, b1 = connection(A, "r"), connection(A, "r"), connection(B, "r")
+    live_channel = channel(a_live, b1)  # opened from A
+    ghost_channel = channel(a_ghost, b1)  # opened from A, its opener gone
+    foreign_channel = channel(b1, a_live)  # opened from B: B's to keep or remove
+    await registry.restore(A, [a_live, a_ghost], [live_channel, ghost_channel, foreign_channel])
+    await registry.restore(B, [b1], [])
+    connections, channels = await registry.node_index(A)
+    assert connections == {a_live.connection_id, a_ghost.connection_id}
+    assert channels == {c.channel_id for c in (live_channel, ghost_channel, foreign_channel)}
+
+    await registry.prune(
+        A,
+        [a_ghost.connection_id, b1.connection_id],
+        [ghost_channel.channel_id, foreign_channel.channel_id],
+    )
+
+    assert await registry.find_connection(a_ghost.connection_id) is None
+    assert await registry.find_connection(b1.connection_id) == b1  # another node's
+    assert sorted(await registry.list_by_role("r")) == sorted(
+        [a_live.connection_id, b1.connection_id]
+    )
+    assert await registry.node_index(A) == (
+        {a_live.connection_id},
+        {live_channel.channel_id, foreign_channel.channel_id},
+    )
+    assert await registry.node_index(B) == (
+        {b1.connection_id},
+        {live_channel.channel_id, foreign_channel.channel_id},
+    )
+    assert KEYS.channel(ghost_channel.channel_id) not in await harness.stored_keys()
+    await registry.prune(A, [], [])
+
+
 async def test_restore_nothing(harness: Harness) -> None:
     await harness.backend.registry.restore(A, [], [])
     await harness.backend.registry.ping()

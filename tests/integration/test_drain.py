@@ -78,11 +78,12 @@ async def test_sigterm_drains_and_leaves_nothing_in_redis(cluster: Cluster) -> N
     # Nothing of the node in Redis: no heartbeat, no tombstone, not in the nodes set.
     redis = RedisInspector(cluster.redis.url)
     try:
-        assert await redis.keys() == node_keys("node-1", connections=[p1.connection_id]) | {
+        staying_id = staying.effective_id()
+        assert await redis.keys() == node_keys(staying_id, connections=[p1.connection_id]) | {
             KEYS.nodes,
             KEYS.role("staying"),
         }
-        assert await redis.client.smembers(KEYS.nodes) == {"node-1"}
+        assert await redis.client.smembers(KEYS.nodes) == {staying_id}
     finally:
         await redis.aclose()
     assert await list_role(p1, "leaving") == set()

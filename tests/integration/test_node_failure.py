@@ -101,6 +101,7 @@ async def no_more_notifications(clients: list[WireClient], seconds: float) -> No
 
 async def test_kill_9_peers_notified_and_nothing_left_in_redis(cluster: Cluster) -> None:
     victim, n1, n2 = await cluster.start(3)
+    victim_id, n1_id, n2_id = (node.effective_id() for node in (victim, n1, n2))
     doomed = await doomed_node(cluster, victim, [n1, n2])
     peers = [peer for peer, _ in doomed.peers]
     # A channel between the survivors must outlive the reap.
@@ -125,21 +126,21 @@ async def test_kill_9_peers_notified_and_nothing_left_in_redis(cluster: Cluster)
         n1_peers = [p.connection_id for p in peers[:2] if p.connection_id]
         n2_peers = [p.connection_id for p in peers[2:] if p.connection_id]
         expected = (
-            node_keys("node-1", connections=n1_peers, channels=[survivor_channel])
-            | node_keys("node-2", connections=n2_peers, channels=[survivor_channel])
-            | {KEYS.nodes, KEYS.role("peer"), KEYS.tombstone(NodeId("node-0"))}
+            node_keys(n1_id, connections=n1_peers, channels=[survivor_channel])
+            | node_keys(n2_id, connections=n2_peers, channels=[survivor_channel])
+            | {KEYS.nodes, KEYS.role("peer"), KEYS.tombstone(NodeId(victim_id))}
         )
 
         async def reaped() -> bool:
             return await redis.keys() == expected
 
         await eventually(reaped, timeout=DETECTION)
-        assert await redis.client.smembers(KEYS.nodes) == {"node-1", "node-2"}
+        assert await redis.client.smembers(KEYS.nodes) == {n1_id, n2_id}
         assert await redis.client.hgetall(KEYS.channel(ChannelId(survivor_channel))) == {
             "opener": s1.connection_id,
-            "opener_node": "node-1",
+            "opener_node": n1_id,
             "target": s2.connection_id,
-            "target_node": "node-2",
+            "target_node": n2_id,
         }
     finally:
         await redis.aclose()
@@ -184,11 +185,12 @@ async def test_two_survivors_race_to_reap_one_node_each_peer_notified_once(
     await no_more_notifications([peer for peer, _ in doomed.peers], 5 * HEARTBEAT)
     assert await reaps([n1, n2]) == (1, 1)
     outputs = n1.output() + n2.output()
-    assert outputs.count("reaped lost node node-0") == 1
+    assert outputs.count(f"reaped lost node {victim.effective_id()}") == 1
 
 
 async def test_paused_node_reaped_then_resumed_does_not_resurrect(cluster: Cluster) -> None:
     stalled, survivor = await cluster.start(2)
+    stalled_id = NodeId(stalled.effective_id())
     doomed = await doomed_node(cluster, stalled, [survivor])
     peers = [peer for peer, _ in doomed.peers]
     stalled_ids = {c.connection_id for c in doomed.clients}
@@ -216,16 +218,13 @@ async def test_paused_node_reaped_then_resumed_does_not_resurrect(cluster: Clust
 
         async def rejoined() -> bool:
             keys = await redis.keys()
-            return (
-                KEYS.heartbeat(NodeId("node-0")) in keys
-                and KEYS.tombstone(NodeId("node-0")) not in keys
-            )
+            return KEYS.heartbeat(stalled_id) in keys and KEYS.tombstone(stalled_id) not in keys
 
         await eventually(rejoined, timeout=DETECTION)
         peer_ids = [p.connection_id for p in peers if p.connection_id]
         expected = (
-            node_keys("node-0")
-            | node_keys("node-1", connections=peer_ids)
+            node_keys(stalled_id)
+            | node_keys(survivor.effective_id(), connections=peer_ids)
             | {KEYS.nodes, KEYS.role("peer")}
         )
         assert await redis.keys() == expected

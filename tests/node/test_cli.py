@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.ids import node_name
 from tests.support.nodes import NodeProcess, wait_http
 from tests.support.ports import free_port
 from tests.support.wire import WireClient, pair
@@ -75,7 +76,9 @@ async def test_environment_variables_configure_the_node() -> None:
             _, stderr = await process.communicate()
     assert process.returncode == 0
     lines = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
-    assert lines and all(line["node"] == "env-node" for line in lines)
+    # The configured id is the node's name; each start adds an incarnation of its own.
+    assert lines and all(node_name(line["node"]) == "env-node" for line in lines)
+    assert len({line["node"] for line in lines}) == 1
     assert any("listening" in line["message"] for line in lines)
 
 

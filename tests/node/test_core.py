@@ -15,7 +15,10 @@ from broker_node.core.actions import (
     CloseClient,
     ForgetChannel,
     ForgetConnection,
+    PauseReading,
     Publish,
+    RemoteReceipt,
+    ResumeReading,
     Send,
 )
 from broker_node.core.broker import (
@@ -62,6 +65,12 @@ def frames(actions: list[Action], to: ConnectionId | None = None) -> list[dict[s
         for a in actions
         if isinstance(a, Send) and (to is None or a.connection_id == to)
     ]
+
+
+def written(core: BrokerCore, actions: list[Action]) -> list[Action]:
+    """``actions``, then what the core does once the kernel took every frame sent."""
+    receipts = [a.receipt for a in actions if isinstance(a, Send) and a.receipt is not None]
+    return actions + core.written(receipts)
 
 
 def registered(core: BrokerCore, *ids: ConnectionId, legacy: bool = False) -> None:
@@ -135,9 +144,10 @@ def test_ids_strictly_increase_per_connection(core: BrokerCore) -> None:
     channel = local_channel(core, A, B)
     seen: dict[str, list[int]] = {A: [], B: []}
     for n in range(5):
-        for action in core.message(A, Message(id=10 + n, channelId=channel, payload=raw(n))):
-            assert isinstance(action, Send)
-            seen[action.connection_id].append(json.loads(action.frame)["id"])
+        actions = core.message(A, Message(id=10 + n, channelId=channel, payload=raw(n)))
+        for action in written(core, actions):
+            if isinstance(action, Send):
+                seen[action.connection_id].append(json.loads(action.frame)["id"])
     for ids in seen.values():
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
@@ -179,8 +189,46 @@ def test_message_local_delivers_payload_raw_and_confirms(core: BrokerCore) -> No
     actions = core.message(A, Message(id=9, channelId=channel, payload=payload))
     assert isinstance(actions[0], Send) and actions[0].connection_id == B
     assert b'"payload":{"z": [1, 2]}' in actions[0].frame
-    assert frames(actions, A)[0]["type"] == "channel_message_sent"
-    assert frames(actions, A)[0]["channelId"] == channel
+    # Confirmed only once the recipient's socket took the frame.
+    assert frames(actions, A) == []
+    assert actions[0].receipt is not None
+    [sent] = frames(core.written([actions[0].receipt]), A)
+    assert sent["type"] == "channel_message_sent" and sent["replyTo"] == 9
+    assert sent["channelId"] == channel
+
+
+def test_a_frame_never_written_fails_its_message(core: BrokerCore) -> None:
+    registered(core, A, B)
+    channel = local_channel(core, A, B)
+    [delivery] = core.message(A, Message(id=9, channelId=channel, payload=raw(1)))
+    assert isinstance(delivery, Send) and delivery.receipt is not None
+    [failed] = frames(core.unwritten([delivery.receipt], handed=False), A)
+    assert failed["type"] == "channel_message_failed"
+    assert failed["error"] == "Recipient not connected"
+    [delivery] = core.message(A, Message(id=10, channelId=channel, payload=raw(1)))
+    assert isinstance(delivery, Send) and delivery.receipt is not None
+    [unknown] = frames(core.unwritten([delivery.receipt], handed=True), A)
+    assert "outcome unknown" in unknown["error"]
+
+
+def test_frames_about_a_channel_wait_behind_its_confirmations(core: BrokerCore) -> None:
+    registered(core, A, B)
+    channel = local_channel(core, A, B)
+    [delivery] = core.message(A, Message(id=9, channelId=channel, payload=raw(1)))
+    assert isinstance(delivery, Send) and delivery.receipt is not None
+    # A closes, then sends again, before its first message is confirmed: as on one node, the
+    # confirmation comes first, then the close's reply, then the failure.
+    closing = core.close(A, Close(id=10, channelId=channel))
+    assert frames(closing, A) == []
+    assert frames(closing, B)[0]["type"] == "channel_closed_notification"
+    assert frames(core.message(A, Message(id=11, channelId=channel, payload=raw(2))), A) == []
+    released = frames(core.written([delivery.receipt]), A)
+    assert [(f["type"], f["replyTo"]) for f in released] == [
+        ("channel_message_sent", 9),
+        ("channel_closed", 10),
+        ("channel_message_failed", 11),
+    ]
+    assert [f["id"] for f in released] == sorted(f["id"] for f in released)
 
 
 def test_third_party_can_neither_send_nor_close(core: BrokerCore) -> None:
@@ -279,15 +327,21 @@ def test_cross_node_refusal_and_expiry(core: BrokerCore, clock: Clock) -> None:
     channel = remote_channel(core)
     [p1] = core.message(A, Message(id=31, channelId=channel.channel_id, payload=raw(1)))
     [_second] = core.message(A, Message(id=32, channelId=channel.channel_id, payload=raw(2)))
-    # The window of unconfirmed cross-node messages (2 here) is full.
-    [full] = frames(core.message(A, Message(id=33, channelId=channel.channel_id, payload=raw(3))))
-    assert full["type"] == "channel_message_failed"
+    # Past the window (2 here) nothing fails: reading the sender's socket pauses.
+    third = core.message(A, Message(id=33, channelId=channel.channel_id, payload=raw(3)))
+    assert isinstance(third[0], Publish) and third[1:] == [PauseReading(A)]
     assert isinstance(p1, Publish) and isinstance(p1.envelope, Deliver)
-    [refused] = frames(core.on_bus([Confirm([], [(p1.envelope.seq, "Recipient not connected")])]))
+    refusal = core.on_bus([Confirm([], [(p1.envelope.seq, "Recipient not connected")])])
+    [refused] = frames(refusal)
     assert refused["replyTo"] == 31 and refused["error"] == "Recipient not connected"
+    assert ResumeReading(A) not in refusal  # two still in flight: more than half the window
     clock.now += 5
-    [expired] = frames(core.expire())
-    assert expired["replyTo"] == 32 and expired["error"] == NOT_CONFIRMED
+    expired = core.expire()
+    assert [(f["replyTo"], f["error"]) for f in frames(expired)] == [
+        (32, NOT_CONFIRMED),
+        (33, NOT_CONFIRMED),
+    ]
+    assert ResumeReading(A) in expired
 
 
 def test_incoming_from_another_node(core: BrokerCore) -> None:
@@ -310,8 +364,14 @@ def test_deliveries_are_confirmed_in_one_envelope_per_node(core: BrokerCore) -> 
     batch.append(Deliver(9, THERE, ChannelId("nope"), B, raw(0)))
     actions = core.on_bus(batch)
     assert [m["payload"] for m in frames(actions, B)] == [1, 2, 3]
+    # Refusals at once; deliveries once the kernel took them, all in one envelope.
     assert [a for a in actions if isinstance(a, Publish)] == [
-        Publish(THERE, Confirm([1, 2, 3], [(9, CHANNEL_NOT_FOUND)]))
+        Publish(THERE, Confirm([], [(9, CHANNEL_NOT_FOUND)]))
+    ]
+    receipts = [a.receipt for a in actions if isinstance(a, Send)]
+    assert receipts == [RemoteReceipt(THERE, n) for n in (1, 2, 3)]
+    assert core.written([r for r in receipts if r is not None]) == [
+        Publish(THERE, Confirm([1, 2, 3], []))
     ]
 
 
@@ -324,8 +384,12 @@ def test_closed_from_another_node_and_node_lost(core: BrokerCore) -> None:
     [_pending] = core.message(A, Message(id=40, channelId=second.channel_id, payload=raw(1)))
     actions = core.node_lost(THERE)
     notes = frames(actions, A)
-    assert {"type": "channel_closed_notification", "id": 5, "channelId": second.channel_id} in notes
-    assert any(f.get("replyTo") == 40 and f["type"] == "channel_message_failed" for f in notes)
+    # The message's failure first, then the closure it was sent before.
+    assert [(f["type"], f.get("replyTo")) for f in notes] == [
+        ("channel_message_failed", 40),
+        ("channel_closed_notification", None),
+    ]
+    assert notes[1]["channelId"] == second.channel_id
     assert not core.channels and core.remote_nodes() == set()
     # The lost node hears of it too, in case it was only thought lost.
     assert Publish(THERE, Closed(second.channel_id, B)) in actions

@@ -13,7 +13,15 @@ from broker_node.core.broker import (
     TARGET_NOT_FOUND,
     BrokerCore,
 )
-from broker_node.core.envelopes import Closed, Confirm, Deliver, Incoming, OpenResult
+from broker_node.core.envelopes import (
+    Closed,
+    CloseRequest,
+    CloseResult,
+    Confirm,
+    Deliver,
+    Incoming,
+    OpenResult,
+)
 from broker_node.core.records import ChannelRecord, ConnectionRecord
 from broker_node.core.stats import NodeStats
 from shared.codec import ErrorReply
@@ -171,8 +179,12 @@ def test_close_of_a_cross_node_channel_tells_the_other_node(core: BrokerCore) ->
     record = ChannelRecord(ChannelId("ch"), B, THERE, A, HERE)
     core.on_bus([Incoming(1, record)])
     actions: list[Action] = core.close(A, Close(id=4, channelId="ch"))
-    assert Publish(THERE, Closed(ChannelId("ch"), B)) in actions
-    assert frames(actions, A)[0]["type"] == "channel_closed"
+    # Confirmed only once the other end's node applied it.
+    [request] = actions
+    assert isinstance(request, Publish) and isinstance(request.envelope, CloseRequest)
+    assert request.envelope.recipient == B and request.node_id == THERE
+    [closed] = frames(core.on_bus([CloseResult(request.envelope.seq, True)]), A)
+    assert closed["type"] == "channel_closed"
     # A close for a channel this node no longer knows is ignored.
     assert core.on_bus([Closed(ChannelId("ch"), A)]) == []
 

@@ -100,16 +100,48 @@ async def test_batch_delay_gathers_later_puts_into_the_same_send() -> None:
 async def test_unreachable_node_and_failed_send_are_reported() -> None:
     backend = MemoryBackend()
     reported: list[tuple[NodeId, list[Envelope]]] = []
-    outbox = Outbox(backend.bus, on_undeliverable=lambda node, envs: reported.append((node, envs)))
-    outbox.put(B, closed(1))  # nobody listens on B's inbox
+    retried: list[int] = []
+    outbox = Outbox(
+        backend.bus,
+        on_undeliverable=lambda node, envs: reported.append((node, envs)),
+        on_retry=retried.append,
+        retry_window=0.1,
+    )
+    outbox.put(B, closed(1))  # nobody listens on B's inbox: tried again for the window
     await run_until_idle(outbox)
     assert reported == [(B, [closed(1)])]
+    assert sum(retried) >= 2
 
-    failing = Outbox(RecordingBus(fail=True), on_undeliverable=lambda n, e: reported.append((n, e)))
+    unknown: list[tuple[NodeId, list[Envelope]]] = []
+    failing = Outbox(
+        RecordingBus(fail=True),
+        on_undeliverable=lambda n, e: reported.append((n, e)),
+        on_unknown=lambda n, e: unknown.append((n, e)),
+    )
     failing.put(A, closed(2))
     failing.put(B, closed(3))
     await run_until_idle(failing)
-    assert reported[1:] == [(A, [closed(2)]), (B, [closed(3)])]
+    # Redis did not answer: the envelopes may still arrive, so they are not "undeliverable".
+    assert reported[1:] == []
+    assert unknown == [(A, [closed(2)]), (B, [closed(3)])]
+
+
+async def test_a_node_that_subscribes_late_gets_everything_in_order() -> None:
+    backend = MemoryBackend()
+    reported: list[tuple[NodeId, list[Envelope]]] = []
+    received: list[Envelope] = []
+    outbox = Outbox(
+        backend.bus, on_undeliverable=lambda n, e: reported.append((n, e)), retry_window=5.0
+    )
+    outbox.put(B, closed(1))
+    await asyncio.sleep(0)
+    outbox.put(B, closed(2))
+    await asyncio.sleep(0.03)  # both reached nobody; later puts wait behind them
+    outbox.put(B, closed(3))
+    async with backend.bus.subscribe(B, lambda payload: received.extend(decode_batch(payload))):
+        await run_until_idle(outbox)
+    assert reported == []
+    assert received == [closed(1), closed(2), closed(3)]
 
 
 async def test_wait_idle_waits_for_the_outcome_not_just_the_send() -> None:

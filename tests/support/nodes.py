@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,7 +51,9 @@ class NodeProcess:
         node_id: str | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        binary: str = BROKER_NODE,
     ) -> None:
+        self.binary = binary
         self.port = port if port is not None else free_port()
         self.redis_url = redis_url
         self.node_id = node_id
@@ -74,7 +77,7 @@ class NodeProcess:
 
     def start(self, *, timeout: float = 15.0, wait_ready: bool = True) -> NodeProcess:
         args = [
-            BROKER_NODE,
+            self.binary,
             "--host",
             "127.0.0.1",
             "--port",
@@ -103,6 +106,15 @@ class NodeProcess:
                 return self
             time.sleep(0.05)
         raise TimeoutError(f"broker-node on {self.port} not {path} in {timeout}s:\n{self.output()}")
+
+    def effective_id(self) -> str:
+        """The id the running node uses in the cluster (its keys, its inbox), from its log:
+        the configured ``node_id`` plus this start's incarnation."""
+        # The log is appended to across restarts: the latest start is the last line.
+        found = re.findall(r"listening on \S+ \(\w+, node (\S+)\)", self.output())
+        if not found:
+            raise LookupError(f"no node id in the log of the node on port {self.port}")
+        return str(found[-1])
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from typing import Any
 
 OP_CONT = 0x0
@@ -77,9 +78,15 @@ class RawClient:
         self.pongs: list[bytes] = []
 
     @classmethod
-    async def connect(cls, port: int, *, after_request: bytes = b"") -> RawClient:
-        """Open a WebSocket; ``after_request`` is written in the same write as the request."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(
+        cls, port: int, *, after_request: bytes = b"", sock: socket.socket | None = None
+    ) -> RawClient:
+        """Open a WebSocket (on ``sock`` when given, already connected); ``after_request`` is
+        written in the same write as the request."""
+        if sock is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        else:
+            reader, writer = await asyncio.open_connection(sock=sock)
         writer.write(handshake_request(port) + after_request)
         async with asyncio.timeout(5):
             response = await reader.readuntil(b"\r\n\r\n")
