@@ -130,6 +130,7 @@ class System:
     homes: list[int] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     unresolved: bool = False
+    observer_id: str = ""
 
     def url_of(self, client: int) -> str:
         return self.urls[self.homes[client]]
@@ -137,10 +138,13 @@ class System:
     async def connect_all(self, count: int) -> None:
         if self.observer is None:
             self.observer = await TracedClient(self.urls[0]).connect()
-            await self.call(self.observer, {"type": "register", "role": OBSERVER_ROLE})
+            reply = await self.call(self.observer, {"type": "register", "role": OBSERVER_ROLE})
+            self.observer_id = reply["connectionId"]
         self.homes = [i % len(self.urls) for i in range(count)]
         self.clients = list(
-            await asyncio.gather(*(TracedClient(self.url_of(i), self.changed).connect() for i in range(count)))
+            await asyncio.gather(
+                *(TracedClient(self.url_of(i), self.changed).connect() for i in range(count))
+            )
         )
         self.generation = [0] * count
         self.marks = [0] * count
@@ -286,11 +290,13 @@ class System:
         await asyncio.gather(*(self._run_program(c, p) for c, p in programs.items()))
         return await self.settle(legal, f"step {programs}")
 
-    async def settle(self, legal: Sequence[Outcome], what: str) -> Outcome:
+    async def settle(
+        self, legal: Sequence[Outcome], what: str, timeout: float = STEP_TIMEOUT
+    ) -> Outcome:
         """Wait until every client observed one of ``legal``; Divergence if none comes."""
         seen: dict[int, list[Expected]] = {}
         try:
-            async with asyncio.timeout(STEP_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 while True:
                     self.changed.clear()
                     seen = self.observed()

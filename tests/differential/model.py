@@ -122,9 +122,7 @@ class Model:
     def live_channels(self) -> list[str]:
         return list(self.channels)
 
-    def run(
-        self, schedule: Sequence[tuple[int, Action]], clients: int
-    ) -> dict[int, Observation]:
+    def run(self, schedule: Sequence[tuple[int, Action]], clients: int) -> dict[int, Observation]:
         """Apply ``schedule`` in order; what each client observes."""
         seen: dict[int, Observation] = {c: [] for c in range(clients)}
         for client, action in schedule:
@@ -146,17 +144,17 @@ class Model:
                 out.append(frame(type="registered", replyTo=tag, connectionId=name))
             case ListByRole(tag=tag, role=role):
                 if me is None:
-                    out.append(
-                        frame(type="list_by_role_failed", replyTo=tag, error=NOT_REGISTERED)
-                    )
+                    out.append(frame(type="list_by_role_failed", replyTo=tag, error=NOT_REGISTERED))
                     return
                 ids = tuple(sorted(n for n, r in self.roles.items() if r == role))
                 out.append(frame(type="connections", replyTo=tag, ids=ids))
             case Open(tag=tag, target=target):
                 if me is None or target not in self.roles:
-                    error = NOT_REGISTERED if me is None else TARGET_NOT_FOUND
+                    reason = NOT_REGISTERED if me is None else TARGET_NOT_FOUND
                     out.append(
-                        frame(type="channel_open_failed", replyTo=tag, targetId=target, error=error)
+                        frame(
+                            type="channel_open_failed", replyTo=tag, targetId=target, error=reason
+                        )
                     )
                     return
                 name = f"chan-{tag}"

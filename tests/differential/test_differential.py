@@ -8,10 +8,12 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from tests.differential.conftest import Loop
 from tests.differential.harness import System
+from tests.differential.known import DIFFERENTIAL_WORKLOAD
 from tests.differential.workload import Workload
 from tests.support.nodes import NodeProcess
 
 
+@DIFFERENTIAL_WORKLOAD
 def test_cluster_and_one_node_answer_alike(
     loop: Loop, standalone: NodeProcess, cluster_nodes: list[NodeProcess]
 ) -> None:

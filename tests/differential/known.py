@@ -1,0 +1,32 @@
+"""The divergences from one node known on the current code, in one place.
+
+Remove a mark with the fix (the marks are strict: a test that starts passing fails until its
+mark goes). The checkers themselves are not weakened. The three divergences of issue 10
+item 1 are fixed on main (tests/integration/test_like_one_node.py) and have no mark here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+#: Found by the differential test: the cluster answers a client's pipelined requests out of
+#: the order they were sent when a later one fails at once (a message on an unknown channel)
+#: and an earlier one waits on the registry or another node (an open, a cross-node close).
+#: One node answers them in request order.
+REPLIES_OUT_OF_REQUEST_ORDER = pytest.mark.xfail(
+    strict=True, reason="replies to pipelined requests come back out of request order"
+)
+
+#: Found by the differential test: a connection on a third node that is not an end of a
+#: channel gets "Channel not found" for `message` and `close` on it (its node does not know
+#: the channel); one node answers "Not authorized for this channel".
+STRANGER_TOLD_CHANNEL_NOT_FOUND = pytest.mark.xfail(
+    strict=True, reason="a non-end on a third node gets 'Channel not found'"
+)
+
+#: The differential workload meets both findings above within a few examples (the CI
+#: profile is derandomized, so the run, and this mark, are repeatable).
+DIFFERENTIAL_WORKLOAD = pytest.mark.xfail(
+    strict=True,
+    reason="the workload finds REPLIES_OUT_OF_REQUEST_ORDER and STRANGER_TOLD_CHANNEL_NOT_FOUND",
+)
