@@ -35,4 +35,13 @@ settings.register_profile("long", max_examples=400, stateful_step_count=40, pare
 
 
 def load() -> None:
-    settings.load_profile(os.environ.get("BROKER_DIFF_PROFILE", "ci"))
+    """The profile named by BROKER_DIFF_PROFILE (``ci`` if unset); BROKER_DIFF_EXAMPLES, if
+    set, overrides its number of examples."""
+    name = os.environ.get("BROKER_DIFF_PROFILE", "ci")
+    examples = os.environ.get("BROKER_DIFF_EXAMPLES")
+    if examples:
+        settings.register_profile(
+            f"{name}-{examples}", settings.get_profile(name), max_examples=int(examples)
+        )
+        name = f"{name}-{examples}"
+    settings.load_profile(name)
