@@ -61,9 +61,6 @@ class Faults(Workload):
     both_ends_close_at_once = None  # type: ignore[assignment]
     messages_race_close = None  # type: ignore[assignment]
     close_races_disconnect = None  # type: ignore[assignment]
-    # Bursts mixing channels meet a divergence of their own (replies out of request order,
-    # found by the differential test); a burst on one channel stays.
-    pipelined_burst = None  # type: ignore[assignment]
 
     def channel_for(self, data: st.DataObject, client: int) -> str:
         """Not a live channel of other clients: a stranger on a third node meets a divergence

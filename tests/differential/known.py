@@ -9,14 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-#: Found by the differential test: the cluster answers a client's pipelined requests out of
-#: the order they were sent when a later one fails at once (a message on an unknown channel)
-#: and an earlier one waits on the registry or another node (an open, a cross-node close).
-#: One node answers them in request order.
-REPLIES_OUT_OF_REQUEST_ORDER = pytest.mark.xfail(
-    strict=True, reason="replies to pipelined requests come back out of request order"
-)
-
 #: Found by the differential test: a connection on a third node that is not an end of a
 #: channel gets "Channel not found" for `message` and `close` on it (its node does not know
 #: the channel); one node answers "Not authorized for this channel".
@@ -24,9 +16,8 @@ STRANGER_TOLD_CHANNEL_NOT_FOUND = pytest.mark.xfail(
     strict=True, reason="a non-end on a third node gets 'Channel not found'"
 )
 
-#: The differential workload meets both findings above within a few examples (the CI
-#: profile is derandomized, so the run, and this mark, are repeatable).
+#: The differential workload meets the finding above within a few examples (the CI profile
+#: is derandomized, so the run, and this mark, are repeatable).
 DIFFERENTIAL_WORKLOAD = pytest.mark.xfail(
-    strict=True,
-    reason="the workload finds REPLIES_OUT_OF_REQUEST_ORDER and STRANGER_TOLD_CHANNEL_NOT_FOUND",
+    strict=True, reason="the workload finds STRANGER_TOLD_CHANNEL_NOT_FOUND"
 )

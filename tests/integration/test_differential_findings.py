@@ -4,53 +4,12 @@ redis-server. Marks from tests/differential/known.py say which ones the code sti
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.differential.known import (
-    REPLIES_OUT_OF_REQUEST_ORDER,
-    STRANGER_TOLD_CHANNEL_NOT_FOUND,
-)
+from tests.differential.known import STRANGER_TOLD_CHANNEL_NOT_FOUND
 from tests.integration.helpers import Cluster
-from tests.support.wire import WireClient
 
 pytestmark = pytest.mark.slow
-
-
-async def pipeline(client: WireClient, requests: list[dict[str, object]]) -> list[int]:
-    """Write the requests back to back without awaiting a reply; the replyTo of each reply,
-    in the order the replies arrive."""
-    assert client.ws is not None
-    ids = []
-    for request in requests:
-        ids.append(client.next_id)
-        await client.ws.send(json.dumps({**request, "id": client.next_id}))
-        client.next_id += 1
-    order: list[int] = []
-    while len(order) < len(ids):
-        frame = await client.recv(timeout=10)
-        if frame.get("replyTo") in ids:
-            order.append(frame["replyTo"])
-    return order
-
-
-@REPLIES_OUT_OF_REQUEST_ORDER
-async def test_pipelined_requests_are_answered_in_the_order_sent(cluster: Cluster) -> None:
-    """One node answers a connection's requests in the order they arrive. A client that
-    writes `open` (to a peer on another node) and then a `message` on a channel that does not
-    exist must get `channel_opened` first, then `channel_message_failed`."""
-    n0, n1 = await cluster.start(2)
-    a, b = await cluster.client(n0, "a"), await cluster.client(n1, "b")
-    assert b.connection_id is not None
-    order = await pipeline(
-        a,
-        [
-            {"type": "open", "targetId": b.connection_id},
-            {"type": "message", "channelId": "no-such-channel", "payload": 1},
-        ],
-    )
-    assert order == sorted(order)
 
 
 @STRANGER_TOLD_CHANNEL_NOT_FOUND
