@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
+from broker_node.admission import parse_networks
 from broker_node.config import Settings
 from broker_node.errors import ConfigurationError
 from broker_node.logs import configure_logging
@@ -32,7 +33,119 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     )
 
 
+# --- hostile input and resource limits (issue 15): each maps to the Settings field of its name
+_LIMIT_OPTIONS: list[Callable[[_F], _F]] = [
+    _option(
+        "--max-json-depth",
+        default=_DEFAULTS.max_json_depth,
+        type=click.IntRange(min=2, max=256),
+        help="Deepest JSON nesting of a frame; deeper ones get their *_failed reply "
+        "(or a 1003 close when too deep to read).",
+    ),
+    _option(
+        "--max-channels-per-connection",
+        default=_DEFAULTS.max_channels_per_connection,
+        type=click.IntRange(min=1),
+        help="Channels one connection may be an end of; past it open fails.",
+    ),
+    _option(
+        "--max-list-page",
+        default=_DEFAULTS.max_list_page,
+        type=click.IntRange(min=1),
+        help="Most ids in one connections reply (list_by_role pages with after).",
+    ),
+    _option(
+        "--max-requests-per-second",
+        default=_DEFAULTS.max_requests_per_second,
+        type=click.FloatRange(min=0),
+        help="Frames per second per connection, bursts of twice that (0: no limit); over "
+        "it the node stops reading that socket for a while.",
+    ),
+    _option(
+        "--max-bytes-per-second",
+        default=_DEFAULTS.max_bytes_per_second,
+        type=click.IntRange(min=0),
+        help="Bytes per second per connection, bursts of twice that (0: no limit); over "
+        "it the node stops reading that socket for a while.",
+    ),
+    _option(
+        "--handshake-timeout",
+        default=_DEFAULTS.handshake_timeout,
+        type=click.FloatRange(min=0.1),
+        help="Seconds a connection has to send its HTTP request; then it is dropped.",
+    ),
+    _option(
+        "--max-header-bytes",
+        default=_DEFAULTS.max_header_bytes,
+        type=click.IntRange(min=1024),
+        help="Bytes of an HTTP request line and headers; larger requests get 431.",
+    ),
+    _option(
+        "--max-connections",
+        default=_DEFAULTS.max_connections,
+        type=click.IntRange(min=1),
+        help="WebSocket clients of this node; further upgrades get 503.",
+    ),
+    _option(
+        "--max-connections-per-ip",
+        default=_DEFAULTS.max_connections_per_ip,
+        type=click.IntRange(min=0),
+        help="WebSocket clients from one address (0: no limit); further upgrades get 429.",
+    ),
+    _option(
+        "--trusted-proxies",
+        default="",
+        callback=lambda _ctx, _param, value: _networks(value),
+        help="Comma-separated addresses or CIDRs of proxies whose X-Forwarded-For / "
+        "X-Real-IP name the client (for --max-connections-per-ip and logs).",
+    ),
+    _option(
+        "--allowed-origins",
+        default="",
+        callback=lambda _ctx, _param, value: _origins(value),
+        help="Comma-separated Origins browsers may connect from (e.g. "
+        "https://app.example.com); others get 403. Empty: any.",
+    ),
+    _option(
+        "--metrics-port",
+        default=None,
+        type=click.IntRange(0, 65535),
+        help="Serve /metrics (and /healthz, /readyz) on this port instead of the client "
+        "port, where /metrics then answers 404.",
+    ),
+    _option(
+        "--metrics-host",
+        default=None,
+        help="Interface of the --metrics-port listener  [default: --host]",
+    ),
+]
+
+
+def _csv(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _networks(value: str | None) -> tuple[str, ...]:
+    items = _csv(value)
+    try:
+        parse_networks(items)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return tuple(items)
+
+
+def _origins(value: str | None) -> tuple[str, ...]:
+    return tuple(item.rstrip("/").lower() for item in _csv(value))
+
+
+def _limit_options(command: _F) -> _F:
+    for option in reversed(_LIMIT_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@_limit_options
 @_option("--host", default=_DEFAULTS.host, help="Interface to listen on.")
 @_option("--port", "-p", default=_DEFAULTS.port, type=click.IntRange(0, 65535), help="Port.")
 @_option(
@@ -133,6 +246,74 @@ def _option(name: str, *aliases: str, **kwargs: Any) -> Callable[[_F], _F]:
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
 )
 @_option("--log-format", default=_DEFAULTS.log_format, type=click.Choice(["text", "json"]))
+# --- authentication (issue 13) ---------------------------------------------------------
+@_option(
+    "--auth-secret",
+    default=None,
+    help="Turn authentication on: HS256 shared secret of the tokens (prefer the env var).",
+)
+@_option(
+    "--auth-public-key",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Turn authentication on: PEM file of the public key (RS256, ES256, EdDSA).",
+)
+@_option(
+    "--auth-jwks",
+    default=None,
+    help="Turn authentication on: JWKS file or http(s) URL, re-read in the background.",
+)
+@_option(
+    "--auth-jwks-refresh",
+    default=_DEFAULTS.auth_jwks_refresh,
+    type=click.FloatRange(min=1),
+    help="Seconds between JWKS refreshes.",
+)
+@_option(
+    "--auth-algorithm",
+    "auth_algorithms",
+    multiple=True,
+    help="Accepted token algorithm (repeat)  [default: HS256 for a secret, "
+    "RS256/ES256/EdDSA for keys; never none]",
+)
+@_option("--auth-audience", default=None, help="Required token aud.")
+@_option("--auth-issuer", default=None, help="Required token iss.")
+@_option(
+    "--auth-leeway",
+    default=_DEFAULTS.auth_leeway,
+    type=click.FloatRange(min=0),
+    help="Seconds of clock skew allowed on exp and nbf.",
+)
+@_option(
+    "--auth-timeout",
+    default=_DEFAULTS.auth_timeout,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a connection may stay without a valid token (then closed with 4001).",
+)
+@_option(
+    "--auth-grace",
+    default=_DEFAULTS.auth_grace,
+    type=click.FloatRange(min=0),
+    help="Seconds a connection may outlive its token without a refresh (then 4001).",
+)
+@_option(
+    "--auth-policy",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="TOML role policy: who may list and open to which roles.",
+)
+@_option(
+    "--auth-query-token",
+    is_flag=True,
+    default=False,
+    help="Also accept ?token= on the URL (for the original JS client; never logged).",
+)
+@_option(
+    "--auth-max-connections-per-user",
+    default=_DEFAULTS.auth_max_connections_per_user,
+    type=click.IntRange(min=0),
+    help="Connections one user (token sub) may hold across the cluster (0: no limit).",
+)
 def main(
     *,
     host: str,
@@ -155,6 +336,20 @@ def main(
     ping_timeout: float,
     log_level: str,
     log_format: str,
+    auth_secret: str | None = None,
+    auth_public_key: str | None = None,
+    auth_jwks: str | None = None,
+    auth_jwks_refresh: float = _DEFAULTS.auth_jwks_refresh,
+    auth_algorithms: tuple[str, ...] = (),
+    auth_audience: str | None = None,
+    auth_issuer: str | None = None,
+    auth_leeway: float = _DEFAULTS.auth_leeway,
+    auth_timeout: float = _DEFAULTS.auth_timeout,
+    auth_grace: float = _DEFAULTS.auth_grace,
+    auth_policy: str | None = None,
+    auth_query_token: bool = False,
+    auth_max_connections_per_user: int = 0,
+    **limits: Any,
 ) -> None:
     """Run one node of the connection broker (standalone without --redis-url)."""
     if heartbeat_interval >= node_ttl:
@@ -182,8 +377,29 @@ def main(
         ping_timeout=ping_timeout,
         log_level=log_level,
         log_format="json" if log_format == "json" else "text",
+        auth_secret=auth_secret or None,
+        auth_public_key=_read_text(auth_public_key),
+        auth_jwks=auth_jwks or None,
+        auth_jwks_refresh=auth_jwks_refresh,
+        auth_algorithms=tuple(auth_algorithms),
+        auth_audience=auth_audience or None,
+        auth_issuer=auth_issuer or None,
+        auth_leeway=auth_leeway,
+        auth_timeout=auth_timeout,
+        auth_grace=auth_grace,
+        auth_policy=auth_policy or None,
+        auth_query_token=auth_query_token,
+        auth_max_connections_per_user=auth_max_connections_per_user,
+        **limits,
     )
     run(settings)
+
+
+def _read_text(path: str | None) -> str | None:
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as file:
+        return file.read()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

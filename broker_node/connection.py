@@ -30,7 +30,9 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
+from broker_node.auth.handshake import RedactTokens, handshake_token, select_subprotocol
 from broker_node.core.actions import Receipt
+from broker_node.core.rate import TokenBucket
 from broker_node.frame_scanner import FAST_PONG, FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
 from shared.codec import CLOSE_POLICY_VIOLATION, decode_request
 from shared.ids import ConnectionId, new_connection_id
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("broker_node.connection")
 _websockets_logger = logging.getLogger("websockets.server")
+# Handshakes are logged at DEBUG with their URL and headers: tokens never reach the log.
+_websockets_logger.addFilter(RedactTokens())
 
 #: Requests of one client waiting behind a registry round trip before reading pauses.
 MAX_BACKLOG: Final = 1024
@@ -60,6 +64,12 @@ _OPEN: Final = State.OPEN
 #: Close code for a client that stopped answering keepalive pings.
 CLOSE_PING_TIMEOUT: Final = 1011
 
+
+#: The answer to an HTTP request that is not a GET websockets can parse.
+_BAD_REQUEST: Final = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 52\r\n"
+    b"Connection: close\r\n\r\nOnly GET: a WebSocket upgrade, /healthz or /readyz.\n"
+)
 
 #: An unmasked server-to-client ping with no payload.
 PING_FRAME: Final = b"\x89\x00"
@@ -86,7 +96,11 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, node: BrokerNode) -> None:
         self.node = node
-        self.ws = ServerProtocol(max_size=node.settings.max_message_size, logger=_websockets_logger)
+        self.ws = ServerProtocol(
+            max_size=node.settings.max_message_size,
+            logger=_websockets_logger,
+            select_subprotocol=select_subprotocol,
+        )
         self.transport: asyncio.Transport | None = None
         self.connection_id: ConnectionId | None = None
         #: Frames not yet handed to the transport (built this loop turn, or waiting while the
@@ -115,6 +129,32 @@ class ClientConnection(asyncio.Protocol):
         #: Splits incoming bytes into frames while the fast path is on; None: websockets
         #: parses everything (see the module docstring).
         self._scanner: FrameScanner | None = None
+        # --- hostile input and resource limits (issue 15)
+        settings = node.settings
+        now = asyncio.get_running_loop().time()
+        self._request_bucket = (
+            TokenBucket(settings.max_requests_per_second, settings.request_burst, now)
+            if settings.max_requests_per_second > 0
+            else None
+        )
+        self._byte_bucket = (
+            TokenBucket(settings.max_bytes_per_second, settings.byte_burst, now)
+            if settings.max_bytes_per_second > 0
+            else None
+        )
+        #: Text frames handled since the request bucket was last charged.
+        self._frames_seen = 0
+        self._rate_timer: asyncio.TimerHandle | None = None
+        #: The TCP peer's address, and the client's (differs behind a trusted proxy).
+        self.peer = ""
+        self.client_ip = ""
+        #: Running until the HTTP request is in; the connection is dropped when it fires.
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        #: Whether this connection counts toward its client address's connections.
+        self.ip_counted = False
+        self._http_answered = False
+        #: The HTTP request gathered until its headers end (None once it is whole).
+        self._head: bytearray | None = bytearray()
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -125,6 +165,11 @@ class ClientConnection(asyncio.Protocol):
         # Anything left in the transport's buffer pauses writing, and resume_writing says when
         # the kernel took all of it: that is when messages are confirmed to their senders.
         transport.set_write_buffer_limits(high=0)
+        peer = transport.get_extra_info("peername")
+        self.peer = self.client_ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.node.settings.handshake_timeout, self._handshake_expired
+        )
         self.node.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -132,10 +177,15 @@ class ClientConnection(asyncio.Protocol):
         if scanner is not None:
             self._receive_frames(scanner, data)
         else:
-            self._receive_via_websockets(data)
+            if self._head is not None:
+                data = self._receive_head(data)
+            if data:
+                self._receive_via_websockets(data)
             if self._websockets_between_frames():
                 self._scanner = FrameScanner(self.node.settings.max_message_size)
         self._write_protocol_data()
+        if self._request_bucket is not None or self._byte_bucket is not None:
+            self._charge(len(data))
 
     def eof_received(self) -> bool | None:
         scanner = self._scanner
@@ -170,6 +220,9 @@ class ClientConnection(asyncio.Protocol):
             receipts = [receipt for _, receipt in self._receipts]
             self._receipts.clear()
             self.node.receipts_unwritten(receipts, handed=True)
+        if self._rate_timer is not None:
+            self._rate_timer.cancel()
+        self._handshake_over()
         self.node.connection_lost(self)
 
     def pause_writing(self) -> None:
@@ -196,17 +249,91 @@ class ClientConnection(asyncio.Protocol):
     # --- HTTP and the handshake -------------------------------------------------------------
 
     def _on_http_request(self, request: HttpRequest) -> None:
+        if self._http_answered:
+            # A pipelined request behind the first: websockets answers one request per
+            # connection and then closes it (answering again would fail an assertion).
+            return
+        self._http_answered = True
+        self._handshake_over()
         if request.headers.get("Upgrade", "").lower() != "websocket":
             self.ws.send_response(self.node.http_response(self.ws, request))
             return
         if self.node.draining:
             self.ws.send_response(self.ws.reject(503, "Node is draining\n"))
             return
+        refusal = self.node.admit(self, request)
+        if refusal is not None:
+            self.ws.send_response(refusal)
+            return
         response = self.ws.accept(request)
         self.ws.send_response(response)
         if response.status_code == 101:
             self.connection_id = new_connection_id()
-            self.node.client_accepted(self, legacy_errors=wants_legacy_errors(request.path))
+            token = None
+            if self.node.auth is not None:
+                token = handshake_token(
+                    request.path,
+                    request.headers,
+                    query_allowed=self.node.settings.auth_query_token,
+                )
+            self.node.client_accepted(
+                self, legacy_errors=wants_legacy_errors(request.path), token=token
+            )
+
+    def _receive_head(self, data: bytes) -> bytes:
+        """Gather the HTTP request; once whole, hand it to websockets alone.
+
+        Websockets parses whatever follows a request as WebSocket frames, even when the
+        request gets a plain HTTP answer: a second, pipelined request would fail that parse
+        and then the answer to the first (an assertion in websockets' ``send_eof``). So the
+        request goes first; the bytes behind it follow only if the upgrade was accepted.
+        Returns the bytes to give websockets now.
+        """
+        head = self._head
+        assert head is not None
+        searched_from = max(len(head) - 3, 0)
+        head += data
+        end = head.find(b"\r\n\r\n", searched_from)
+        limit = self.node.settings.max_header_bytes
+        if end < 0 or end + 4 > limit:
+            if len(head) > limit:
+                self._head = None
+                self.node.limit_reached("header_bytes", self)
+                self._refuse_raw(431, "Request Header Fields Too Large")
+            return b""
+        self._head = None
+        self._receive_via_websockets(bytes(head[: end + 4]))
+        if not self._http_answered and self.transport is not None:
+            # Not a request websockets accepts (another method, a malformed line): it closes
+            # without a word; say why first.
+            self._http_answered = True
+            self._handshake_over()
+            self.transport.write(_BAD_REQUEST)
+        rest = bytes(head[end + 4 :])
+        return rest if rest and self.ws.state is _OPEN else b""
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.closed:
+            self.node.limit_reached("handshake_timeout", self)
+            self.abort()
+
+    def _handshake_over(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self.node.handshake_over(self)
+
+    def _refuse_raw(self, status: int, reason: str) -> None:
+        # Websockets holds a request it has not finished parsing: answer without it.
+        self._handshake_over()
+        if self.transport is not None and not self.closed:
+            body = f"{reason}\n".encode()
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+            )
+            self.transport.close()
 
     # --- frames in --------------------------------------------------------------------------
 
@@ -294,18 +421,25 @@ class ClientConnection(asyncio.Protocol):
         cid = self.connection_id
         if cid is None or self.closed or self.ws.state is not State.OPEN:
             return
-        request = decode_request(data)
+        self._frames_seen += 1
+        request = decode_request(data, self.node.settings.max_json_depth)
         if self._backlog:
             self._enqueue(request)
             return
-        # message and close never wait for the registry: decide and execute right here.
+        # message and close on a channel this node holds never wait for the registry: decide
+        # and execute right here.
         kind = type(request)
-        if kind is Message:
-            self.node.execute(self.node.core.message(cid, request))  # type: ignore[arg-type]
-        elif kind is Close:
-            self.node.execute(self.node.core.close(cid, request))  # type: ignore[arg-type]
-        else:
-            self._enqueue(request)
+        if kind is Message or kind is Close:
+            node = self.node
+            core = node.core
+            channel_id: str = request.channelId  # type: ignore[union-attr]
+            if node.standalone or core.knows_channel(cid, channel_id):
+                if kind is Message:
+                    node.execute(core.message(cid, request))  # type: ignore[arg-type]
+                else:
+                    node.execute(core.close(cid, request))  # type: ignore[arg-type]
+                return
+        self._enqueue(request)
 
     def _enqueue(self, request: Request | Rejection) -> None:
         # Requests after one that waits for the registry wait too: replies keep request order
@@ -337,6 +471,36 @@ class ClientConnection(asyncio.Protocol):
                     self.resume_reading("backlog")
         finally:
             self._worker = None
+
+    # --- rate limits: over the rate, the socket is not read until the debt is paid -------
+
+    def _charge(self, size: int) -> None:
+        # Reading pauses rather than answering each request over the limit with an error:
+        # TCP backpressure slows the client down, and no error storm goes back to it.
+        now = asyncio.get_running_loop().time()
+        wait = 0.0
+        limit = ""
+        if self._byte_bucket is not None:
+            wait = self._byte_bucket.take(size, now)
+            limit = "bytes_rate"
+        if self._request_bucket is not None and self._frames_seen:
+            requests_wait = self._request_bucket.take(self._frames_seen, now)
+            self._frames_seen = 0
+            if requests_wait > wait:
+                wait, limit = requests_wait, "requests_rate"
+        if wait > 0 and self._rate_timer is None and not self.closed:
+            self.node.limit_reached(limit, self)
+            self.pause_reading("rate")
+            self._rate_timer = asyncio.get_running_loop().call_later(wait, self._rate_lifted)
+
+    def add_request_cost(self, requests: int) -> None:
+        """Count a costly request as ``requests`` more against the rate (at the next read)."""
+        if self._request_bucket is not None:
+            self._frames_seen += requests
+
+    def _rate_lifted(self) -> None:
+        self._rate_timer = None
+        self.resume_reading("rate")
 
     # --- reading paused and resumed --------------------------------------------------------
 

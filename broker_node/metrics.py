@@ -6,10 +6,11 @@ No per-connection or per-role label exists.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -136,6 +137,32 @@ class NodeCollector(Collector):
             "Times a node holding a channel peer was found gone.",
             value=stats.lost_nodes,
         )
+        # --- hostile input and resource limits (issue 15, issue 11 item 3)
+        yield CounterMetricFamily(
+            "broker_bus_envelopes_dropped",
+            "Bus envelopes that could not be decoded, dropped alone (the rest of the batch "
+            "was handled).",
+            value=stats.bus_envelopes_dropped,
+        )
+        yield GaugeMetricFamily(
+            "broker_asyncio_tasks",
+            "asyncio tasks alive in the node's event loop (flat under steady load).",
+            value=_task_count(),
+        )
+        yield GaugeMetricFamily(
+            "broker_handshaking_sockets",
+            "TCP connections still in their HTTP handshake.",
+            value=node.handshaking_count,
+        )
+        limited = CounterMetricFamily(
+            "broker_limit_refusals",
+            "Requests refused, connections refused or closed, and sockets paused at a "
+            "configured limit, by limit.",
+            labels=["limit"],
+        )
+        for limit, count in sorted(stats.limit_refusals.items()):
+            limited.add_metric([limit], count)
+        yield limited
         yield GaugeMetricFamily("broker_ready", "1 when /readyz answers 200.", value=node.ready)
         yield GaugeMetricFamily("broker_draining", "1 while draining.", value=node.draining)
         yield GaugeMetricFamily(
@@ -154,11 +181,35 @@ class NodeCollector(Collector):
         )
         info.add_metric([node.node_id, node_name(node.node_id)], 1)
         yield info
+        # Authentication (issue 13).
+        refusals = CounterMetricFamily(
+            "broker_token_refusals", "Tokens refused, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(stats.token_refusals.items()):
+            refusals.add_metric([reason], count)
+        yield refusals
+        auth_closes = CounterMetricFamily(
+            "broker_auth_closes",
+            "Connections closed by authentication (timeout, expired, revoked, invalid_token).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.auth_closes.items()):
+            auth_closes.add_metric([reason], count)
+        yield auth_closes
+
+
+def _task_count() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # pragma: no cover - scraped outside the loop (tests)
+        return 0
 
 
 def metrics_registry(node: BrokerNode) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
+    # process_resident_memory_bytes, process_open_fds, ... (Linux /proc): for soak runs.
+    ProcessCollector(registry=registry)
     return registry
 
 

@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable
 from typing import Final, TypeVar
 
-import msgspec
 from websockets.exceptions import PayloadTooBig
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
+from broker_node.admission import client_address, origin_allowed, parse_networks
+from broker_node.auth.identity import TokenRefusal
+from broker_node.auth.service import NodeAuth
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
@@ -37,17 +40,17 @@ from broker_node.core.actions import (
     ResumeReading,
     Send,
 )
-from broker_node.core.broker import REGISTRY_UNAVAILABLE, BrokerCore
+from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore
 from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
-from broker_node.health import http_response
+from broker_node.health import http_response, serve_metrics_connection
 from broker_node.metrics import metrics_registry
 from broker_node.outbox import Outbox
 from broker_node.supervisor import Supervisor
 from shared.codec import CLOSE_GOING_AWAY, Rejection
 from shared.ids import ChannelId, ConnectionId, NodeId, node_name
-from shared.messages import Close, ListByRole, Message, Open, Register, Request
+from shared.messages import Close, ListByRole, Message, Open, Refresh, Register, Request
 
 logger = logging.getLogger("broker_node.node")
 
@@ -70,6 +73,13 @@ MAX_CLOSED_RETRY: Final = 10_000
 CLOSED_ATTEMPTS: Final = 3
 #: Close code for clients of a node that was reaped while it could not reach Redis.
 CLOSE_SERVICE_RESTART: Final = 1012
+#: A condition met again and again (refusals at a limit, dropped envelopes) is logged at most
+#: once per this many seconds; the counters in /metrics hold every occurrence.
+LIMIT_LOG_INTERVAL: Final = 10.0
+#: How many ids of a list_by_role reply weigh as much as one request against the rate limit.
+LIST_IDS_PER_REQUEST: Final = 50
+#: File descriptors kept for Redis connections, the listeners, logs and the like.
+FD_RESERVE: Final = 32
 
 
 class BrokerNode:
@@ -80,7 +90,16 @@ class BrokerNode:
         self.node_id: NodeId = settings.node_id
         self.backend = backend if backend is not None else create_backend(settings)
         self.registry = self.backend.registry
+        self.standalone = self.backend.standalone
         self.stats = NodeStats()
+        # Authentication (issue 13): off (the original protocol) unless a key is configured.
+        self.node_auth = NodeAuth(settings, self.node_id)
+        self.auth = self.node_auth.setup
+        auth_rules = None
+        if self.auth is not None:
+            auth_rules = AuthRules(
+                self.auth.policy, timeout=settings.auth_timeout, grace=settings.auth_grace
+            )
         self.core = BrokerCore(
             self.node_id,
             max_role_length=settings.max_role_length,
@@ -90,6 +109,10 @@ class BrokerNode:
             stats=self.stats,
             first_seq=time.time_ns() // 1000,
             max_unconfirmed_bytes=settings.unconfirmed_bytes_bound,
+            auth=auth_rules,
+            wall_clock=time.time,
+            max_channels=settings.max_channels_per_connection,
+            list_page_size=settings.max_list_page,
         )
         self.outbox = Outbox(
             self.backend.bus,
@@ -128,6 +151,15 @@ class BrokerNode:
         self._closed_attempts: dict[tuple[NodeId, Closed], int] = {}
         self._stopped = asyncio.Event()
         self._no_sockets = asyncio.Event()
+        # --- hostile input and resource limits (issue 15)
+        self._dropped_logged_at = -LIMIT_LOG_INTERVAL
+        self._limit_logged_at: dict[str, float] = {}
+        #: Sockets still in their HTTP handshake, oldest first.
+        self._handshaking: dict[ClientConnection, None] = {}
+        self._ip_connections: Counter[str] = Counter()
+        self._trusted_proxies = parse_networks(settings.trusted_proxies)
+        self._socket_budget = _socket_budget()
+        self.metrics_server: asyncio.Server | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -137,6 +169,11 @@ class BrokerNode:
         self.supervisor.start("expiry", self._expiry_loop)
         if self.settings.ping_interval > 0:
             self.supervisor.start("keepalive", self._keepalive_loop)
+        await self.node_auth.start(
+            self.supervisor,
+            check_tokens=lambda: self.execute(self.core.check_tokens()),
+            on_revoked=lambda: self.execute(self.core.revoke(self.node_auth.is_revoked)),
+        )
         if not self.backend.standalone:
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
@@ -156,6 +193,14 @@ class BrokerNode:
         sockets = self.server.sockets
         if sockets:
             self.port = int(sockets[0].getsockname()[1])
+        if self.settings.metrics_port is not None:
+            self.metrics_server = await asyncio.start_server(
+                lambda reader, writer: serve_metrics_connection(self, reader, writer),
+                self.settings.metrics_host or self.settings.host,
+                self.settings.metrics_port,
+                reuse_address=True,
+                limit=self.settings.max_header_bytes,
+            )
         self.started = True
         mode = "standalone" if self.backend.standalone else "cluster"
         logger.info(
@@ -189,9 +234,12 @@ class BrokerNode:
             logger.warning("drain timed out after %.1fs", self.settings.drain_timeout)
         if self.server is not None:
             self.server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         for sock in list(self.sockets):
             sock.abort()
         await self.supervisor.stop()
+        await self.node_auth.aclose()
         await self.backend.aclose()
         logger.info("stopped")
 
@@ -264,27 +312,88 @@ class BrokerNode:
 
     def connection_opened(self, sock: ClientConnection) -> None:
         self.sockets.add(sock)
+        self._handshaking[sock] = None
+        if self._socket_budget is not None and len(self.sockets) > self._socket_budget:
+            # Short of file descriptors: the oldest socket still in its handshake goes (often
+            # a silent or dripping one), so that /healthz and real clients still get in.
+            self.limit_reached("file_descriptors", sock)
+            oldest = next(iter(self._handshaking))
+            self.handshake_over(oldest)
+            oldest.abort()
 
-    def client_accepted(self, sock: ClientConnection, *, legacy_errors: bool) -> None:
+    @property
+    def handshaking_count(self) -> int:
+        return len(self._handshaking)
+
+    def handshake_over(self, sock: ClientConnection) -> None:
+        self._handshaking.pop(sock, None)
+
+    def admit(self, sock: ClientConnection, request: HttpRequest) -> Response | None:
+        """Refuse a WebSocket upgrade at a limit (before any state is made), or None."""
+        settings = self.settings
+        headers = request.headers
+        if not origin_allowed(headers, settings.allowed_origins):
+            self.limit_reached("origin", sock)
+            return sock.ws.reject(403, "Origin not allowed\n")
+        if len(self.clients) >= settings.max_connections:
+            self.limit_reached("connections", sock)
+            return sock.ws.reject(503, "Node is at its connection limit; try another\n")
+        sock.client_ip = client_address(sock.peer, headers, self._trusted_proxies)
+        per_ip = settings.max_connections_per_ip
+        if per_ip and self._ip_connections[sock.client_ip] >= per_ip:
+            self.limit_reached("connections_per_ip", sock)
+            return sock.ws.reject(429, "Too many connections from this address\n")
+        return None
+
+    def client_accepted(
+        self, sock: ClientConnection, *, legacy_errors: bool, token: str | None = None
+    ) -> None:
         assert sock.connection_id is not None
         self._accepted += 1
         sock.keepalive_slice = self._accepted % KEEPALIVE_SLICES
+        self._ip_connections[sock.client_ip] += 1
+        sock.ip_counted = True
         self.clients[sock.connection_id] = sock
         self.core.connect(sock.connection_id, legacy_errors=legacy_errors)
+        verified = self.node_auth.verify(token)
+        if verified is not None:
+            self.execute(self.core.authenticated(sock.connection_id, verified))
 
     def client_closing(self, sock: ClientConnection) -> None:
         cid = sock.connection_id
         if cid is not None and self.clients.get(cid) is sock:
             del self.clients[cid]
+            self.node_auth.drop_slot(cid)
             self.execute(self.core.disconnect(cid))
 
     def connection_lost(self, sock: ClientConnection) -> None:
         self.sockets.discard(sock)
+        self._handshaking.pop(sock, None)
+        if sock.ip_counted:
+            sock.ip_counted = False
+            left = self._ip_connections[sock.client_ip] - 1
+            if left > 0:
+                self._ip_connections[sock.client_ip] = left
+            else:
+                del self._ip_connections[sock.client_ip]
         if not self.sockets:
             self._no_sockets.set()
         if isinstance(sock.ws.parser_exc, PayloadTooBig):
             self.bad_frame("too_big")
         self.client_closing(sock)
+
+    def limit_reached(self, limit: str, sock: ClientConnection | None = None) -> None:
+        """Count a refusal or pause at ``limit``; logged at most once per interval."""
+        self.stats.limit_refusals[limit] += 1
+        now = time.monotonic()
+        if now - self._limit_logged_at.get(limit, -LIMIT_LOG_INTERVAL) >= LIMIT_LOG_INTERVAL:
+            self._limit_logged_at[limit] = now
+            logger.warning(
+                "limit %s reached (%d times so far%s)",
+                limit,
+                self.stats.limit_refusals[limit],
+                f", e.g. by {sock.peer}" if sock is not None and sock.peer else "",
+            )
 
     def bad_frame(self, kind: str) -> None:
         self.stats.bad_frames[kind] += 1
@@ -363,23 +472,51 @@ class BrokerNode:
         if not core.is_connected(cid):
             return
         if isinstance(request, Message):
-            self.execute(core.message(cid, request))
+            elsewhere = await self._open_elsewhere(cid, request.channelId)
+            if elsewhere is not None:
+                self.execute(core.message(cid, request, elsewhere=elsewhere))
+            else:
+                self.execute(core.fail_on_channel(cid, "message", request, REGISTRY_UNAVAILABLE))
         elif isinstance(request, Close):
-            self.execute(core.close(cid, request))
+            elsewhere = await self._open_elsewhere(cid, request.channelId)
+            if elsewhere is not None:
+                self.execute(core.close(cid, request, elsewhere=elsewhere))
+            else:
+                self.execute(core.fail_on_channel(cid, "close", request, REGISTRY_UNAVAILABLE))
         elif isinstance(request, Register):
             await self._register(cid, request)
         elif isinstance(request, ListByRole):
             await self._list_by_role(cid, request)
         elif isinstance(request, Open):
             await self._open(cid, request)
+        elif isinstance(request, Refresh):
+            verified = self.node_auth.verify(request.token)
+            self.execute(core.refresh(cid, request, verified if verified is not None else _NO_AUTH))
         else:
             self.bad_frame(_rejection_kind(request))
             self.execute(core.reject(cid, request))
 
+    async def _open_elsewhere(self, cid: ConnectionId, channel_id: str) -> bool | None:
+        """For a channel this node does not hold: is it open on other nodes? (A connection
+        that is not one of its ends is then "not authorized", as on one node, rather than told
+        the channel does not exist.) None when the registry cannot say."""
+        if self.backend.standalone or self.core.knows_channel(cid, channel_id):
+            return False
+        try:
+            return await self._registry_call(
+                "channel_exists", self.registry.channel_exists(ChannelId(channel_id))
+            )
+        except BackendUnavailable:
+            return None
+
     async def _register(self, cid: ConnectionId, request: Register) -> None:
-        plan = self.core.begin_register(cid, request)
+        plan = self.core.begin_register(cid, request, self.node_auth.verify(request.token))
         if isinstance(plan, list):
             self.execute(plan)
+            return
+        limit_error = await self.node_auth.take_slot(cid, self.core.identity_of(cid))
+        if limit_error is not None:
+            self.execute(self.core.finish_register(cid, request, limit_error))
             return
         error = None
         self._writing_connections.add(cid)
@@ -394,6 +531,8 @@ class BrokerNode:
             self._writing_connections.discard(cid)
         if error is None and not self.core.is_connected(cid):
             self._forget(ForgetConnection(plan))
+        if error is not None or not self.core.is_connected(cid):
+            self.node_auth.drop_slot(cid)
         self.execute(self.core.finish_register(cid, request, error))
 
     async def _list_by_role(self, cid: ConnectionId, request: ListByRole) -> None:
@@ -407,6 +546,12 @@ class BrokerNode:
                 "list_by_role", self.registry.list_by_role(request.role)
             )
         self.execute(self.core.finish_list(cid, request, ids))
+        client = self.clients.get(cid)
+        if ids and client is not None:
+            # A reply of many ids costs the node and Redis far more than one request: it
+            # counts as one request per LIST_IDS_PER_REQUEST ids against the client's rate.
+            page = min(len(ids), self.settings.max_list_page, request.limit or len(ids))
+            client.add_request_cost(page // LIST_IDS_PER_REQUEST)
 
     async def _open(self, cid: ConnectionId, request: Open) -> None:
         core = self.core
@@ -468,8 +613,22 @@ class BrokerNode:
     def _forget(self, action: ForgetChannel | ForgetConnection) -> None:
         # No bound: the queue holds at most one entry per connection and channel this node
         # had, and the writer takes it in batches.
+        if (
+            type(action) is ForgetConnection
+            and action.then
+            and (self.draining or not self.backend_up)
+        ):
+            # Leaving (the node's entries go with it) or Redis away (the removal waits for a
+            # resync): the notices must not wait for that.
+            self.execute(list(action.then))
+            action = ForgetConnection(action.record)
         self._registry_backlog.append(action)
         self._registry_wake.set()
+
+    def _notify_forgotten(self, batch: list[ForgetChannel | ForgetConnection]) -> None:
+        for action in batch:
+            if type(action) is ForgetConnection and action.then:
+                self.execute(list(action.then))
 
     async def _registry_writer_loop(self) -> None:
         backlog = self._registry_backlog
@@ -492,8 +651,10 @@ class BrokerNode:
                 except BackendUnavailable:
                     # Whatever is still queued is not live either: the resync, once the
                     # backend is back, removes it with every other entry that is not live.
+                    batch += backlog
                     backlog.clear()
                     self._registry_dirty = True
+                self._notify_forgotten(batch)
 
     # --- the bus ----------------------------------------------------------------------------
 
@@ -522,13 +683,25 @@ class BrokerNode:
                 failures += 1
 
     def _on_bus_payload(self, payload: bytes) -> None:
-        try:
-            envelopes = decode_batch(payload)
-        except msgspec.DecodeError:
-            logger.warning("dropped an unreadable bus payload (%d bytes)", len(payload))
-            return
+        envelopes, dropped = decode_batch(payload)
+        if dropped:
+            # The others of the batch are still handled. Logged at most once per interval:
+            # a flood of bad envelopes must not flood the log (the counter has them all).
+            self.stats.bus_envelopes_dropped += dropped
+            self._log_dropped_envelopes(dropped, len(payload))
         self.stats.bus_batches_in += 1
         self.execute(self.core.on_bus(envelopes))
+
+    def _log_dropped_envelopes(self, dropped: int, size: int) -> None:
+        now = time.monotonic()
+        if now - self._dropped_logged_at >= LIMIT_LOG_INTERVAL:
+            self._dropped_logged_at = now
+            logger.warning(
+                "dropped %d undecodable bus envelope(s) of a %d-byte payload (%d so far)",
+                dropped,
+                size,
+                self.stats.bus_envelopes_dropped,
+            )
 
     def _undeliverable(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
         """``node_id`` did not listen on its inbox for a whole retry window."""
@@ -748,6 +921,7 @@ class BrokerNode:
         for client in list(self.clients.values()):
             client.close(CLOSE_SERVICE_RESTART, "Node was reaped; reconnect")
         # What the reaper removed must not come back: drop queued removals and start empty.
+        self._notify_forgotten(list(self._registry_backlog))
         self._registry_backlog.clear()
         self._registry_dirty = False
         await self._registry_call(
@@ -755,9 +929,23 @@ class BrokerNode:
         )
 
 
+#: What a refresh is checked against on a node without authentication (the core refuses it).
+_NO_AUTH: Final = TokenRefusal("authentication is off")
+
+
+def _socket_budget() -> int | None:
+    """Client sockets this process can hold, keeping some descriptors for everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft - FD_RESERVE, 1)
+
+
 def _rejection_kind(rejection: Rejection) -> str:
     from shared.codec import CLOSE_INVALID_DATA, CloseConnection, ErrorReply, FailedReply
 
+    if rejection.kind is not None:
+        return rejection.kind
     if isinstance(rejection, FailedReply):
         return "bad_fields"
     if isinstance(rejection, ErrorReply):

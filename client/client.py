@@ -26,6 +26,13 @@ Theory of operation
   and stopping the reader would stall every other channel and request on the connection.
   Incoming channels with no ``on_incoming_channel`` wait in a buffer of ``incoming_buffer``
   channels for ``incoming_channels()``; when it is full a new channel is refused (closed).
+* **Tokens** (brokers with authentication on): ``token=`` a string, or a function (sync or
+  async) returning one. A function is called on every connection attempt, so each reconnect
+  registers with a fresh token; when the broker says when the token expires, the function is
+  called again before that (at ``token_refresh_ratio`` of the lifetime) and the new token is
+  sent in a ``refresh`` request on the same connection. A refresh belongs to the connection it
+  was started on and ends with it, so a late token never lands on a newer connection. A close
+  with 4003 ("token invalid") stops reconnecting; 4001 ("reconnect with a new token") does not.
 * **Callbacks** run on the reader task, in frame order, and must not block. A callback may be
   a coroutine function: its coroutine is run as a task the client tracks and cancels in
   ``close()``. Exceptions raised by callbacks are logged and never break the connection.
@@ -77,10 +84,12 @@ from client.session import (
     RequestRejected,
     RequestSucceeded,
     Session,
+    TokenRefreshed,
     Violation,
     encode_payload,
 )
 from shared.ids import ChannelId, ConnectionId
+from shared.messages import CLOSE_TOKEN_INVALID
 
 __all__ = ["BrokerClient", "Channel"]
 
@@ -92,9 +101,13 @@ T = TypeVar("T")
 Callback0 = Callable[[], object]
 MessageCallback = Callable[[Any], object]
 ChannelCallback = Callable[["Channel"], object]
+#: A token, or what gives one (called on every connection attempt and before expiry).
+TokenSource = str | Callable[[], str | Awaitable[str]]
 
 DEFAULT_CHANNEL_BUFFER: Final = 1024
 DEFAULT_INCOMING_BUFFER: Final = 256
+#: The shortest wait before a token refresh.
+MIN_REFRESH_DELAY: Final = 1.0
 #: How long ``close()`` waits for the WebSocket closing handshake before dropping the TCP link.
 CLOSE_TIMEOUT: Final = 2.0
 
@@ -341,6 +354,9 @@ class _Link:
         self.channels: dict[ChannelId, Channel] = {}
         self.futures: dict[int, asyncio.Future[ReplyValue | Channel]] = {}
         self.ended = asyncio.Event()
+        #: The close code the broker sent, once the connection ended.
+        self.close_code: int | None = None
+        self.refresher: asyncio.Task[None] | None = None
         self.reader = asyncio.create_task(self._read(), name=f"broker-client-reader {client.url}")
 
     async def request(self, request: OutgoingRequest, operation: str) -> ReplyValue | Channel:
@@ -403,6 +419,7 @@ class _Link:
                     log.exception("error while handling a broker frame")
         except ConnectionClosed as exc:
             log.info("connection to %s closed: %s", self.client.url, exc)
+            self.close_code = exc.rcvd.code if exc.rcvd is not None else None
         except Exception:
             log.exception("reader of %s failed", self.client.url)
         finally:
@@ -456,6 +473,8 @@ class _Link:
         return channel
 
     def _end(self) -> None:
+        if self.refresher is not None:
+            self.refresher.cancel()
         ending = self.session.connection_lost()
         for request_id in ending.failed_requests:
             future = self.futures.get(request_id)
@@ -498,6 +517,8 @@ class BrokerClient:
         on_disconnected: Callback0 | None = None,
         on_incoming_channel: ChannelCallback | None = None,
         connect_options: Mapping[str, Any] | None = None,
+        token: TokenSource | None = None,
+        token_refresh_ratio: float = 0.8,
     ) -> None:
         try:
             parse_uri(url)
@@ -507,6 +528,8 @@ class BrokerClient:
             raise ValueError("timeouts must be positive")
         if channel_buffer < 1 or incoming_buffer < 1:
             raise ValueError("buffers must hold at least one item")
+        if not 0 < token_refresh_ratio < 1:
+            raise ValueError("token_refresh_ratio must be between 0 and 1")
         full_jitter(backoff_base, backoff_cap)  # validates now rather than on the first drop
         self.url = url
         self.role = role
@@ -521,6 +544,8 @@ class BrokerClient:
         self.on_disconnected = on_disconnected
         self._on_incoming_channel = on_incoming_channel
         self._connect_options: dict[str, Any] = dict(connect_options or {})
+        self._token = token
+        self.token_refresh_ratio = token_refresh_ratio
         self._link: _Link | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._connect_lock = asyncio.Lock()
@@ -616,11 +641,22 @@ class BrokerClient:
     # --- operations -----------------------------------------------------------------------
 
     async def list_by_role(self, role: str) -> list[ConnectionId]:
-        """Every live connection registered with ``role``, on every node."""
-        link = self._require_link()
-        result = await link.request(link.session.list_by_role(role), "list_by_role")
-        assert isinstance(result, Listed)
-        return result.ids
+        """Every live connection registered with ``role``, on every node.
+
+        A node answers at most a page of ids (1,000 by default), sorted, saying when more
+        follow; the pages are requested one after another and joined here.
+        """
+        ids: list[ConnectionId] = []
+        after: str | None = None
+        while True:
+            link = self._require_link()
+            request = link.session.list_by_role(role, after=after)
+            result = await link.request(request, "list_by_role")
+            assert isinstance(result, Listed)
+            ids += result.ids
+            if not result.more or not result.ids:
+                return ids
+            after = result.ids[-1]
 
     async def open_channel(self, target_id: str) -> Channel:
         """Open a channel to the connection ``target_id``; it gets an incoming channel.
@@ -674,12 +710,48 @@ class BrokerClient:
             raise ConnectFailed(self.url, str(exc) or type(exc).__name__) from exc
         link = _Link(self, ws)
         try:
-            result = await link.request(link.session.register(self.role), "register")
+            token = await self._fresh_token()
+            result = await link.request(link.session.register(self.role, token), "register")
         except BaseException:
             await link.close()
             raise
         assert isinstance(result, RegisteredAs)
+        self._schedule_refresh(link, result.expires_in)
         return link
+
+    async def _fresh_token(self) -> str | None:
+        source = self._token
+        if source is None or isinstance(source, str):
+            return source
+        token = source()
+        if inspect.isawaitable(token):
+            token = await token
+        return token
+
+    def _schedule_refresh(self, link: _Link, expires_in: int | None) -> None:
+        if expires_in is None or self._token is None or isinstance(self._token, str):
+            return
+        link.refresher = asyncio.create_task(
+            # At least a second apart: a token that is (nearly) expired when it arrives
+            # must not make the client ask for tokens in a tight loop.
+            self._refresh_later(
+                link, max(MIN_REFRESH_DELAY, expires_in * self.token_refresh_ratio)
+            ),
+            name=f"broker-client-refresh {self.url}",
+        )
+
+    async def _refresh_later(self, link: _Link, delay: float) -> None:
+        # Runs on the connection it was made for and is cancelled when that one ends.
+        await asyncio.sleep(delay)
+        try:
+            token = await self._fresh_token()
+            assert token is not None
+            result = await link.request(link.session.refresh(token), "refresh")
+        except (BrokerError, OSError) as exc:
+            log.warning("token refresh with %s failed: %s", self.url, exc)
+            return
+        assert isinstance(result, TokenRefreshed)
+        self._schedule_refresh(link, result.expires_in)
 
     def _adopt(self, link: _Link) -> None:
         if link.ended.is_set():  # dropped between registering and here
@@ -719,12 +791,15 @@ class BrokerClient:
             except asyncio.CancelledError:
                 raise
             except RequestFailed as exc:
-                # register_failed: the broker refuses our role; retrying cannot help.
-                log.error("broker %s refused registration: %s", self.url, exc)
-                if not first.done():
-                    first.set_exception(exc)
-                self._incoming_inbox.close()
-                return
+                if self._token_may_be_renewed(exc):
+                    log.warning("broker %s: token expired; retrying with a new one", self.url)
+                else:
+                    # register_failed: the broker refuses our role; retrying cannot help.
+                    log.error("broker %s refused registration: %s", self.url, exc)
+                    if not first.done():
+                        first.set_exception(exc)
+                    self._incoming_inbox.close()
+                    return
             except Exception as exc:
                 log.warning("connecting to %s failed: %s", self.url, exc)
             else:
@@ -732,11 +807,18 @@ class BrokerClient:
                     first.set_result(None)
                 started = loop.time()
                 await link.ended.wait()
+                if link.close_code == CLOSE_TOKEN_INVALID:
+                    log.error("broker %s: token invalid or revoked; not reconnecting", self.url)
+                    self._incoming_inbox.close()
+                    return
                 if loop.time() - started >= self.backoff_cap:
                     delays = full_jitter(self.backoff_base, self.backoff_cap)
             delay = next(delays)
             log.info("reconnecting to %s in %.2f s", self.url, delay)
             await asyncio.sleep(delay)
+
+    def _token_may_be_renewed(self, exc: RequestFailed) -> bool:
+        return callable(self._token) and "Invalid token: expired" in str(exc)
 
     async def _stop_supervisor(self) -> None:
         supervisor, self._supervisor = self._supervisor, None

@@ -67,6 +67,9 @@ from shared.messages import (
     ListByRoleFailed,
     Message,
     Open,
+    Refresh,
+    Refreshed,
+    RefreshFailed,
     Register,
     Registered,
     RegisterFailed,
@@ -93,11 +96,12 @@ __all__ = [
     "Sent",
     "Session",
     "SessionState",
+    "TokenRefreshed",
     "Violation",
     "encode_payload",
 ]
 
-RequestKind = Literal["register", "list_by_role", "open", "message", "close"]
+RequestKind = Literal["register", "list_by_role", "open", "message", "close", "refresh"]
 
 #: ``reply_type`` of a rejection the session made up: the reply did not fit the request.
 UNEXPECTED_REPLY: Final = "unexpected_reply"
@@ -129,11 +133,22 @@ class OutgoingRequest:
 @dataclass(frozen=True, slots=True)
 class RegisteredAs:
     connection_id: ConnectionId
+    #: Seconds until the token expires, when the broker requires one.
+    expires_in: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRefreshed:
+    """The broker took the new token; it expires in ``expires_in`` seconds."""
+
+    expires_in: int | None
 
 
 @dataclass(frozen=True, slots=True)
 class Listed:
     ids: list[ConnectionId]
+    #: More ids follow (a node caps its page size): ask again ``after`` the last one.
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +167,7 @@ class Closed:
     channel_id: ChannelId
 
 
-ReplyValue = RegisteredAs | Listed | Opened | Sent | Closed
+ReplyValue = RegisteredAs | Listed | Opened | Sent | Closed | TokenRefreshed
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +273,7 @@ _SUCCESS_TYPE: Final[dict[RequestKind, str]] = {
     "open": "channel_opened",
     "message": "channel_message_sent",
     "close": "channel_closed",
+    "refresh": "refreshed",
 }
 
 
@@ -291,17 +307,25 @@ class Session:
 
     # --- requests -------------------------------------------------------------------------
 
-    def register(self, role: str) -> OutgoingRequest:
+    def register(self, role: str, token: str | None = None) -> OutgoingRequest:
         if self.state is not SessionState.NEW:
             raise RuntimeError(f"register() in state {self.state.value}")
         self.state = SessionState.REGISTERING
         request_id = self._take_id("register")
-        return OutgoingRequest(request_id, "register", encode(Register(id=request_id, role=role)))
+        frame = encode(Register(id=request_id, role=role, token=token))
+        return OutgoingRequest(request_id, "register", frame)
 
-    def list_by_role(self, role: str) -> OutgoingRequest:
+    def refresh(self, token: str) -> OutgoingRequest:
+        """A ``refresh`` request carrying a new token for the same user."""
+        self._require_ready()
+        request_id = self._take_id("refresh")
+        return OutgoingRequest(request_id, "refresh", encode(Refresh(id=request_id, token=token)))
+
+    def list_by_role(self, role: str, *, after: str | None = None) -> OutgoingRequest:
+        """A ``list_by_role`` request; ``after``: the page after that id (paging)."""
         self._require_ready()
         request_id = self._take_id("list_by_role")
-        frame = encode(ListByRole(id=request_id, role=role))
+        frame = encode(ListByRole(id=request_id, role=role, after=after))
         return OutgoingRequest(request_id, "list_by_role", frame)
 
     def open_channel(self, target_id: str) -> OutgoingRequest:
@@ -399,9 +423,12 @@ class Session:
                 | ChannelOpenFailed()
                 | ChannelMessageFailed()
                 | ChannelCloseFailed()
+                | RefreshFailed()
             ):
                 return self._failure(message.replyTo, _tag(message), message.error)
-            case Registered() | Connections() | ChannelOpened() | ChannelMessageSent():
+            case (
+                Registered() | Connections() | ChannelOpened() | ChannelMessageSent() | Refreshed()
+            ):
                 return self._success(message.replyTo, message)
             case ChannelClosedReply():
                 return self._success(message.replyTo, message)
@@ -426,10 +453,12 @@ class Session:
                 reply_to, pending, UNEXPECTED_REPLY, f"{tag} does not answer {pending.kind}"
             )
         match message:
-            case Registered(connectionId=connection_id):
-                return self._registered(reply_to, pending, ConnectionId(connection_id))
-            case Connections(ids=ids):
-                return self._done(reply_to, pending, Listed([ConnectionId(i) for i in ids]))
+            case Registered(connectionId=connection_id, expiresIn=expires_in):
+                return self._registered(reply_to, pending, ConnectionId(connection_id), expires_in)
+            case Refreshed(expiresIn=expires_in):
+                return self._done(reply_to, pending, TokenRefreshed(expires_in))
+            case Connections(ids=ids, more=more):
+                return self._done(reply_to, pending, Listed([ConnectionId(i) for i in ids], more))
             case ChannelOpened(channelId=channel):
                 return self._opened(reply_to, pending, ChannelId(channel))
             case ChannelMessageSent(channelId=channel):
@@ -445,12 +474,16 @@ class Session:
         return [RequestSucceeded(reply_to, value)]
 
     def _registered(
-        self, reply_to: int, pending: _Pending, connection_id: ConnectionId
+        self,
+        reply_to: int,
+        pending: _Pending,
+        connection_id: ConnectionId,
+        expires_in: int | None = None,
     ) -> list[Event]:
         self.connection_id = connection_id
         if self.state is SessionState.REGISTERING:
             self.state = SessionState.READY
-        return self._done(reply_to, pending, RegisteredAs(connection_id))
+        return self._done(reply_to, pending, RegisteredAs(connection_id, expires_in))
 
     def _opened(self, reply_to: int, pending: _Pending, channel: ChannelId) -> list[Event]:
         early = self._early.pop(channel, [])
@@ -524,6 +557,8 @@ class Session:
                     return self._done(reply_to, pending, Sent(ChannelId(pending.subject)))
                 case "close":
                     return self._done(reply_to, pending, Closed(ChannelId(pending.subject)))
+                case "refresh":
+                    return self._done(reply_to, pending, TokenRefreshed(None))
                 case _:  # pragma: no cover
                     assert_never(pending.kind)
         except msgspec.ValidationError as exc:

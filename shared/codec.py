@@ -11,13 +11,25 @@ text frame that is not UTF-8                                ``CloseConnection(10
 JSON that is not an object, or without a usable integer id  ``ErrorReply(None, error)``
 unknown ``type`` with a usable ``id``                       ``ErrorReply(id, "Unknown ...")``
 known ``type``, missing or ill-typed fields                 ``FailedReply`` naming the field
+JSON nested deeper than ``max_depth`` levels               the type's ``FailedReply`` (or
+                                                            ``ErrorReply``) saying so; past
+                                                            ``READABLE_DEPTH`` levels, where
+                                                            the id cannot be read safely,
+                                                            ``CloseConnection(1003, reason)``
+valid JSON this broker cannot carry (an unpaired surrogate  the rows above, with a reason
+escape such as ``"\\ud800"``, an out-of-range number in   naming the value
+a field other than the payload)
 ==========================================================  ==================================
 
 (Frames over the size limit are refused with 1009 by the WebSocket layer before they get here.)
+Any number in a payload (``1e400``, thousands of digits) is carried byte for byte: the payload
+stays ``msgspec.Raw`` and is never converted.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -38,6 +50,8 @@ class CloseConnection:
 
     code: int
     reason: str
+    #: The ``broker_bad_frames`` kind when it is not the one the code implies.
+    kind: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +60,7 @@ class ErrorReply:
 
     reply_to: int | None
     error: str
+    kind: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +72,7 @@ class FailedReply:
     error: str
     #: ``channelId`` / ``targetId`` echoed from the request when it held a string.
     subject: str
+    kind: str | None = None
 
 
 Rejection = CloseConnection | ErrorReply | FailedReply
@@ -77,18 +93,111 @@ SUBJECT_FIELD: Final[dict[str, str]] = {
 
 _NOT_UTF8: Final = CloseConnection(CLOSE_INVALID_DATA, "Invalid UTF-8")
 
+#: ``broker_bad_frames`` kinds of the limits below.
+TOO_DEEP: Final = "too_deep"
+UNCARRIABLE: Final = "uncarriable"
 
-def decode_request(frame: bytes | bytearray | memoryview | str) -> Request | Rejection:
+#: The default bound on JSON nesting (the request object itself is level 1).
+DEFAULT_MAX_DEPTH: Final = 64
+#: Frames nested up to this deep are still parsed (to answer with the request's id) once
+#: they are known to pass ``max_depth``; msgspec and the stdlib recurse once per level and
+#: fail near the interpreter's recursion limit (about 1,000), so deeper ones are not parsed.
+READABLE_DEPTH: Final = 256
+
+
+def decode_request(
+    frame: bytes | bytearray | memoryview | str, max_depth: int = DEFAULT_MAX_DEPTH
+) -> Request | Rejection:
     """Decode one text frame from a client."""
     # msgspec checks the UTF-8 of the strings it decodes (raising UnicodeDecodeError, not a
     # DecodeError) but not of a Raw payload, which would reach the recipient, whose client
     # library would then fail its connection: check the whole frame first.
     if not isinstance(frame, str) and not _is_utf8(frame):
         return _NOT_UTF8
+    # Checked before any parser sees the frame: past ~1,000 levels they raise RecursionError,
+    # and a payload one node can read but another cannot must never reach the bus.
+    depth = nesting_depth(frame, max_depth)
+    if depth > max_depth:
+        return _too_deep(frame, depth, max_depth)
     try:
         return _request_decoder.decode(frame)
     except msgspec.DecodeError:
         return _diagnose(frame)
+
+
+_OPENERS: Final = (b"[", b"{")
+# A JSON string, escapes included (the unrolled form: no backtracking per character).
+_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# Every bracket outside strings becomes "(" or ")"; every other byte is deleted.
+_PARENS: Final = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nesting_depth(frame: bytes | bytearray | memoryview | str, limit: int) -> int:
+    """How deep ``frame``'s brackets nest, exactly up to ``max(limit, READABLE_DEPTH)``; any
+    depth past that (or unbalanced brackets that pass it) is reported as one more than it.
+
+    Nearly every frame has fewer brackets than ``limit`` and costs two C-speed counts.
+    """
+    data = frame.encode() if isinstance(frame, str) else bytes(frame)
+    if data.count(_OPENERS[0]) + data.count(_OPENERS[1]) <= limit:
+        return 0
+    brackets = _STRING.sub(b"", data).translate(_PARENS, _NOT_BRACKETS)
+    # Each pass removes every innermost pair (bytes.replace does not rescan what it built),
+    # so the passes needed to empty the string are its nesting depth: C-speed scans only.
+    bound = max(limit, READABLE_DEPTH)
+    depth = 0
+    while brackets and depth <= bound:
+        shorter = brackets.replace(b"()", b"")
+        if len(shorter) == len(brackets):
+            return bound + 1
+        brackets = shorter
+        depth += 1
+    return depth if not brackets else bound + 1
+
+
+def _too_deep(frame: bytes | bytearray | memoryview | str, depth: int, limit: int) -> Rejection:
+    error = f"JSON nested deeper than {limit} levels"
+    if depth > READABLE_DEPTH:
+        return CloseConnection(CLOSE_UNSUPPORTED_DATA, error, TOO_DEEP)
+    parsed = _parse_any(frame)
+    if parsed is None:
+        return _INVALID_JSON
+    return _answer_with(parsed[0], f"Invalid request: {error}", frame, TOO_DEEP)
+
+
+#: An escaped UTF-16 surrogate with no partner: valid JSON grammar, but no Unicode text.
+_LONE_SURROGATE: Final = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def _reject_constant(name: str) -> None:
+    # NaN, Infinity and -Infinity are not JSON; the stdlib accepts them unless told not to.
+    raise ValueError(name)
+
+
+def _stdlib_value(frame: bytes | bytearray | memoryview | str) -> Any:
+    """The frame as the standard library reads JSON, numbers left as text; raises ValueError.
+
+    It accepts every value the grammar allows that msgspec refuses (numbers out of range,
+    unpaired surrogate escapes), so that those get an answer naming them instead of a close.
+    """
+    text = frame if isinstance(frame, str) else str(frame, "utf-8")
+    return json.loads(
+        text, parse_int=_parse_int, parse_float=_Number, parse_constant=_reject_constant
+    )
+
+
+def _parse_int(text: str) -> int | _Number:
+    # Short integers are read (an id stays usable); long ones stay text, since converting
+    # thousands of digits is quadratic (and past 4,300 refused by the interpreter).
+    return int(text) if len(text) <= 18 else _Number(text)
+
+
+class _Number(str):
+    """A JSON number kept as its text (never an ``int``: it is no usable id)."""
 
 
 def _is_utf8(frame: bytes | bytearray | memoryview) -> bool:
@@ -104,34 +213,76 @@ def _is_utf8(frame: bytes | bytearray | memoryview) -> bool:
 
 def _diagnose(frame: bytes | bytearray | memoryview | str) -> Rejection:
     # The fast path failed; find the row of the bad-input table that applies.
+    parsed = _parse_any(frame)
+    if parsed is None:
+        return _INVALID_JSON
+    return _answer_with(parsed[0], None, frame)
+
+
+_INVALID_JSON: Final = CloseConnection(CLOSE_UNSUPPORTED_DATA, "Invalid JSON")
+
+
+def _parse_any(frame: bytes | bytearray | memoryview | str) -> tuple[Any] | None:
+    """The frame's value (in a 1-tuple, since it may be None), or None when it is not JSON."""
     try:
-        value: Any = _any_decoder.decode(frame)
+        return (_any_decoder.decode(frame),)
     except msgspec.DecodeError:
-        return CloseConnection(CLOSE_UNSUPPORTED_DATA, "Invalid JSON")
+        pass
+    try:
+        return (_stdlib_value(frame),)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _uncarriable(frame: bytes | bytearray | memoryview | str) -> str:
+    data = frame.encode() if isinstance(frame, str) else bytes(frame)
+    if _LONE_SURROGATE.search(data):
+        return (
+            "the frame holds an unpaired UTF-16 surrogate escape (such as \\ud800), "
+            "which is not Unicode text and cannot be carried"
+        )
+    return "the frame holds a number out of the range this broker reads"
+
+
+def _answer_with(
+    value: Any,
+    error: str | None,
+    frame: bytes | bytearray | memoryview | str,
+    kind: str | None = None,
+) -> Rejection:
+    """The rejection for a frame that parsed to ``value``; ``error`` is the reason a request
+    with a usable id and known type fails (None: ask msgspec which field is wrong)."""
     if not isinstance(value, dict):
-        return ErrorReply(None, "Message must be a JSON object")
+        return ErrorReply(None, "Message must be a JSON object", kind)
     request_id = value.get("id")
     if type(request_id) is not int:
-        return ErrorReply(None, "Missing or invalid field: id (an integer is required)")
+        return ErrorReply(None, "Missing or invalid field: id (an integer is required)", kind)
     request_type = value.get("type")
     if request_type is None:
-        return ErrorReply(request_id, "Missing field: type")
+        return ErrorReply(request_id, "Missing field: type", kind)
     if not isinstance(request_type, str) or request_type not in REQUEST_TYPES:
         shown = request_type if isinstance(request_type, str) else repr(request_type)
-        return ErrorReply(request_id, f"Unknown request type: {shown}")
-    try:
-        # Decoding again with the one type gives msgspec's message naming the bad field.
-        _typed_decoders[request_type].decode(frame)
-    except msgspec.ValidationError as exc:
-        error = f"Invalid request: {exc}"
-    else:  # pragma: no cover - the fast path accepts anything convert accepts
-        error = "Invalid request"
+        return ErrorReply(request_id, f"Unknown request type: {shown}", kind)
+    if error is None:
+        try:
+            # Decoding again with the one type gives msgspec's message naming the bad field.
+            _typed_decoders[request_type].decode(frame)
+        except msgspec.ValidationError as exc:
+            error = f"Invalid request: {exc}"
+        except msgspec.DecodeError:
+            # Valid JSON (the stdlib read it) that msgspec cannot: say which value it is.
+            error = "Invalid request: " + _uncarriable(frame)
+            kind = UNCARRIABLE
+        else:  # pragma: no cover - the fast path accepts anything convert accepts
+            error = "Invalid request"
     subject = value.get(SUBJECT_FIELD.get(request_type, ""), "")
     return FailedReply(
         request_type=request_type,
         reply_to=request_id,
         error=error,
-        subject=subject if isinstance(subject, str) else "",
+        # type(): a number kept as text (_Number) is no channel or connection id.
+        subject=subject if type(subject) is str else "",
+        kind=kind,
     )
 
 

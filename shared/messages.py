@@ -34,6 +34,9 @@ __all__ = [
     "ListByRoleFailed",
     "Message",
     "Open",
+    "Refresh",
+    "RefreshFailed",
+    "Refreshed",
     "Register",
     "RegisterFailed",
     "Registered",
@@ -51,11 +54,19 @@ class _Wire(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True):
 class Register(_Wire, frozen=True, tag="register"):
     id: int
     role: str
+    #: A JWT, when the node requires authentication and the token did not come with the
+    #: handshake (issue 13); absent from the original protocol.
+    token: str | None = None
 
 
 class ListByRole(_Wire, frozen=True, tag="list_by_role"):
     id: int
     role: str
+    # --- paging (issue 15; optional, absent in the README's request) ---
+    #: At most this many ids in the reply (the node caps it at its own page size).
+    limit: int | None = None
+    #: Only ids that sort after this one (the last id of the previous page).
+    after: str | None = None
 
 
 class Open(_Wire, frozen=True, tag="open"):
@@ -74,7 +85,17 @@ class Close(_Wire, frozen=True, tag="close"):
     channelId: str
 
 
-Request = Register | ListByRole | Open | Message | Close
+# --- authentication (issue 13) -----------------------------------------------------------
+
+
+class Refresh(_Wire, frozen=True, tag="refresh"):
+    """A fresh token for the same ``sub``, sent before the current one expires."""
+
+    id: int
+    token: str
+
+
+Request = Register | ListByRole | Open | Message | Close | Refresh
 
 REQUEST_TYPES: Final[dict[str, type[Request]]] = {
     "register": Register,
@@ -82,6 +103,7 @@ REQUEST_TYPES: Final[dict[str, type[Request]]] = {
     "open": Open,
     "message": Message,
     "close": Close,
+    "refresh": Refresh,
 }
 
 #: The failure reply of each request type (``open`` -> ``channel_open_failed``).
@@ -91,6 +113,7 @@ FAILURE_TYPE: Final[dict[str, str]] = {
     "open": "channel_open_failed",
     "message": "channel_message_failed",
     "close": "channel_close_failed",
+    "refresh": "refresh_failed",
 }
 
 # --- broker -> client -------------------------------------------------------------------
@@ -100,6 +123,8 @@ class Registered(_Wire, frozen=True, tag="registered"):
     id: int
     replyTo: int
     connectionId: str
+    #: Seconds until the connection's token expires (authentication on; issue 13).
+    expiresIn: int | None = None
 
 
 class RegisterFailed(_Wire, frozen=True, tag="register_failed"):
@@ -112,6 +137,9 @@ class Connections(_Wire, frozen=True, tag="connections"):
     id: int
     replyTo: int
     ids: list[str]
+    # --- paging (issue 15; optional, absent when false, so the README's reply stays valid) ---
+    #: More ids follow the last one of ``ids``: ask again with ``after`` set to it.
+    more: bool = False
 
 
 class ListByRoleFailed(_Wire, frozen=True, tag="list_by_role_failed"):
@@ -185,6 +213,22 @@ class Error(_Wire, frozen=True, tag="error", kw_only=True):
     error: str
 
 
+# --- authentication replies (issue 13) ---------------------------------------------------
+
+
+class Refreshed(_Wire, frozen=True, tag="refreshed", kw_only=True):
+    id: int
+    replyTo: int
+    #: Seconds until the new token expires.
+    expiresIn: int | None = None
+
+
+class RefreshFailed(_Wire, frozen=True, tag="refresh_failed"):
+    id: int
+    replyTo: int
+    error: str
+
+
 BrokerMessage = (
     Registered
     | RegisterFailed
@@ -200,4 +244,14 @@ BrokerMessage = (
     | ChannelClosedNotification
     | ChannelCloseFailed
     | Error
+    | Refreshed
+    | RefreshFailed
 )
+
+
+# --- authentication close codes (issue 13) ----------------------------------------------
+
+#: The token expired (or none came in time): get a new token and reconnect.
+CLOSE_TOKEN_EXPIRED: Final = 4001
+#: The token is invalid or revoked: do not retry with it.
+CLOSE_TOKEN_INVALID: Final = 4003

@@ -62,6 +62,9 @@ class Registry(Protocol):
     async def list_by_role(self, role: str) -> list[ConnectionId]:
         """Every registered connection of ``role``, on every node; cost follows the answer."""
 
+    async def channel_exists(self, channel_id: ChannelId) -> bool:
+        """Whether the channel is open (on any node)."""
+
     async def add_channel(self, record: ChannelRecord) -> None:
         """Store a channel and index it under both ends' nodes."""
 

@@ -113,6 +113,9 @@ class MemoryRegistry(Registry):
     async def list_by_role(self, role: str) -> list[ConnectionId]:
         return list(self._hub.roles.get(role, ()))
 
+    async def channel_exists(self, channel_id: ChannelId) -> bool:
+        return channel_id in self._hub.channels
+
     async def add_channel(self, record: ChannelRecord) -> None:
         hub = self._hub
         hub.channels[record.channel_id] = record

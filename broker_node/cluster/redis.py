@@ -312,6 +312,10 @@ class RedisRegistry(Registry):
             return None
         return ConnectionRecord(connection_id, NodeId(_text(node)), _text(role))
 
+    async def channel_exists(self, channel_id: ChannelId) -> bool:
+        async with self._guard("channel_exists"):
+            return bool(await self._client.exists(self._keys.channel(channel_id)))
+
     async def list_by_role(self, role: str) -> list[ConnectionId]:
         # SMEMBERS of the role's own set: the cost follows the answer, not the cluster.
         async with self._guard("list_by_role"):

@@ -60,9 +60,12 @@ class ForgetChannel(NamedTuple):
 
 
 class ForgetConnection(NamedTuple):
-    """Remove a connection from the cluster registry (in the background)."""
+    """Remove a connection from the cluster registry (in the background), then execute
+    ``then``: the notices of its departure, which its peers must get only once the registry
+    no longer lists it (whatever they do after a notice sees the connection gone)."""
 
     record: ConnectionRecord
+    then: tuple[Action, ...] = ()
 
 
 class PauseReading(NamedTuple):

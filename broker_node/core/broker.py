@@ -21,12 +21,15 @@ core produced them, and a node handles a bus batch in order.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, NamedTuple
 
+from broker_node.auth.identity import Identity, TokenRefusal
+from broker_node.auth.policy import Grants, Policy, grants_for, may_list, may_open, may_register
 from broker_node.core.actions import (
     Action,
     CloseClient,
@@ -62,6 +65,8 @@ from shared.codec import (
 )
 from shared.ids import ChannelId, ConnectionId, NodeId, new_channel_id
 from shared.messages import (
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TOKEN_INVALID,
     FAILURE_TYPE,
     ChannelClosed,
     ChannelClosedNotification,
@@ -79,6 +84,9 @@ from shared.messages import (
     ListByRoleFailed,
     Message,
     Open,
+    Refresh,
+    Refreshed,
+    RefreshFailed,
     Register,
     Registered,
     RegisterFailed,
@@ -98,6 +106,16 @@ DELIVERY_UNKNOWN: Final = "Recipient disconnected during delivery; outcome unkno
 TARGET_NODE_SILENT: Final = "Target's node did not answer in time"
 REGISTRY_UNAVAILABLE: Final = "Cluster registry unavailable, try again"
 LATE_DELIVERY: Final = "Delivery arrived out of order and was dropped"
+# Authentication (issue 13)
+AUTH_REQUIRED: Final = "Authentication required"
+ROLE_NOT_ALLOWED: Final = "Role not allowed for this token"
+AUTH_DISABLED: Final = "Authentication is not enabled on this node"
+OTHER_SUBJECT: Final = "Token is for another subject"
+USER_LIMIT: Final = "Too many connections for this user"
+# --- hostile input and resource limits (issue 15)
+TOO_MANY_CHANNELS: Final = "Too many channels on this connection"
+TARGET_TOO_MANY_CHANNELS: Final = "Target connection has too many channels"
+INVALID_LIMIT: Final = "Invalid field: limit must be a positive integer"
 
 #: Failure reasons used as metric labels; any other text counts as "invalid_request".
 KNOWN_REASONS: Final = frozenset(
@@ -114,6 +132,14 @@ KNOWN_REASONS: Final = frozenset(
         TARGET_NODE_SILENT,
         REGISTRY_UNAVAILABLE,
         LATE_DELIVERY,
+        AUTH_REQUIRED,
+        ROLE_NOT_ALLOWED,
+        AUTH_DISABLED,
+        OTHER_SUBJECT,
+        USER_LIMIT,
+        TOO_MANY_CHANNELS,
+        TARGET_TOO_MANY_CHANNELS,
+        INVALID_LIMIT,
     }
 )
 
@@ -129,6 +155,17 @@ class _Held:
 
     request_id: int | None
     frames: list[FrameBuilder] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRules:
+    """Authentication is on: the policy and the times a connection is held to."""
+
+    policy: Policy | None
+    #: Seconds a connection may stay without a valid token before it is closed.
+    timeout: float
+    #: Seconds a connection may outlive its token's ``exp`` without a refresh.
+    grace: float
 
 
 @dataclass(slots=True)
@@ -153,6 +190,9 @@ class LocalConnection:
     #: client gets them in the order one node would have sent them.
     pending: dict[ChannelId, int] = field(default_factory=dict)
     held: dict[ChannelId, deque[_Held]] = field(default_factory=dict)
+    # Authentication (issue 13): who the token says this is, and what it may do.
+    identity: Identity | None = None
+    grants: Grants | None = None
 
 
 class _PendingDelivery(NamedTuple):
@@ -197,8 +237,17 @@ class BrokerCore:
         stats: NodeStats | None = None,
         first_seq: int = 0,
         max_unconfirmed_bytes: int = 2 * 1024 * 1024,
+        auth: AuthRules | None = None,
+        wall_clock: Callable[[], float] | None = None,
+        # --- hostile input and resource limits (issue 15)
+        max_channels: int = 1000,
+        list_page_size: int = 1000,
     ) -> None:
         self.node_id = node_id
+        #: Channels one connection may be an end of (opened by it or to it).
+        self.max_channels = max_channels
+        #: Most ids in one ``connections`` reply.
+        self.list_page_size = list_page_size
         self.max_role_length = max_role_length
         #: Flow control: past either bound, reading the sender's socket pauses until half of
         #: it is settled. Nothing is refused for it: the sender is slowed down.
@@ -219,11 +268,21 @@ class BrokerCore:
         self._seq = first_seq
         #: The last delivery seq accepted from each sending node.
         self._last_delivery: dict[NodeId, int] = {}
+        #: None: authentication is off (the original protocol); see ``AuthRules``.
+        self.auth = auth
+        #: Unix time, for token expiry (``clock`` may be monotonic).
+        self.wall_clock = wall_clock if wall_clock is not None else clock
+        #: (deadline, connection): authenticate by then (clock), or the token's exp + grace
+        #: (wall clock); heaps, see ``check_tokens``.
+        self._auth_due: list[tuple[float, ConnectionId]] = []
+        self._expiry_due: list[tuple[float, ConnectionId]] = []
 
     # --- connections --------------------------------------------------------------------
 
     def connect(self, connection_id: ConnectionId, *, legacy_errors: bool = False) -> None:
         self.connections[connection_id] = LocalConnection(connection_id, legacy_errors)
+        if self.auth is not None:
+            heapq.heappush(self._auth_due, (self.clock() + self.auth.timeout, connection_id))
 
     def is_connected(self, connection_id: ConnectionId) -> bool:
         return connection_id in self.connections
@@ -233,19 +292,21 @@ class BrokerCore:
         conn = self.connections.pop(connection_id, None)
         if conn is None:
             return []
-        actions: list[Action] = []
+        notices: list[Action] = []
+        forget: list[Action] = []
         for channel_id in conn.channels:
             record = self.channels.pop(channel_id, None)
             if record is not None:
                 if self._closing.pop(channel_id, None) is None:
-                    self._notify_other_end(record, connection_id, actions)
+                    self._notify_other_end(record, connection_id, notices)
                 # else: the other end's node is being told by the close already under way.
-                actions.append(ForgetChannel(record))
-        if conn.role is not None:
-            actions.append(
-                ForgetConnection(ConnectionRecord(connection_id, self.node_id, conn.role))
-            )
-        return actions
+                forget.append(ForgetChannel(record))
+        if conn.role is None:
+            return notices + forget
+        # As on one node, a peer that hears of the departure no longer finds the connection.
+        gone = ConnectionRecord(connection_id, self.node_id, conn.role)
+        forget.append(ForgetConnection(gone, tuple(notices)))
+        return forget
 
     def pending_counts(self) -> tuple[int, int]:
         """Cross-node messages and opens (closes included) awaiting another node."""
@@ -275,9 +336,14 @@ class BrokerCore:
     # --- register -----------------------------------------------------------------------
 
     def begin_register(
-        self, connection_id: ConnectionId, request: Register
+        self,
+        connection_id: ConnectionId,
+        request: Register,
+        token: Identity | TokenRefusal | None = None,
     ) -> list[Action] | ConnectionRecord:
-        """Refuse the request, or return the record the shell must write to the registry."""
+        """Refuse the request, or return the record the shell must write to the registry.
+
+        ``token``: the verified ``token`` field of the request, if it had one."""
         conn = self.connections[connection_id]
         error: str | None = None
         if conn.role is not None or conn.registering:
@@ -286,6 +352,8 @@ class BrokerCore:
             error = "Invalid field: role must be a non-empty string"
         elif len(request.role) > self.max_role_length:
             error = f"Invalid field: role is longer than {self.max_role_length} characters"
+        elif self.auth is not None:
+            error = self._authorize_register(conn, request.role, token)
         if error is not None:
             return self._fail(conn, "register", request.id, "", error)
         conn.registering = True
@@ -301,8 +369,15 @@ class BrokerCore:
         if error is not None:
             return self._fail(conn, "register", request.id, "", error)
         conn.role = request.role
+        if conn.identity is not None:
+            conn.grants = grants_for(self._policy(), conn.identity, request.role)
         frame = encode(
-            Registered(id=self._next_id(conn), replyTo=request.id, connectionId=connection_id)
+            Registered(
+                id=self._next_id(conn),
+                replyTo=request.id,
+                connectionId=connection_id,
+                expiresIn=self._expires_in(conn),
+            )
         )
         return [Send(connection_id, frame)]
 
@@ -313,6 +388,8 @@ class BrokerCore:
         conn = self.connections[connection_id]
         if conn.role is None:
             return self._fail(conn, "list_by_role", request.id, "", NOT_REGISTERED)
+        if request.limit is not None and request.limit < 1:
+            return self._fail(conn, "list_by_role", request.id, "", INVALID_LIMIT)
         return None
 
     def finish_list(
@@ -327,8 +404,21 @@ class BrokerCore:
             return []
         if ids is None:
             return self._fail(conn, "list_by_role", request.id, "", error or REGISTRY_UNAVAILABLE)
-        frame = encode(Connections(id=self._next_id(conn), replyTo=request.id, ids=list(ids)))
+        if self.auth is not None and not self._may_list(conn, request.role):
+            ids = []  # a role the caller may not see looks empty: nothing leaks
+        page, more = self._page(ids, request)
+        frame = encode(Connections(id=self._next_id(conn), replyTo=request.id, ids=page, more=more))
         return [Send(connection_id, frame)]
+
+    def _page(self, ids: Iterable[str], request: ListByRole) -> tuple[list[str], bool]:
+        # Sorted, so that ``after`` (the last id of a page) finds the next page even as
+        # connections come and go between the requests.
+        size = self.list_page_size
+        if request.limit is not None:
+            size = min(size, request.limit)
+        after = request.after
+        ordered = sorted(ids) if after is None else sorted(i for i in ids if i > after)
+        return ordered[:size], len(ordered) > size
 
     # --- open ---------------------------------------------------------------------------
 
@@ -337,7 +427,19 @@ class BrokerCore:
         conn = self.connections[connection_id]
         if conn.role is None:
             return self._fail(conn, "open", request.id, request.targetId, NOT_REGISTERED)
+        if self._at_channel_cap(conn):
+            self.stats.limit_refusals["channels"] += 1
+            return self._fail(conn, "open", request.id, request.targetId, TOO_MANY_CHANNELS)
         return None
+
+    def _at_channel_cap(self, conn: LocalConnection) -> bool:
+        """The connection's channels, with its opens still in flight, reach the cap."""
+        cap = self.max_channels
+        held = len(conn.channels)
+        if held + len(self._opens) < cap:
+            return False
+        cid = conn.connection_id
+        return held + sum(1 for pending in self._opens.values() if pending.opener == cid) >= cap
 
     def plan_open(
         self, connection_id: ConnectionId, request: Open, target: ConnectionRecord | None
@@ -346,8 +448,14 @@ class BrokerCore:
         conn = self.connections.get(connection_id)
         if conn is None:
             return []
+        if target is not None and self.auth is not None and not self._may_open(conn, target):
+            target = None  # a forbidden target is answered exactly as a missing one
         if target is None:
             return self._fail(conn, "open", request.id, request.targetId, TARGET_NOT_FOUND)
+        local_target = self.connections.get(target.connection_id)
+        if local_target is not None and len(local_target.channels) >= self.max_channels:
+            self.stats.limit_refusals["channels"] += 1
+            return self._fail(conn, "open", request.id, request.targetId, TARGET_TOO_MANY_CHANNELS)
         return ChannelRecord(
             channel_id=new_channel_id(),
             opener=connection_id,
@@ -409,7 +517,28 @@ class BrokerCore:
 
     # --- message (the hot path) ---------------------------------------------------------
 
-    def message(self, connection_id: ConnectionId, request: Message) -> list[Action]:
+    def fail_on_channel(
+        self, connection_id: ConnectionId, kind: str, request: Message | Close, error: str
+    ) -> list[Action]:
+        """Fail a message or close for ``error`` (the registry could not be asked)."""
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return []
+        channel_id = ChannelId(request.channelId)
+        return self._fail_on_channel(conn, kind, request.id, channel_id, error, [])
+
+    def knows_channel(self, connection_id: ConnectionId, channel_id: str) -> bool:
+        """Whether this node can answer a message or close on ``channel_id`` by itself: it
+        holds the channel, or the request fails before the channel matters. Otherwise the
+        shell asks the registry whether the channel is open elsewhere (``elsewhere``)."""
+        conn = self.connections.get(connection_id)
+        return conn is None or conn.role is None or ChannelId(channel_id) in self.channels
+
+    def message(
+        self, connection_id: ConnectionId, request: Message, *, elsewhere: bool = False
+    ) -> list[Action]:
+        """A message; ``elsewhere``: the registry says the channel, unknown here, is open on
+        other nodes, so this connection is not one of its ends."""
         conn = self.connections[connection_id]
         channel_id = ChannelId(request.channelId)
         if conn.role is None:
@@ -418,9 +547,8 @@ class BrokerCore:
             )
         channel = self.channels.get(channel_id)
         if channel is None:
-            return self._fail_on_channel(
-                conn, "message", request.id, channel_id, CHANNEL_NOT_FOUND, []
-            )
+            error = NOT_AUTHORIZED if elsewhere else CHANNEL_NOT_FOUND
+            return self._fail_on_channel(conn, "message", request.id, channel_id, error, [])
         if connection_id == channel.opener:
             peer, peer_node = channel.target, channel.target_node
         elif connection_id == channel.target:
@@ -573,16 +701,18 @@ class BrokerCore:
 
     # --- close --------------------------------------------------------------------------
 
-    def close(self, connection_id: ConnectionId, request: Close) -> list[Action]:
+    def close(
+        self, connection_id: ConnectionId, request: Close, *, elsewhere: bool = False
+    ) -> list[Action]:
+        """A close; ``elsewhere`` as for ``message``."""
         conn = self.connections[connection_id]
         channel_id = ChannelId(request.channelId)
         if conn.role is None:
             return self._fail_on_channel(conn, "close", request.id, channel_id, NOT_REGISTERED, [])
         channel = self.channels.get(channel_id)
         if channel is None:
-            return self._fail_on_channel(
-                conn, "close", request.id, channel_id, CHANNEL_NOT_FOUND, []
-            )
+            error = NOT_AUTHORIZED if elsewhere else CHANNEL_NOT_FOUND
+            return self._fail_on_channel(conn, "close", request.id, channel_id, error, [])
         if channel.peer_of(connection_id) is None:
             return self._fail_on_channel(conn, "close", request.id, channel_id, NOT_AUTHORIZED, [])
         if self._closing and channel_id in self._closing:
@@ -808,6 +938,10 @@ class BrokerCore:
         if target is None or target.role is None:
             actions.append(Publish(channel.opener_node, OpenResult(seq, TARGET_NOT_FOUND)))
             return
+        if len(target.channels) >= self.max_channels:
+            self.stats.limit_refusals["channels"] += 1
+            actions.append(Publish(channel.opener_node, OpenResult(seq, TARGET_TOO_MANY_CHANNELS)))
+            return
         actions.append(self._tell_incoming(target, channel))
         actions.append(Publish(channel.opener_node, OpenResult(seq, None)))
 
@@ -952,6 +1086,142 @@ class BrokerCore:
         nodes.discard(self.node_id)
         return nodes
 
+    # --- authentication (issue 13) ------------------------------------------------------
+
+    def authenticated(
+        self, connection_id: ConnectionId, token: Identity | TokenRefusal
+    ) -> list[Action]:
+        """The token of the handshake (header or URL): keep it, or close the connection."""
+        conn = self.connections.get(connection_id)
+        if conn is None or self.auth is None:
+            return []
+        if isinstance(token, TokenRefusal):
+            self.stats.token_refusals[token.reason] += 1
+            self.stats.auth_closes["expired" if token.expired else "invalid_token"] += 1
+            code = CLOSE_TOKEN_EXPIRED if token.expired else CLOSE_TOKEN_INVALID
+            return [CloseClient(connection_id, code, token.error)]
+        self._set_identity(conn, token)
+        return []
+
+    def refresh(
+        self, connection_id: ConnectionId, request: Refresh, token: Identity | TokenRefusal
+    ) -> list[Action]:
+        """A fresh token for the same subject and role; the connection keeps going."""
+        conn = self.connections[connection_id]
+        if self.auth is None:
+            return self._fail(conn, "refresh", request.id, "", AUTH_DISABLED)
+        if conn.role is None or conn.identity is None:
+            return self._fail(conn, "refresh", request.id, "", NOT_REGISTERED)
+        if isinstance(token, TokenRefusal):
+            self.stats.token_refusals[token.reason] += 1
+            return self._fail(conn, "refresh", request.id, "", token.error)
+        if token.subject != conn.identity.subject:
+            return self._fail(conn, "refresh", request.id, "", OTHER_SUBJECT)
+        if not may_register(token, conn.role):
+            return self._fail(conn, "refresh", request.id, "", ROLE_NOT_ALLOWED)
+        self._set_identity(conn, token)
+        conn.grants = grants_for(self._policy(), token, conn.role)
+        frame = encode(
+            Refreshed(id=self._next_id(conn), replyTo=request.id, expiresIn=self._expires_in(conn))
+        )
+        return [Send(connection_id, frame)]
+
+    def check_tokens(self) -> list[Action]:
+        """Close connections that did not authenticate in time, or whose token expired and
+        was not refreshed within the grace period (both: "reconnect with a new token").
+
+        Deadlines wait in two heaps, so a check costs the connections that are due, not all of
+        them; an entry whose connection left, authenticated or refreshed since is dropped."""
+        auth = self.auth
+        if auth is None:
+            return []
+        actions: list[Action] = []
+        now = self.clock()
+        due = self._auth_due
+        while due and due[0][0] <= now:
+            _, cid = heapq.heappop(due)
+            conn = self.connections.get(cid)
+            if conn is not None and conn.identity is None:
+                self.stats.auth_closes["timeout"] += 1
+                actions.append(CloseClient(cid, CLOSE_TOKEN_EXPIRED, "Not authenticated in time"))
+        wall = self.wall_clock()
+        expiring = self._expiry_due
+        closing: set[ConnectionId] = set()
+        while expiring and expiring[0][0] <= wall:
+            deadline, cid = heapq.heappop(expiring)
+            conn = self.connections.get(cid)
+            if conn is None or conn.identity is None or conn.identity.expires_at is None:
+                continue
+            # Only the entry of the current token counts (a refresh pushed a new one).
+            if deadline == conn.identity.expires_at + auth.grace and cid not in closing:
+                closing.add(cid)
+                self.stats.auth_closes["expired"] += 1
+                actions.append(CloseClient(cid, CLOSE_TOKEN_EXPIRED, "Token expired"))
+        return actions
+
+    def _set_identity(self, conn: LocalConnection, identity: Identity) -> None:
+        conn.identity = identity
+        auth = self.auth
+        if auth is None or identity.expires_at is None:
+            return
+        heapq.heappush(self._expiry_due, (identity.expires_at + auth.grace, conn.connection_id))
+        # Entries of connections gone or refreshed stay until their (maybe hours away) deadline:
+        # past twice the live ones, the heap is rebuilt from the live connections.
+        if len(self._expiry_due) > 2 * len(self.connections) + 1024:
+            self._expiry_due = [
+                (c.identity.expires_at + auth.grace, c.connection_id)
+                for c in self.connections.values()
+                if c.identity is not None and c.identity.expires_at is not None
+            ]
+            heapq.heapify(self._expiry_due)
+
+    def revoke(self, is_revoked: Callable[[Identity], bool]) -> list[Action]:
+        """Close every local connection whose token ``is_revoked`` (a user or a token was
+        revoked cluster-wide): "token invalid, do not retry"."""
+        actions: list[Action] = [
+            CloseClient(conn.connection_id, CLOSE_TOKEN_INVALID, "Token revoked")
+            for conn in self.connections.values()
+            if conn.identity is not None and is_revoked(conn.identity)
+        ]
+        self.stats.auth_closes["revoked"] += len(actions)
+        return actions
+
+    def identity_of(self, connection_id: ConnectionId) -> Identity | None:
+        conn = self.connections.get(connection_id)
+        return conn.identity if conn is not None else None
+
+    def _authorize_register(
+        self, conn: LocalConnection, role: str, token: Identity | TokenRefusal | None
+    ) -> str | None:
+        if isinstance(token, TokenRefusal):
+            self.stats.token_refusals[token.reason] += 1
+            return token.error
+        identity = token if token is not None else conn.identity
+        if identity is None:
+            return AUTH_REQUIRED
+        if not may_register(identity, role):
+            return ROLE_NOT_ALLOWED
+        if conn.identity is not identity:
+            self._set_identity(conn, identity)
+        return None
+
+    def _policy(self) -> Policy | None:
+        return self.auth.policy if self.auth is not None else None
+
+    def _may_list(self, conn: LocalConnection, role: str) -> bool:
+        return conn.grants is not None and may_list(conn.grants, role)
+
+    def _may_open(self, conn: LocalConnection, target: ConnectionRecord) -> bool:
+        if conn.grants is None or conn.role is None:
+            return False
+        return may_open(self._policy(), conn.grants, conn.role, target.role)
+
+    def _expires_in(self, conn: LocalConnection) -> int | None:
+        identity = conn.identity
+        if identity is None or identity.expires_at is None:
+            return None
+        return max(0, int(identity.expires_at - self.wall_clock()))
+
     # --- frames -------------------------------------------------------------------------
 
     @staticmethod
@@ -1077,6 +1347,8 @@ class BrokerCore:
                         id=frame_id, replyTo=reply_to, channelId=subject, error=error
                     )
                 )
+            case "refresh":
+                return encode(RefreshFailed(id=frame_id, replyTo=reply_to, error=error))
             case _:
                 return encode(
                     ChannelCloseFailed(

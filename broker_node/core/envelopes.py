@@ -3,10 +3,16 @@
 A bus payload is a JSON array of envelopes for one node, in the order they were produced.
 Envelopes stay JSON (not msgpack) because a delivery carries the client's payload as a raw
 JSON value, which is spliced in and out without being parsed.
+
+One envelope that cannot be decoded (a bug, a newer or older node, a payload nested too deep
+to parse) fails alone: the batch is decoded at once (the usual case, at msgspec's speed), and
+only when that fails is it split into its elements, each decoded on its own; the ones that
+fail are dropped and counted, the others are handled.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import msgspec
@@ -80,13 +86,66 @@ class CloseResult(_Envelope, frozen=True, tag="r"):
 Envelope = Deliver | Confirm | Incoming | OpenResult | Closed | CloseRequest | CloseResult
 
 _batch_decoder: Final[msgspec.json.Decoder[list[Envelope]]] = msgspec.json.Decoder(list[Envelope])
+_envelope_decoder: Final[msgspec.json.Decoder[Envelope]] = msgspec.json.Decoder(Envelope)
 _encoder: Final = msgspec.json.Encoder()
+#: The tokens that delimit JSON values: whole strings (so that brackets and commas inside
+#: them are skipped), brackets and commas. Everything else lies between them.
+_TOKENS: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
 
 
 def encode_batch(envelopes: list[Envelope]) -> bytes:
     return _encoder.encode(envelopes)
 
 
-def decode_batch(data: bytes) -> list[Envelope]:
-    """Decode a bus payload; raises ``msgspec.DecodeError`` on garbage."""
-    return _batch_decoder.decode(data)
+def decode_batch(data: bytes) -> tuple[list[Envelope], int]:
+    """The envelopes of a bus payload that could be decoded, and how many could not.
+
+    Never raises. A payload that is not a JSON array at all counts as one undecodable
+    envelope; so does whatever follows a break in the array's structure.
+    """
+    try:
+        return _batch_decoder.decode(data), 0
+    except (msgspec.DecodeError, RecursionError):
+        # RecursionError: a value nested past the interpreter's recursion limit.
+        pass
+    elements, broken = _split_array(data)
+    envelopes: list[Envelope] = []
+    dropped = int(broken)
+    for element in elements:
+        try:
+            envelopes.append(_envelope_decoder.decode(element))
+        except (msgspec.DecodeError, RecursionError):
+            dropped += 1
+    return envelopes, dropped
+
+
+def _split_array(data: bytes) -> tuple[list[memoryview], bool]:
+    """The top-level elements of a JSON array (unparsed), and whether its structure broke."""
+    view = memoryview(data)
+    elements: list[memoryview] = []
+    depth = 0
+    start = -1
+    for token in _TOKENS.finditer(data):
+        mark = token.group()
+        if mark in _OPEN:
+            depth += 1
+            if depth == 1:
+                if mark != b"[" or data[: token.start()].strip():
+                    return elements, True
+                start = token.end()
+        elif mark in _CLOSE:
+            depth -= 1
+            if depth == 0:
+                if data[start : token.start()].strip():
+                    elements.append(view[start : token.start()])
+                return elements, bool(data[token.end() :].strip())
+            if depth < 0:
+                return elements, True
+        elif mark == b"," and depth == 1:
+            elements.append(view[start : token.start()])
+            start = token.end()
+    return elements, True
+
+
+_OPEN: Final = (b"[", b"{")
+_CLOSE: Final = (b"]", b"}")

@@ -29,10 +29,22 @@ class NodeStats:
     #: ``*_failed`` / ``error`` replies by reply type and reason (bounded label sets).
     failures: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: Refused frames by kind (invalid_json, invalid_utf8, binary, too_big, bad_shape,
-    #: unknown_type, bad_fields).
+    #: unknown_type, bad_fields, too_deep, uncarriable).
     bad_frames: Counter[str] = field(default_factory=Counter)
+    # --- hostile input and resource limits (issue 15, issue 11 item 3)
+    #: Bus envelopes that could not be decoded and were dropped alone.
+    bus_envelopes_dropped: int = 0
+    #: Requests or connections refused, or sockets paused, at a limit, by limit name
+    #: (channels, connections, connections_per_ip, handshake_timeout, header_bytes, origin,
+    #: requests_rate, bytes_rate).
+    limit_refusals: Counter[str] = field(default_factory=Counter)
     #: Registry calls: operation -> [count, total seconds, errors].
     registry_calls: dict[str, list[float]] = field(default_factory=dict)
+    # Authentication (issue 13).
+    #: Tokens refused, by reason (expired, signature verification failed, revoked, ...).
+    token_refusals: Counter[str] = field(default_factory=Counter)
+    #: Connections closed by authentication: timeout, expired, revoked, invalid_token.
+    auth_closes: Counter[str] = field(default_factory=Counter)
 
     def registry_call(self, operation: str, seconds: float, failed: bool) -> None:
         entry = self.registry_calls.setdefault(operation, [0, 0.0, 0])

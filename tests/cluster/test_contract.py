@@ -93,12 +93,15 @@ async def test_channels_are_indexed_under_both_nodes(harness: Harness) -> None:
     await registry.add_connection(b)
     record = channel(a, b)
 
+    assert not await registry.channel_exists(record.channel_id)
     await registry.add_channel(record)
+    assert await registry.channel_exists(record.channel_id)
     stored = await harness.stored_keys()
     assert {KEYS.channel(record.channel_id), KEYS.node_channels(A), KEYS.node_channels(B)} <= stored
 
     await registry.remove_channel(record)
     await registry.remove_channel(record)  # absent entries are fine
+    assert not await registry.channel_exists(record.channel_id)
     stored = await harness.stored_keys()
     assert stored.isdisjoint(
         {KEYS.channel(record.channel_id), KEYS.node_channels(A), KEYS.node_channels(B)}

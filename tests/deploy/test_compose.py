@@ -68,6 +68,9 @@ def test_broker_settings_come_from_the_environment(services: dict[str, Any]) -> 
     env = services["broker"]["environment"]
     assert env["BROKER_REDIS_URL"] == "redis://redis:6379/0"
     assert env["BROKER_PORT"] == "3004"
+    # Behind `lb`: metrics on their own port, the balancer's forwarded address believed.
+    assert env["BROKER_METRICS_PORT"] == "9464"
+    assert "172.16.0.0/12" in env["BROKER_TRUSTED_PROXIES"]
     overridden = run(
         [tool("docker-compose"), "config", "--format", "json"],
         env={**CLEAN_ENV, "BROKER_LOG_LEVEL": "debug"},

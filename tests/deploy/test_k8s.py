@@ -107,7 +107,10 @@ def test_deployment_settings() -> None:
     annotations = template["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/path"] == "/metrics"
-    assert annotations["prometheus.io/port"] == "3004"
+    # /metrics on its own listener, declared as a container port, never the client port.
+    assert annotations["prometheus.io/port"] == config["data"]["BROKER_METRICS_PORT"] == "9464"
+    assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in container["ports"]
+    assert config["data"]["BROKER_TRUSTED_PROXIES"]
 
 
 def test_selectors_fit_together() -> None:

@@ -127,7 +127,9 @@ async def pump(
 async def test_ten_thousand_messages_in_order_with_ten_thousand_confirmations(
     cluster: Cluster,
 ) -> None:
-    n0, n1 = await cluster.start(2)
+    # Not a test of timeouts: a confirmation may take more than the fast 1 s on a loaded
+    # machine, and every message here must be confirmed.
+    n0, n1 = await cluster.start(2, args=fast_args(request_timeout=5.0))
     a, b = await cluster.client(n0, "a"), await cluster.client(n1, "b")
     assert b.connection_id is not None
     channel = await a.open(b.connection_id)

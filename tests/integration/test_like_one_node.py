@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from tests.integration.helpers import Cluster, fast_args, frames_for, send_confirmed
+from tests.integration.helpers import Cluster, eventually, fast_args, frames_for, send_confirmed
 from tests.support.wire import WireClient
 
 pytestmark = pytest.mark.slow
@@ -71,12 +71,15 @@ async def payloads_at(client: WireClient, count: int, timeout: float = 60) -> li
 
 async def test_a_fast_sender_across_nodes_is_slowed_down_not_failed(cluster: Cluster) -> None:
     # A small window makes the sender outrun it many times over.
-    a, b, channel = await cross_node_channel(cluster, [*fast_args(), "--max-unconfirmed", "64"])
+    # A long request timeout: no confirmation may time out on a loaded machine here.
+    args = [*fast_args(request_timeout=5.0), "--max-unconfirmed", "64"]
+    a, b, channel = await cross_node_channel(cluster, args)
     count = 10_000
-    sending = asyncio.create_task(blast(a, channel, count))
-    delivered = await payloads_at(b, count)
-    ids = await sending
-    replies = await replies_to(a, ids)
+    ids = list(range(a.next_id, a.next_id + count))
+    # The sender reads its replies while it sends, as every client does.
+    _, replies, delivered = await asyncio.gather(
+        blast(a, channel, count), replies_to(a, ids), payloads_at(b, count)
+    )
     assert [r["type"] for r in replies.values()].count("channel_message_sent") == count, [
         r for r in replies.values() if r["type"] != "channel_message_sent"
     ][:3]
@@ -195,3 +198,47 @@ async def test_a_failure_during_a_redis_pause_is_true(cluster: Cluster) -> None:
     wrongly_failed = {n: e for n, e in failed.items() if e != NOT_CONFIRMED and n in delivered}
     assert wrongly_failed == {}
     assert failed, "the pause should have failed some sends"
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+async def test_a_peer_told_of_a_disconnect_no_longer_finds_it(cluster: Cluster, nodes: int) -> None:
+    started = await cluster.start(nodes)
+    b = await cluster.client(started[-1], "b")
+    assert b.connection_id is not None
+    for _ in range(30):
+        a = await WireClient(started[0].url).__aenter__()
+        a_id = await a.register("leaver")
+        channel = await a.open(b.connection_id)
+        await b.notification("incoming_channel")
+        await a.close()
+        notice = await b.notification("channel_closed_notification")
+        assert notice["channelId"] == channel
+        # Causally after the notice: as on one node, the registry no longer has it.
+        reply = await b.request("list_by_role", role="leaver")
+        assert a_id not in reply["ids"], reply
+        reply = await b.request("open", targetId=a_id)
+        assert reply["type"] == "channel_open_failed", reply
+
+
+async def test_a_stranger_on_a_third_node_is_not_authorized(cluster: Cluster) -> None:
+    n0, n1, n2 = await cluster.start(3)
+    a, b = await cluster.client(n0, "a"), await cluster.client(n1, "b")
+    stranger = await cluster.client(n2, "stranger")
+    assert b.connection_id is not None
+    channel = await a.open(b.connection_id)
+    await b.notification("incoming_channel")
+    # As on one node: the channel exists, the stranger is not one of its ends.
+    for kind, fields in (("message", {"payload": 1}), ("close", {})):
+        reply = await stranger.request(kind, channelId=channel, **fields)
+        assert reply["type"] == f"channel_{'message' if kind == 'message' else 'close'}_failed"
+        assert reply["error"] == "Not authorized for this channel", reply
+    await send_confirmed(a, b, channel, "untouched")
+    assert (await a.request("close", channelId=channel))["type"] == "channel_closed"
+    # Once it is closed and gone from the registry (in the background, within moments),
+    # everyone is told it does not exist.
+
+    async def not_found() -> bool:
+        reply = await stranger.request("message", channelId=channel, payload=2)
+        return bool(reply["error"] == "Channel not found")
+
+    await eventually(not_found, timeout=5)

@@ -26,6 +26,7 @@ from tests.integration.helpers import (
     Cluster,
     RedisInspector,
     eventually,
+    fast_args,
     list_role,
     node_keys,
     status,
@@ -190,6 +191,8 @@ async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
         heartbeat_interval=HEARTBEAT,
         node_ttl=TTL,
         request_timeout=REQUEST_TIMEOUT * 5,
+        # A channel cap far above the default: this client's point is to have very many.
+        max_channels_per_connection=1_000_000,
     )
     redis = RedisInspector(redis_server.url)
     # Every deletion of a live client's record is seen as it happens (keyspace events).
@@ -243,8 +246,25 @@ async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
 MANY = 10_000
 
 
+async def _told_of_channels(target: WireClient, count: int) -> None:
+    opened: set[str] = set()
+    closed: set[str] = set()
+    while len(closed) < count:
+        frame = await target.recv(timeout=120)
+        target.received.remove(frame)
+        if frame.get("type") == "incoming_channel":
+            opened.add(str(frame["channelId"]))
+        elif frame.get("type") == "channel_closed_notification":
+            assert frame["channelId"] in opened, "closed before it was opened"
+            closed.add(str(frame["channelId"]))
+    assert len(opened) == count
+
+
 async def test_a_client_with_many_channels_leaving_real_nodes(cluster: Cluster) -> None:
-    node, other = await cluster.start(2)
+    node, other = await cluster.start(
+        2, args=[*fast_args(), "--max-channels-per-connection", str(2 * MANY)]
+    )
+    told: list[asyncio.Task[None]] = []
     redis = RedisInspector(cluster.redis.url)
     await redis.client.config_set("notify-keyspace-events", "Kg")
     pubsub = redis.client.pubsub()
@@ -255,6 +275,10 @@ async def test_a_client_with_many_channels_leaving_real_nodes(cluster: Cluster) 
         await pubsub.psubscribe(
             *(f"__keyspace@0__:{KEYS.connection(ConnectionId(str(c.connection_id)))}" for c in live)
         )
+        # Targets read all along (a client that stops reading is closed as a slow consumer):
+        # each is told of each of its channels, then of each one's closing.
+        share = MANY // len(targets)
+        told += [asyncio.create_task(_told_of_channels(target, share)) for target in targets]
         big = await cluster.client(node, "big")
         first = big.next_id
         for n in range(MANY):
@@ -281,11 +305,8 @@ async def test_a_client_with_many_channels_leaving_real_nodes(cluster: Cluster) 
         except TimeoutError:
             found = await redis.keys()
             pytest.fail(f"{len(found - expected)} extra keys, missing {expected - found}")
-        # Every target was told of each of its channels, then of each one's closing.
-        for target in targets:
-            for kind in ("incoming_channel", "channel_closed_notification"):
-                for _ in range(MANY // len(targets)):
-                    await target.notification(kind, timeout=SETTLE)
+        async with asyncio.timeout(SETTLE):
+            await asyncio.gather(*told)
         assert await list_role(targets[-1], "bystander") == {c.connection_id for c in bystanders}
         deleted = []
         while (event := await pubsub.get_message(timeout=0.01)) is not None:
@@ -293,5 +314,7 @@ async def test_a_client_with_many_channels_leaving_real_nodes(cluster: Cluster) 
                 deleted.append(event["channel"])
         assert deleted == []
     finally:
+        for task in told:
+            task.cancel()
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await redis.aclose()

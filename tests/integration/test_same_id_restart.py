@@ -26,7 +26,7 @@ from tests.support.nodes import NodeProcess
 pytestmark = pytest.mark.slow
 
 #: Long enough that the restarted process is up before the old incarnation's heartbeat lapses.
-TTL = 5.0
+TTL = 8.0
 ARGS = fast_args(heartbeat=0.5, ttl=TTL)
 
 

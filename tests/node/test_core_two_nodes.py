@@ -12,7 +12,14 @@ from typing import Any
 import msgspec
 import pytest
 
-from broker_node.core.actions import Action, PauseReading, Publish, ResumeReading, Send
+from broker_node.core.actions import (
+    Action,
+    ForgetConnection,
+    PauseReading,
+    Publish,
+    ResumeReading,
+    Send,
+)
 from broker_node.core.broker import BrokerCore
 from broker_node.core.envelopes import Envelope
 from broker_node.core.records import ChannelRecord, ConnectionRecord
@@ -53,6 +60,8 @@ class Node:
                 self.paused.add(action.connection_id)
             elif isinstance(action, ResumeReading):
                 self.paused.discard(action.connection_id)
+            elif isinstance(action, ForgetConnection):
+                self.run(list(action.then))  # the registry forgot it at once
         if receipts:
             self.run(self.core.written(receipts))
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.support.nodes import NodeProcess
+from tests.support.tokens import SECRET, claims, hs256
 
 PACKAGE = "@sitnikov/connection-broker@1.0.0"
 UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
@@ -154,3 +155,32 @@ def test_legacy_errors_reject_the_clients_promises(js_client: Path, node: NodePr
     check_success_paths(out)
     assert out["openUnknown"] == "Target connection not found"
     assert out["sendClosed"] == "Channel not found"
+
+
+# --- authentication (issue 13): the JS client can only carry a token in the URL -----------
+
+
+@pytest.mark.network
+def test_js_client_with_a_query_token(js_client: Path) -> None:
+    token = hs256(claims(sub="js", roles=["js-compat-a", "js-compat-b"], list=["*"], open=["*"]))
+    args = ["--auth-query-token"]
+    with NodeProcess(extra_args=args, env={"BROKER_AUTH_SECRET": SECRET}) as node:
+        out = run_script(js_client, f"{node.url}/?token={token}&errors=legacy", "legacy")
+        check_success_paths(out)
+        assert out["openUnknown"] == "Target connection not found"
+        assert token not in node.output()
+
+
+@pytest.mark.network
+def test_js_client_without_a_token_is_refused(js_client: Path) -> None:
+    with NodeProcess(env={"BROKER_AUTH_SECRET": "x" * 32}) as node:
+        run = subprocess.run(
+            ["node", str(js_client), f"{node.url}/?errors=legacy", "legacy"],
+            cwd=js_client.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert run.returncode != 0
+    assert "Authentication required" in run.stdout + run.stderr

@@ -27,7 +27,7 @@ class RecordingBus:
         self.fail = fail
 
     def send(self, messages: Sequence[tuple[NodeId, bytes]], on_result: PublishResult) -> None:
-        self.calls.append([(node, decode_batch(payload)) for node, payload in messages])
+        self.calls.append([(node, decode_batch(payload)[0]) for node, payload in messages])
         result: list[int] | BackendUnavailable = (
             BackendUnavailable("publish") if self.fail else [1] * len(messages)
         )
@@ -138,7 +138,7 @@ async def test_a_node_that_subscribes_late_gets_everything_in_order() -> None:
     outbox.put(B, closed(2))
     await asyncio.sleep(0.03)  # both reached nobody; later puts wait behind them
     outbox.put(B, closed(3))
-    async with backend.bus.subscribe(B, lambda payload: received.extend(decode_batch(payload))):
+    async with backend.bus.subscribe(B, lambda payload: received.extend(decode_batch(payload)[0])):
         await run_until_idle(outbox)
     assert reported == []
     assert received == [closed(1), closed(2), closed(3)]

@@ -52,6 +52,7 @@ class NodeProcess:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         binary: str = BROKER_NODE,
+        wrapper: list[str] | None = None,
     ) -> None:
         self.binary = binary
         self.port = port if port is not None else free_port()
@@ -59,6 +60,8 @@ class NodeProcess:
         self.node_id = node_id
         self.extra_args = list(extra_args or [])
         self.env = dict(env or {})
+        #: A command the node runs under (e.g. ``prlimit --nofile=...``).
+        self.wrapper = list(wrapper or [])
         self.process: subprocess.Popen[bytes] | None = None
         self.log = Path(tempfile.mkstemp(prefix="broker-node-", suffix=".log")[1])
 
@@ -77,6 +80,7 @@ class NodeProcess:
 
     def start(self, *, timeout: float = 15.0, wait_ready: bool = True) -> NodeProcess:
         args = [
+            *self.wrapper,
             self.binary,
             "--host",
             "127.0.0.1",
