@@ -62,14 +62,6 @@ class Faults(Workload):
     messages_race_close = None  # type: ignore[assignment]
     close_races_disconnect = None  # type: ignore[assignment]
 
-    def channel_for(self, data: st.DataObject, client: int) -> str:
-        """Not a live channel of other clients: a stranger on a third node meets a divergence
-        of its own (STRANGER_TOLD_CHANNEL_NOT_FOUND in known.py), which is not a fault's."""
-        me = self.model.connection_of[client]
-        own = self.model.channels_of(me) if me is not None else []
-        closed = [n for n in self.model.known_channels if n not in self.model.channels]
-        return data.draw(st.sampled_from([*own, *closed, "chan-never-opened"]), label="channel")
-
     # --- node faults -------------------------------------------------------------------------
 
     @precondition(lambda self: "stop" in self.faults)

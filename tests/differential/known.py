@@ -1,23 +1,22 @@
 """The divergences from one node known on the current code, in one place.
 
-Remove a mark with the fix (the marks are strict: a test that starts passing fails until its
-mark goes). The checkers themselves are not weakened. The three divergences of issue 10
-item 1 are fixed on main (tests/integration/test_like_one_node.py) and have no mark here.
+Remove a mark with the fix. The checkers themselves are not weakened; the marks only say
+that a failure is expected while the divergence is open.
 """
 
 from __future__ import annotations
 
 import pytest
 
-#: Found by the differential test: a connection on a third node that is not an end of a
-#: channel gets "Channel not found" for `message` and `close` on it (its node does not know
-#: the channel); one node answers "Not authorized for this channel".
-STRANGER_TOLD_CHANNEL_NOT_FOUND = pytest.mark.xfail(
-    strict=True, reason="a non-end on a third node gets 'Channel not found'"
-)
-
-#: The differential workload meets the finding above within a few examples (the CI profile
-#: is derandomized, so the run, and this mark, are repeatable).
-DIFFERENTIAL_WORKLOAD = pytest.mark.xfail(
-    strict=True, reason="the workload finds STRANGER_TOLD_CHANNEL_NOT_FOUND"
+#: Found by the differential test on main d1ecbd5: an end of a channel that was just closed
+#: (by itself or by the other end) gets "Not authorized for this channel" for `message` or
+#: `close` on it instead of "Channel not found". The node no longer holds the channel and asks
+#: the registry (`channel_exists`, node.py `_open_elsewhere`), which still holds it while its
+#: removal is in flight; "open elsewhere" is then read as "you are not an end" without
+#: checking the ends. It depends on timing (the removal racing the lookup), so these marks
+#: are not strict: a run may miss it.
+CLOSED_CHANNEL_SAID_NOT_AUTHORIZED = pytest.mark.xfail(
+    strict=False,
+    reason="a just-closed channel's end is told 'Not authorized for this channel' "
+    "(registry lookup races the channel's removal)",
 )

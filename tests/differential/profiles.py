@@ -4,7 +4,8 @@
 machine; ``long`` is the thorough run before a release. Select ``long`` with
 ``pytest --hypothesis-profile=long tests/differential`` or ``BROKER_DIFF_PROFILE=long``.
 They are registered from the root conftest so that ``--hypothesis-profile`` (read when pytest
-configures itself, before this folder is collected) finds them.
+configures itself, before this folder is collected) finds them; the tests here apply them
+with :func:`chosen`, so the other Hypothesis tests keep their own settings.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ settings.register_profile(
 settings.register_profile("long", max_examples=400, stateful_step_count=40, parent=_COMMON)
 
 
-def load() -> None:
-    """The profile named by BROKER_DIFF_PROFILE (``ci`` if unset); BROKER_DIFF_EXAMPLES, if
-    set, overrides its number of examples."""
-    name = os.environ.get("BROKER_DIFF_PROFILE", "ci")
+def chosen() -> settings:
+    """The differential tests' settings: the profile named by BROKER_DIFF_PROFILE, else the
+    one ``--hypothesis-profile`` loaded if it is ``long``, else ``ci``; BROKER_DIFF_EXAMPLES,
+    if set, overrides its number of examples. Other Hypothesis tests keep their own."""
+    name = os.environ.get("BROKER_DIFF_PROFILE")
+    if name is None:
+        name = "long" if settings.get_current_profile_name() == "long" else "ci"
+    profile = settings.get_profile(name)
     examples = os.environ.get("BROKER_DIFF_EXAMPLES")
     if examples:
-        settings.register_profile(
-            f"{name}-{examples}", settings.get_profile(name), max_examples=int(examples)
-        )
-        name = f"{name}-{examples}"
-    settings.load_profile(name)
+        return settings(profile, max_examples=int(examples))
+    return profile

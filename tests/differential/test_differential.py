@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from hypothesis.stateful import run_state_machine_as_test
 
+from tests.differential import profiles
 from tests.differential.conftest import Loop
 from tests.differential.harness import System
-from tests.differential.known import DIFFERENTIAL_WORKLOAD
+from tests.differential.known import CLOSED_CHANNEL_SAID_NOT_AUTHORIZED
 from tests.differential.workload import Workload
 from tests.support.nodes import NodeProcess
 
 
-@DIFFERENTIAL_WORKLOAD
+@CLOSED_CHANNEL_SAID_NOT_AUTHORIZED
 def test_cluster_and_one_node_answer_alike(
     loop: Loop, standalone: NodeProcess, cluster_nodes: list[NodeProcess]
 ) -> None:
@@ -26,7 +27,7 @@ def test_cluster_and_one_node_answer_alike(
     OnBoth.loop = loop
     OnBoth.systems = (one_node, cluster)
     try:
-        run_state_machine_as_test(OnBoth)
+        run_state_machine_as_test(OnBoth, settings=profiles.chosen())
     finally:
         loop.run(_close_observers(one_node, cluster))
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
+from tests.differential import profiles
 from tests.differential.conftest import Loop
 from tests.differential.faults import Faults
 from tests.differential.harness import System
+from tests.differential.known import CLOSED_CHANNEL_SAID_NOT_AUTHORIZED
 from tests.support.nodes import NodeProcess
 from tests.support.redis_server import RedisServer
 
@@ -31,7 +33,7 @@ def _run(
     WithFaults.nodes = cluster_nodes
     WithFaults.redis_server = redis_server
     # A fault costs seconds (a drain, a lapsed heartbeat, a node start): fewer examples.
-    current = settings()
+    current = profiles.chosen()
     fewer = settings(
         current,
         max_examples=max(2, current.max_examples // 4),
@@ -45,12 +47,14 @@ def _run(
             loop.run(cluster.observer.close())
 
 
+@CLOSED_CHANNEL_SAID_NOT_AUTHORIZED
 def test_nodes_stopped_or_killed_between_steps(
     loop: Loop, redis_server: RedisServer, cluster_nodes: list[NodeProcess]
 ) -> None:
     _run(frozenset({"stop", "kill"}), loop, redis_server, cluster_nodes)
 
 
+@CLOSED_CHANNEL_SAID_NOT_AUTHORIZED
 def test_redis_restarted_empty_or_pubsub_killed_between_steps(
     loop: Loop, redis_server: RedisServer, cluster_nodes: list[NodeProcess]
 ) -> None:
