@@ -4,10 +4,12 @@ redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
+from tests.differential.known import CLOSED_CHANNEL_SAID_NOT_AUTHORIZED_REPRODUCED
 from tests.integration.helpers import Cluster
 
 pytestmark = pytest.mark.slow
@@ -55,3 +57,25 @@ async def test_an_end_that_closed_a_channel_is_told_it_is_not_found(
         ("channel_message_failed", "Channel not found"),
         ("channel_close_failed", "Channel not found"),
     ]
+
+
+@CLOSED_CHANNEL_SAID_NOT_AUTHORIZED_REPRODUCED
+async def test_both_ends_closing_at_once_never_hear_not_authorized(cluster: Cluster) -> None:
+    """Both ends of cross-node channels close at the same moment: one gets `channel_closed`,
+    the other `channel_closed_notification` and "Channel not found", as on one node (never
+    "Not authorized for this channel": each of them is an end)."""
+    n0, n1 = await cluster.start(2)
+    a, b = await cluster.client(n0, "a"), await cluster.client(n1, "b")
+    assert b.connection_id is not None
+    errors: set[str] = set()
+    for _ in range(30):
+        channel = await a.open(b.connection_id)
+        await b.notification("incoming_channel")
+        replies = await asyncio.gather(
+            a.request("close", channelId=channel, timeout=10),
+            b.request("close", channelId=channel, timeout=10),
+        )
+        errors.update(r["error"] for r in replies if r["type"] == "channel_close_failed")
+        for client in (a, b):
+            client.received.clear()
+    assert errors <= {"Channel not found"}
