@@ -7,6 +7,7 @@ import pytest
 from broker_node.config import Settings
 from broker_node.node import BrokerNode
 from shared.ids import NodeId
+from tests.differential import profiles  # noqa: F401 - registers the differential profiles
 
 
 @pytest.fixture
