@@ -280,10 +280,10 @@ async def test_restore_after_the_store_was_wiped(harness: Harness) -> None:
 async def test_bulk_removal_removes_every_entry_of_the_records(harness: Harness) -> None:
     registry = harness.backend.registry
     keep = connection(A, "r")
-    gone = [connection(A, "r") for _ in range(1_203)] + [connection(A, "other")]
+    gone = [connection(A, "r") for _ in range(603)] + [connection(A, "other")]
     await registry.restore(A, [keep, *gone], [])
     kept_channel = channel(keep, keep)
-    gone_channels = [channel(keep, record) for record in gone[:1_100]]
+    gone_channels = [channel(keep, record) for record in gone[:550]]
     await registry.restore(A, [], [kept_channel, *gone_channels])
 
     await registry.remove_channels(gone_channels)
