@@ -131,7 +131,10 @@ class ClientConnection(asyncio.Protocol):
         self._scanner: FrameScanner | None = None
         # --- hostile input and resource limits (issue 15)
         settings = node.settings
-        now = asyncio.get_running_loop().time()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call each time, and the
+        # rate limits read the clock on every read.
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
         self._request_bucket = (
             TokenBucket(settings.max_requests_per_second, settings.request_burst, now)
             if settings.max_requests_per_second > 0
@@ -230,7 +233,7 @@ class ClientConnection(asyncio.Protocol):
         self._writing_paused = True
         if self._stall_timer is None and self.ws.state is State.OPEN:
             timeout = self.node.settings.slow_consumer_timeout
-            self._stall_timer = asyncio.get_running_loop().call_later(timeout, self._stalled)
+            self._stall_timer = self._loop.call_later(timeout, self._stalled)
 
     def resume_writing(self) -> None:
         # The transport's buffer is empty: the kernel accepted every byte handed so far.
@@ -477,7 +480,7 @@ class ClientConnection(asyncio.Protocol):
     def _charge(self, size: int) -> None:
         # Reading pauses rather than answering each request over the limit with an error:
         # TCP backpressure slows the client down, and no error storm goes back to it.
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         wait = 0.0
         limit = ""
         if self._byte_bucket is not None:
@@ -491,7 +494,7 @@ class ClientConnection(asyncio.Protocol):
         if wait > 0 and self._rate_timer is None and not self.closed:
             self.node.limit_reached(limit, self)
             self.pause_reading("rate")
-            self._rate_timer = asyncio.get_running_loop().call_later(wait, self._rate_lifted)
+            self._rate_timer = self._loop.call_later(wait, self._rate_lifted)
 
     def add_request_cost(self, requests: int) -> None:
         """Count a costly request as ``requests`` more against the rate (at the next read)."""

@@ -150,6 +150,8 @@ class BrokerNode:
         self._closed_retry: list[tuple[NodeId, Closed, int]] = []
         self._closed_attempts: dict[tuple[NodeId, Closed], int] = {}
         self._stopped = asyncio.Event()
+        #: The running loop, kept at start: asyncio.get_running_loop() costs a system call.
+        self._loop: asyncio.AbstractEventLoop
         self._no_sockets = asyncio.Event()
         # --- hostile input and resource limits (issue 15)
         self._dropped_logged_at = -LIMIT_LOG_INTERVAL
@@ -164,6 +166,7 @@ class BrokerNode:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.supervisor.start("bus-subscriber", self._subscriber_loop)
         self.supervisor.start("registry-writer", self._registry_writer_loop)
         self.supervisor.start("expiry", self._expiry_loop)
@@ -443,7 +446,7 @@ class BrokerNode:
         self._dirty.append(sock)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_all)
+            self._loop.call_soon(self._flush_all)
 
     def flush_now(self) -> None:
         """Write what this turn produced so far, rather than at the end of the turn."""
