@@ -2,7 +2,7 @@
 
 Built on websockets' Sans-I/O ``ServerProtocol`` driven from an ``asyncio.Protocol``: frames are
 handled synchronously in ``data_received`` and outgoing frames are coalesced into one write per
-connection per event-loop turn (see docs/performance-notes.md). The adapter does the same few
+connection per event-loop turn (see "Performance" in README.md). The adapter does the same few
 steps for every frame: decode, let the core decide, execute; it holds no rule of the broker's
 protocol.
 

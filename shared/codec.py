@@ -1,7 +1,7 @@
 """Frames to requests, and messages to frames.
 
 ``decode_request`` never raises: it returns either a request or a *rejection*, a value that
-says how the bad-input table of ``docs/cluster-semantics.md`` answers the frame:
+says how the bad-input table ("Bad input" in ``docs/protocol.md``) answers the frame:
 
 ==========================================================  ==================================
 input                                                       rejection
