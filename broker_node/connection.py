@@ -176,13 +176,19 @@ class ClientConnection(asyncio.Protocol):
         scanner = self._scanner
         if scanner is not None:
             self._receive_frames(scanner, data)
+        elif self._head is not None:
+            rest = self._receive_head(data)
+            # After a 101, every byte goes to the scanner, which hands websockets each frame
+            # it does not take whole: the two never share a frame. The scanner knows no
+            # extension (none is negotiated: no compressed frames).
+            if self.ws.state is _OPEN and not self.ws.extensions:
+                scanner = self._scanner = FrameScanner(self.node.settings.max_message_size)
+                if rest:
+                    self._receive_frames(scanner, rest)
+            elif rest:
+                self._receive_via_websockets(rest)
         else:
-            if self._head is not None:
-                data = self._receive_head(data)
-            if data:
-                self._receive_via_websockets(data)
-            if self._websockets_between_frames():
-                self._scanner = FrameScanner(self.node.settings.max_message_size)
+            self._receive_via_websockets(data)
         self._write_protocol_data()
         if self._request_bucket is not None or self._byte_bucket is not None:
             self._charge(len(data))
@@ -376,21 +382,6 @@ class ClientConnection(asyncio.Protocol):
                 self._on_frame(event)
             elif isinstance(event, HttpRequest):
                 self._on_http_request(event)
-
-    def _websockets_between_frames(self) -> bool:
-        """Open, holding no partial frame and no unfinished message: the fast path may start.
-
-        Frames a client sent right behind its handshake request are parsed by websockets along
-        with it; the scanner starts only at a frame boundary so that both never share a frame.
-        """
-        ws = self.ws
-        return (
-            ws.state is _OPEN
-            and not ws.reader.buffer
-            and ws.current_size is None
-            # The scanner knows no extension (none is negotiated: no compressed frames).
-            and not ws.extensions
-        )
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode

@@ -17,7 +17,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable
 from typing import Final, TypeVar
 
-from websockets.exceptions import PayloadTooBig
+from websockets.frames import CloseCode
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
@@ -398,7 +398,9 @@ class BrokerNode:
                 del self._ip_connections[sock.client_ip]
         if not self.sockets:
             self._no_sockets.set()
-        if isinstance(sock.ws.parser_exc, PayloadTooBig):
+        # Websockets closes with 1009 only for a frame or message over the size limit.
+        close_sent = sock.ws.close_sent
+        if close_sent is not None and close_sent.code == CloseCode.MESSAGE_TOO_BIG:
             self.bad_frame("too_big")
         self.client_closing(sock)
 
