@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Connections (sockets to Redis), three kinds, all made by one *pool factory* so that tests can
-hand in fakeredis connections for the registry (the bus needs real sockets):
+Connections (sockets to Redis), three kinds. The registry's are redis-py's, made by one *pool
+factory* so that tests can hand in fakeredis connections; the bus opens real sockets of its own
+from the Redis URL (``endpoint.py``):
 
 * the registry's command pool (bounded, blocking up to the request timeout for a free slot);
 * ONE publisher connection for the bus, a ``RespLink`` (see ``resp.py``). ``send`` writes its
@@ -15,16 +16,15 @@ hand in fakeredis connections for the registry (the bus needs real sockets):
   would lose messages unnoticed. A lost subscriber connection makes ``wait_lost`` raise
   ``BackendUnavailable``; an idle one is probed with ``PING``.
 
-Timeouts and errors: every connection has ``socket_connect_timeout`` equal to
-``Settings.request_timeout`` (and no ``socket_timeout``, see ``url_pool_factory``), no retries
-(a retried PUBLISH could duplicate or reorder), and every operation runs under one
+Timeouts and errors: every connection is made within ``Settings.request_timeout`` (the
+registry's have no ``socket_timeout``, see ``url_pool_factory``), with no retries (a retried
+PUBLISH could duplicate or reorder), and every operation runs under one
 ``asyncio.timeout(request_timeout)`` (a publish gets one request timeout for its replies); the
-node
-scripts ``reap``, ``leave`` and ``rejoin``, which run from background loops and may take long on
-a big node, use two connections of their own with ``max(request_timeout, heartbeat_interval)``.
-Any Redis error, socket error or timeout becomes ``BackendUnavailable``, which then means
-"outcome unknown": the command may still have been applied (a paused Redis runs what it had
-buffered when it resumes).
+node scripts ``reap``, ``leave`` and ``rejoin``, which run from background loops and may take
+long on a big node, use two connections of their own with
+``max(request_timeout, heartbeat_interval)``. Any Redis error, socket error or timeout becomes
+``BackendUnavailable``, which then means "outcome unknown": the command may still have been
+applied (a paused Redis runs what it had buffered when it resumes).
 
 Atomicity: writes that touch several keys go in a MULTI/EXEC pipeline; ``heartbeat``,
 ``rejoin``, ``reap`` and ``leave`` are Lua scripts, so that of several survivors racing to reap
@@ -55,8 +55,9 @@ from broker_node.cluster.base import (
     Registry,
     Subscription,
 )
+from broker_node.cluster.endpoint import RedisEndpoint
 from broker_node.cluster.keys import TOMBSTONE_TTL_MS, RedisKeys
-from broker_node.cluster.resp import ConnectionMaker, Reply, RespLink, command, open_link
+from broker_node.cluster.resp import Reply, RespLink, command, open_link
 from broker_node.config import Settings
 from broker_node.core.records import ChannelRecord, ConnectionRecord
 from broker_node.errors import BackendUnavailable, ConfigurationError
@@ -554,8 +555,8 @@ class _Publisher:
     (Redis hung, or the route is gone), and everything in flight is reported as failed.
     """
 
-    def __init__(self, make_connection: ConnectionMaker, timeout: float) -> None:
-        self._make_connection = make_connection
+    def __init__(self, endpoint: RedisEndpoint | None, timeout: float) -> None:
+        self._endpoint = endpoint
         self._timeout = timeout
         self._loop = asyncio.get_running_loop()
         self._link: RespLink | None = None
@@ -618,7 +619,7 @@ class _Publisher:
         link = RespLink("bus publisher", self._on_reply, on_writable=self._write_queued)
         try:
             async with asyncio.timeout(self._timeout):
-                await open_link(self._make_connection, link)
+                await open_link(self._endpoint, link)
         except asyncio.CancelledError:
             self._connecting = None
             raise
@@ -763,21 +764,18 @@ class RedisBus(Bus):
     callback straight from ``data_received``; no task runs per publish or per payload.
     """
 
-    def __init__(self, pool_factory: PoolFactory, keys: RedisKeys, *, timeout: float) -> None:
+    def __init__(self, endpoint: RedisEndpoint | None, keys: RedisKeys, *, timeout: float) -> None:
         self._keys = keys
         self._timeout = timeout
-        # Connections are made outside any pool (nothing reconnects them behind our back); the
-        # pool only carries the URL's connection settings.
-        pool = pool_factory(1, timeout)
-        self._make_connection: ConnectionMaker = lambda: pool.connection_class(
-            **pool.connection_kwargs
-        )
+        # Its own sockets, outside any pool: nothing reconnects them behind our back. None:
+        # no socket to open (a backend on fakeredis pools has a registry and no bus).
+        self._endpoint = endpoint
         self._publisher: _Publisher | None = None
         self._subscribers: set[RespLink] = set()
 
     def send(self, messages: Sequence[tuple[NodeId, bytes]], on_result: PublishResult) -> None:
         if self._publisher is None:
-            self._publisher = _Publisher(self._make_connection, self._timeout)
+            self._publisher = _Publisher(self._endpoint, self._timeout)
         inbox = self._keys.inbox
         packed = b"".join(_packed_publish(inbox(node_id), payload) for node_id, payload in messages)
         self._publisher.send(packed, len(messages), on_result)
@@ -792,7 +790,7 @@ class RedisBus(Bus):
         try:
             try:
                 async with asyncio.timeout(self._timeout):
-                    await open_link(self._make_connection, link)
+                    await open_link(self._endpoint, link)
                     link.write(command(b"SUBSCRIBE", channel.encode()))
                     await asyncio.wait((confirmed, link.lost), return_when=asyncio.FIRST_COMPLETED)
             except TimeoutError as exc:
@@ -863,7 +861,10 @@ class RedisBackend:
             maintenance_timeout=maintenance_timeout,
             tombstone_ttl_ms=tombstone_ttl_ms,
         )
-        self._bus = RedisBus(pool_factory, keys, timeout=timeout)
+        url = settings.redis_url
+        self._bus = RedisBus(
+            RedisEndpoint.from_url(url) if url is not None else None, keys, timeout=timeout
+        )
 
     @property
     def registry(self) -> Registry:

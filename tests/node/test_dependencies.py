@@ -1,5 +1,5 @@
-"""What the node needs of websockets beyond its documented API: these fail loudly on a release
-that changes it, before any client notices."""
+"""What the node needs of websockets and redis-py: these fail loudly on a release that changes
+it, before any client notices."""
 
 from __future__ import annotations
 
@@ -35,3 +35,19 @@ def test_the_public_protocol_attributes_the_connection_reads() -> None:
     assert ws.close_sent is None and ws.extensions == []
     assert ws.state is not OPEN
     assert int(CloseCode.MESSAGE_TOO_BIG) == 1009
+
+
+def test_redis_py_parses_urls_as_the_bus_reads_them() -> None:
+    # The bus opens its own sockets from what parse_url says (broker_node/cluster/endpoint.py).
+    from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+
+    assert parse_url("redis://u:p@h:1/2") == {
+        "username": "u",
+        "password": "p",
+        "host": "h",
+        "port": 1,
+        "db": 2,
+    }
+    assert parse_url("rediss://h")["connection_class"] is SSLConnection
+    unix = parse_url("unix:///s.sock?db=1")
+    assert unix["connection_class"] is UnixDomainSocketConnection and unix["path"] == "/s.sock"
