@@ -182,7 +182,8 @@ async def test_an_unreachable_redis_is_logged_at_once_with_its_password_masked()
     output = "".join(seen) + rest.decode()
     complaint = next(line for line in seen if "cannot subscribe" in line)
     assert f"redis://broker:***@127.0.0.1:{unreachable}/0?password=***" in complaint
-    assert f"Error 111 connecting to 127.0.0.1:{unreachable}" in complaint
+    # The connection error as the OS gave it (errno 111: nothing listens there).
+    assert "Connection refused" in complaint or "Connect call failed" in complaint
     assert "s3cret" not in output and "Traceback" not in output
 
 
