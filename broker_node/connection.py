@@ -152,6 +152,8 @@ class ClientConnection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         #: Whether this connection counts toward its client address's connections.
         self.ip_counted = False
+        #: Bytes read from the socket so far (tests wait on it to split reads where they mean to).
+        self.bytes_received = 0
         self._http_answered = False
         #: The HTTP request gathered until its headers end (None once it is whole).
         self._head: bytearray | None = bytearray()
@@ -173,6 +175,7 @@ class ClientConnection(asyncio.Protocol):
         self.node.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
         scanner = self._scanner
         if scanner is not None:
             self._receive_frames(scanner, data)
