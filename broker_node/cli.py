@@ -405,7 +405,7 @@ def _read_text(path: str | None) -> str | None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--port", "-p", default=3004, show_default=True, type=click.IntRange(0, 65535))
 def connection_broker(port: int) -> None:
-    """Drop-in for the original package's ``connection-broker --port N``: a standalone node."""
+    """Drop-in for the original package's `connection-broker --port N`: a standalone node."""
     run(Settings(port=port))
 
 
@@ -442,7 +442,13 @@ async def _serve(settings: Settings) -> None:
     stopping = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    await node.start()
+    try:
+        await node.start()
+    except OSError as exc:
+        where = f"{settings.host}:{settings.port}"
+        if settings.metrics_port is not None:
+            where += f" or {settings.metrics_host or settings.host}:{settings.metrics_port}"
+        raise click.ClickException(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     await stopping.wait()
     logger.info("signal received; draining")
     await node.stop()

@@ -2,7 +2,7 @@
 
 Built on websockets' Sans-I/O ``ServerProtocol`` driven from an ``asyncio.Protocol``: frames are
 handled synchronously in ``data_received`` and outgoing frames are coalesced into one write per
-connection per event-loop turn (see docs/performance-notes.md). The adapter does the same few
+connection per event-loop turn (see "Performance" in README.md). The adapter does the same few
 steps for every frame: decode, let the core decide, execute; it holds no rule of the broker's
 protocol.
 
@@ -155,6 +155,8 @@ class ClientConnection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         #: Whether this connection counts toward its client address's connections.
         self.ip_counted = False
+        #: Bytes read from the socket so far (tests wait on it to split reads where they mean to).
+        self.bytes_received = 0
         self._http_answered = False
         #: The HTTP request gathered until its headers end (None once it is whole).
         self._head: bytearray | None = bytearray()
@@ -176,16 +178,23 @@ class ClientConnection(asyncio.Protocol):
         self.node.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
         scanner = self._scanner
         if scanner is not None:
             self._receive_frames(scanner, data)
+        elif self._head is not None:
+            rest = self._receive_head(data)
+            # After a 101, every byte goes to the scanner, which hands websockets each frame
+            # it does not take whole: the two never share a frame. The scanner knows no
+            # extension (none is negotiated: no compressed frames).
+            if self.ws.state is _OPEN and not self.ws.extensions:
+                scanner = self._scanner = FrameScanner(self.node.settings.max_message_size)
+                if rest:
+                    self._receive_frames(scanner, rest)
+            elif rest:
+                self._receive_via_websockets(rest)
         else:
-            if self._head is not None:
-                data = self._receive_head(data)
-            if data:
-                self._receive_via_websockets(data)
-            if self._websockets_between_frames():
-                self._scanner = FrameScanner(self.node.settings.max_message_size)
+            self._receive_via_websockets(data)
         self._write_protocol_data()
         if self._request_bucket is not None or self._byte_bucket is not None:
             self._charge(len(data))
@@ -379,21 +388,6 @@ class ClientConnection(asyncio.Protocol):
                 self._on_frame(event)
             elif isinstance(event, HttpRequest):
                 self._on_http_request(event)
-
-    def _websockets_between_frames(self) -> bool:
-        """Open, holding no partial frame and no unfinished message: the fast path may start.
-
-        Frames a client sent right behind its handshake request are parsed by websockets along
-        with it; the scanner starts only at a frame boundary so that both never share a frame.
-        """
-        ws = self.ws
-        return (
-            ws.state is _OPEN
-            and not ws.reader.buffer
-            and ws.current_size is None
-            # The scanner knows no extension (none is negotiated: no compressed frames).
-            and not ws.extensions
-        )
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode

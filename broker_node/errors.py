@@ -18,7 +18,12 @@ class BackendUnavailable(BrokerNodeError):
     def __init__(self, operation: str, cause: BaseException | None = None) -> None:
         self.operation = operation
         self.cause = cause
-        detail = f": {cause!r}" if cause is not None else ""
+        # The cause's type and text: redis-py's exceptions have a repr that omits the text
+        # (the address and errno an operator needs).
+        detail = ""
+        if cause is not None:
+            text = str(cause)
+            detail = f": {type(cause).__name__}: {text}" if text else f": {type(cause).__name__}"
         super().__init__(f"cluster backend unavailable during {operation}{detail}")
 
 

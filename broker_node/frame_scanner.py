@@ -14,12 +14,8 @@ The scanner is pure: bytes in, verdicts out, no I/O and no websockets state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
-
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - websockets' wheels ship the C extension
-    from websockets.utils import apply_mask
 
 #: A whole text frame the fast path takes: the verdict comes with its unmasked payload.
 FAST_TEXT: Final = 0
@@ -52,6 +48,33 @@ _OPCODE: Final = 0x0F
 _CONT: Final = 0x0
 _TEXT: Final = 0x1
 _BINARY: Final = 0x2
+
+
+def xor_mask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
+    """``payload`` XORed with the 4-byte ``mask`` repeated (RFC 6455, section 5.3)."""
+    size = len(payload)
+    repeats = (size + 3) >> 2
+    # One XOR of two big integers; the key, 0 to 3 bytes too long, loses its tail bytes.
+    key = int.from_bytes(bytes(mask) * repeats) >> (((repeats << 2) - size) << 3)
+    return (int.from_bytes(payload) ^ key).to_bytes(size)
+
+
+# websockets' C helper does the same 5 to 10 times faster (0.2 against 1.5 us for a 200-byte
+# payload; about 7 % of a message's CPU on the node). It is not public API: it is used only
+# when it exists and gives our answer (tests/node/test_dependencies.py checks that it does),
+# and our own takes over if a release drops or changes it.
+def _fastest_unmask() -> Callable[[bytes | bytearray, bytes | bytearray], bytes]:
+    try:
+        from websockets.speedups import apply_mask
+    except ImportError:  # pragma: no cover - websockets' wheels ship the C extension
+        return xor_mask
+    sample, mask = b"\x01\x02\x03\x04\x05", b"\x10\x20\x30\x40"
+    if apply_mask(sample, mask) != xor_mask(sample, mask):  # pragma: no cover
+        return xor_mask
+    return apply_mask
+
+
+unmask: Final = _fastest_unmask()
 
 
 class FrameScanner:
@@ -136,7 +159,7 @@ class FrameScanner:
         self._pos = end
         if first == _FIN_TEXT and masked and not self.in_fragmented_message:
             mask = data[payload_start - 4 : payload_start]
-            return FAST_TEXT, apply_mask(data[payload_start:end], mask)
+            return FAST_TEXT, unmask(data[payload_start:end], mask)
         if first == _FIN_PONG and masked and length <= _MAX_CONTROL_PAYLOAD:
             # Control frames may come between the fragments of a message, pongs included.
             return FAST_PONG, b""

@@ -17,7 +17,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable
 from typing import Final, TypeVar
 
-from websockets.exceptions import PayloadTooBig
+from websockets.frames import CloseCode
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
@@ -26,7 +26,7 @@ from broker_node.admission import client_address, origin_allowed, parse_networks
 from broker_node.auth.identity import TokenRefusal
 from broker_node.auth.service import NodeAuth
 from broker_node.cluster.base import Backend, Heartbeat
-from broker_node.cluster.factory import create_backend
+from broker_node.cluster.factory import create_backend, masked_url
 from broker_node.config import Settings
 from broker_node.connection import ClientConnection
 from broker_node.core.actions import (
@@ -178,6 +178,7 @@ class BrokerNode:
             on_revoked=lambda: self.execute(self.core.revoke(self.node_auth.is_revoked)),
         )
         if not self.backend.standalone:
+            logger.info("cluster backend %s", self._backend_name)
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
                 async with asyncio.timeout(self.settings.request_timeout * 2):
@@ -185,6 +186,25 @@ class BrokerNode:
             except TimeoutError:
                 logger.warning("bus subscription not ready yet; starting not-ready")
         self.supervisor.start("liveness", self._liveness_loop)
+        try:
+            await self._listen()
+        except OSError:
+            # A busy port or an unknown host: undo the start quietly, the caller says why.
+            await self._abandon_start()
+            raise
+        self.started = True
+        mode = "standalone" if self.backend.standalone else "cluster"
+        logger.info(
+            "listening on %s:%d (%s, node %s)", self.settings.host, self.port, mode, self.node_id
+        )
+        if node_name(self.node_id) != self.node_id:
+            logger.info(
+                "node name %s, this start's id %s: a restart under the same name is a new node",
+                node_name(self.node_id),
+                self.node_id,
+            )
+
+    async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             lambda: ClientConnection(self),
@@ -204,17 +224,18 @@ class BrokerNode:
                 reuse_address=True,
                 limit=self.settings.max_header_bytes,
             )
-        self.started = True
-        mode = "standalone" if self.backend.standalone else "cluster"
-        logger.info(
-            "listening on %s:%d (%s, node %s)", self.settings.host, self.port, mode, self.node_id
-        )
-        if node_name(self.node_id) != self.node_id:
-            logger.info(
-                "node name %s, this start's id %s: a restart under the same name is a new node",
-                node_name(self.node_id),
-                self.node_id,
-            )
+
+    async def _abandon_start(self) -> None:
+        self._stopped.set()
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        await self.supervisor.stop()
+        with contextlib.suppress(BackendUnavailable, TimeoutError):
+            async with asyncio.timeout(self.settings.request_timeout):
+                await self.registry.leave(self.node_id)
+        await self.node_auth.aclose()
+        await self.backend.aclose()
 
     async def __aenter__(self) -> BrokerNode:
         await self.start()
@@ -381,7 +402,9 @@ class BrokerNode:
                 del self._ip_connections[sock.client_ip]
         if not self.sockets:
             self._no_sockets.set()
-        if isinstance(sock.ws.parser_exc, PayloadTooBig):
+        # Websockets closes with 1009 only for a frame or message over the size limit.
+        close_sent = sock.ws.close_sent
+        if close_sent is not None and close_sent.code == CloseCode.MESSAGE_TOO_BIG:
             self.bad_frame("too_big")
         self.client_closing(sock)
 
@@ -589,28 +612,42 @@ class BrokerNode:
     async def _registry_call(self, operation: str, call: Awaitable[_T]) -> _T:
         started = time.perf_counter()
         failed = True
+        error: BaseException | None = None
         try:
             async with asyncio.timeout(self.settings.request_timeout):
                 result = await call
             failed = False
             return result
         except TimeoutError as exc:
-            raise BackendUnavailable(operation, exc) from exc
+            error = BackendUnavailable(operation, exc)
+            raise error from exc
         except asyncio.CancelledError:
             # The node is stopping: that says nothing about the backend.
             failed = False
             raise
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self.stats.registry_call(operation, time.perf_counter() - started, failed)
             if failed:
-                self._backend_state(False)
+                self._backend_state(False, error)
 
-    def _backend_state(self, up: bool) -> None:
+    @property
+    def _backend_name(self) -> str:
+        url = self.settings.redis_url
+        return masked_url(url) if url is not None else "in memory"
+
+    def _backend_state(self, up: bool, error: BaseException | None = None) -> None:
         # Logged once per transition, never per request.
         if up and not self.backend_up:
             logger.info("cluster backend is back")
         elif not up and self.backend_up:
-            logger.warning("cluster backend lost; requests that need it fail until it is back")
+            logger.warning(
+                "cluster backend lost (%s: %s); requests that need it fail until it is back",
+                self._backend_name,
+                error,
+            )
         self.backend_up = up
 
     # --- the registry in the background -----------------------------------------------------
@@ -678,9 +715,15 @@ class BrokerNode:
                     self._subscribed_event.set()
                     failures = 0
                     await subscription.wait_lost()
-            except BackendUnavailable:
+            except BackendUnavailable as exc:
                 if self.subscribed:
                     logger.warning("bus subscription lost; resubscribing")
+                elif not failures:
+                    logger.warning(
+                        "cannot subscribe to this node's bus inbox at %s (%s); retrying",
+                        self._backend_name,
+                        exc,
+                    )
                 self.subscribed = False
                 self._subscribed_event.clear()
                 if failures:
@@ -810,7 +853,7 @@ class BrokerNode:
             except BackendUnavailable as exc:
                 logger.debug("liveness round failed: %s", exc)
                 failed = True
-                self._backend_state(False)
+                self._backend_state(False, exc)
             await asyncio.sleep(self.peer_check_interval)
 
     async def _beat(self, *, first: bool, after_outage: bool) -> None:

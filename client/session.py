@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, assert_never
+from typing import Any, Final, assert_never
 
 import msgspec
 
@@ -51,6 +51,7 @@ from client.errors import ChannelClosed, CloseReason, ConnectionLost, InvalidPay
 from shared.codec import decode_broker_message, encode
 from shared.ids import ChannelId, ConnectionId
 from shared.messages import (
+    REQUESTS,
     BrokerMessage,
     ChannelClosedNotification,
     ChannelCloseFailed,
@@ -73,6 +74,7 @@ from shared.messages import (
     Register,
     Registered,
     RegisterFailed,
+    RequestKind,
 )
 from shared.messages import (
     ChannelClosed as ChannelClosedReply,
@@ -100,8 +102,6 @@ __all__ = [
     "Violation",
     "encode_payload",
 ]
-
-RequestKind = Literal["register", "list_by_role", "open", "message", "close", "refresh"]
 
 #: ``reply_type`` of a rejection the session made up: the reply did not fit the request.
 UNEXPECTED_REPLY: Final = "unexpected_reply"
@@ -265,16 +265,6 @@ class _CompatConnections(msgspec.Struct):
 
 class _CompatOpened(msgspec.Struct):
     channelId: str
-
-
-_SUCCESS_TYPE: Final[dict[RequestKind, str]] = {
-    "register": "registered",
-    "list_by_role": "connections",
-    "open": "channel_opened",
-    "message": "channel_message_sent",
-    "close": "channel_closed",
-    "refresh": "refreshed",
-}
 
 
 @dataclass(slots=True)
@@ -448,7 +438,7 @@ class Session:
         if pending is None:
             return [Violation(f"reply {_tag(message)} to unknown request {reply_to}")]
         tag = _tag(message)
-        if tag != _SUCCESS_TYPE[pending.kind]:
+        if tag != REQUESTS[pending.kind].success_type:
             return self._rejected(
                 reply_to, pending, UNEXPECTED_REPLY, f"{tag} does not answer {pending.kind}"
             )
@@ -465,7 +455,7 @@ class Session:
                 return self._done(reply_to, pending, Sent(ChannelId(channel)))
             case ChannelClosedReply(channelId=channel):
                 return self._done(reply_to, pending, Closed(ChannelId(channel)))
-            case _:  # pragma: no cover - _SUCCESS_TYPE admits only the cases above
+            case _:  # pragma: no cover - REQUESTS admits only the cases above
                 raise AssertionError(tag)
 
     def _done(self, reply_to: int, pending: _Pending, value: ReplyValue) -> list[Event]:

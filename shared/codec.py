@@ -1,7 +1,7 @@
 """Frames to requests, and messages to frames.
 
 ``decode_request`` never raises: it returns either a request or a *rejection*, a value that
-says how the bad-input table of ``docs/cluster-semantics.md`` answers the frame:
+says how the bad-input table ("Bad input" in ``docs/protocol.md``) answers the frame:
 
 ==========================================================  ==================================
 input                                                       rejection
@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import msgspec
 
-from shared.messages import FAILURE_TYPE, REQUEST_TYPES, BrokerMessage, Request
+from shared.messages import REQUESTS, BrokerMessage, Request
 
 CLOSE_UNSUPPORTED_DATA: Final = 1003
 CLOSE_INVALID_DATA: Final = 1007
@@ -79,16 +79,11 @@ Rejection = CloseConnection | ErrorReply | FailedReply
 
 _request_decoder: Final[msgspec.json.Decoder[Request]] = msgspec.json.Decoder(Request)
 _any_decoder: Final = msgspec.json.Decoder()
-_typed_decoders: Final = {name: msgspec.json.Decoder(cls) for name, cls in REQUEST_TYPES.items()}
+_typed_decoders: Final = {
+    name: msgspec.json.Decoder(spec.request) for name, spec in REQUESTS.items()
+}
 _encoder: Final = msgspec.json.Encoder()
 _broker_decoder: Final[msgspec.json.Decoder[BrokerMessage]] = msgspec.json.Decoder(BrokerMessage)
-
-#: Which request field a ``*_failed`` reply echoes back (``channelId`` or ``targetId``).
-SUBJECT_FIELD: Final[dict[str, str]] = {
-    "open": "targetId",
-    "message": "channelId",
-    "close": "channelId",
-}
 
 
 _NOT_UTF8: Final = CloseConnection(CLOSE_INVALID_DATA, "Invalid UTF-8")
@@ -260,7 +255,7 @@ def _answer_with(
     request_type = value.get("type")
     if request_type is None:
         return ErrorReply(request_id, "Missing field: type", kind)
-    if not isinstance(request_type, str) or request_type not in REQUEST_TYPES:
+    if not isinstance(request_type, str) or request_type not in REQUESTS:
         shown = request_type if isinstance(request_type, str) else repr(request_type)
         return ErrorReply(request_id, f"Unknown request type: {shown}", kind)
     if error is None:
@@ -275,7 +270,7 @@ def _answer_with(
             kind = UNCARRIABLE
         else:  # pragma: no cover - the fast path accepts anything convert accepts
             error = "Invalid request"
-    subject = value.get(SUBJECT_FIELD.get(request_type, ""), "")
+    subject = value.get(REQUESTS[request_type].subject_field or "", "")
     return FailedReply(
         request_type=request_type,
         reply_to=request_id,
@@ -288,7 +283,7 @@ def _answer_with(
 
 def failure_type(request_type: str) -> str:
     """The ``*_failed`` reply type of a request type."""
-    return FAILURE_TYPE[request_type]
+    return REQUESTS[request_type].failure_type
 
 
 def encode(message: BrokerMessage | Request) -> bytes:

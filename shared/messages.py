@@ -11,12 +11,14 @@ Payloads are ``msgspec.Raw``: the broker never parses or re-encodes them.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
 
 import msgspec
 
 __all__ = [
-    "FAILURE_TYPE",
+    "REQUESTS",
     "BrokerMessage",
     "ChannelCloseFailed",
     "ChannelClosed",
@@ -29,6 +31,7 @@ __all__ = [
     "Close",
     "Connections",
     "Error",
+    "FailureReply",
     "IncomingChannel",
     "ListByRole",
     "ListByRoleFailed",
@@ -41,6 +44,8 @@ __all__ = [
     "RegisterFailed",
     "Registered",
     "Request",
+    "RequestKind",
+    "RequestSpec",
 ]
 
 
@@ -96,25 +101,6 @@ class Refresh(_Wire, frozen=True, tag="refresh"):
 
 
 Request = Register | ListByRole | Open | Message | Close | Refresh
-
-REQUEST_TYPES: Final[dict[str, type[Request]]] = {
-    "register": Register,
-    "list_by_role": ListByRole,
-    "open": Open,
-    "message": Message,
-    "close": Close,
-    "refresh": Refresh,
-}
-
-#: The failure reply of each request type (``open`` -> ``channel_open_failed``).
-FAILURE_TYPE: Final[dict[str, str]] = {
-    "register": "register_failed",
-    "list_by_role": "list_by_role_failed",
-    "open": "channel_open_failed",
-    "message": "channel_message_failed",
-    "close": "channel_close_failed",
-    "refresh": "refresh_failed",
-}
 
 # --- broker -> client -------------------------------------------------------------------
 
@@ -247,6 +233,58 @@ BrokerMessage = (
     | Refreshed
     | RefreshFailed
 )
+
+#: The name of a request type (its ``type`` tag).
+RequestKind = Literal["register", "list_by_role", "open", "message", "close", "refresh"]
+#: A ``*_failed`` reply.
+FailureReply = (
+    RegisterFailed
+    | ListByRoleFailed
+    | ChannelOpenFailed
+    | ChannelMessageFailed
+    | ChannelCloseFailed
+    | RefreshFailed
+)
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request type: its class, the reply that says it succeeded, the one that says it
+    failed, and the request field that failure names (``targetId``, ``channelId``, or none)."""
+
+    request: type[Request]
+    success: type[BrokerMessage]
+    failure: type[FailureReply]
+    subject_field: Literal["targetId", "channelId"] | None = None
+
+    @property
+    def success_type(self) -> str:
+        return _tag(self.success)
+
+    @property
+    def failure_type(self) -> str:
+        return _tag(self.failure)
+
+    def failed(self, frame_id: int, reply_to: int, subject: str, error: str) -> FailureReply:
+        """The failure reply, naming ``subject`` in the field the protocol gives it."""
+        # Every failure class takes id, replyTo and error; three take the subject too.
+        fields = {} if self.subject_field is None else {self.subject_field: subject}
+        return self.failure(id=frame_id, replyTo=reply_to, error=error, **fields)
+
+
+def _tag(cls: type[msgspec.Struct]) -> str:
+    return str(cls.__struct_config__.tag)
+
+
+#: The protocol's request kinds, one row each (the README's request/reply table).
+REQUESTS: Final[Mapping[str, RequestSpec]] = {
+    "register": RequestSpec(Register, Registered, RegisterFailed),
+    "list_by_role": RequestSpec(ListByRole, Connections, ListByRoleFailed),
+    "open": RequestSpec(Open, ChannelOpened, ChannelOpenFailed, "targetId"),
+    "message": RequestSpec(Message, ChannelMessageSent, ChannelMessageFailed, "channelId"),
+    "close": RequestSpec(Close, ChannelClosed, ChannelCloseFailed, "channelId"),
+    "refresh": RequestSpec(Refresh, Refreshed, RefreshFailed),
+}
 
 
 # --- authentication close codes (issue 13) ----------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from broker_node.cluster.base import Backend
 from broker_node.config import Settings
@@ -30,3 +30,22 @@ def create_backend(settings: Settings) -> Backend:
         f"unsupported cluster backend URL scheme {scheme!r}: "
         f"use one of {', '.join(sorted(s + '://' for s in REDIS_SCHEMES))} or none"
     )
+
+
+def masked_url(url: str) -> str:
+    """``url`` fit for a log line: its password (in the userinfo or a ``password=`` query
+    parameter, both of which redis-py reads) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{hostinfo}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(key == "password" for key, _ in pairs):
+            query = urlencode(
+                [(key, "***" if key == "password" else value) for key, value in pairs], safe="*"
+            )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

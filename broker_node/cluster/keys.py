@@ -7,7 +7,7 @@ last and never escaped: two families differ in their literal, and within a famil
 part is the whole rest of the name, so no role, node or id (which may contain ``:``) can make
 two names collide. See ``docs/redis-keys.md`` for types, contents, writers and TTLs.
 
-The Lua scripts in ``redis.py`` derive keys of other records (a connection's role set, the
+The Lua scripts in ``redis_registry.py`` derive keys of other records (a connection's role set, the
 other end's channel index) inside Redis: they receive the family prefixes below as ``ARGV``
 so that the naming still lives only here.
 """

@@ -214,7 +214,9 @@ class _MemorySubscription(Subscription):
     def __init__(self, deliver: Deliver) -> None:
         self._deliver = deliver
         self._queued: deque[bytes] = deque()
-        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The failure is the future's result, not its exception: a subscription its node
+        # leaves on purpose has no one waiting, and an unretrieved exception would be logged.
+        self._lost: asyncio.Future[BackendUnavailable] = asyncio.get_running_loop().create_future()
 
     def offer(self, payload: bytes) -> bool:
         """Queue a payload; False when the inbox is full (the payload is dropped)."""
@@ -236,11 +238,11 @@ class _MemorySubscription(Subscription):
 
     def lose(self, reason: str) -> None:
         if not self._lost.done():
-            self._lost.set_exception(BackendUnavailable(reason))
+            self._lost.set_result(BackendUnavailable(reason))
             self._queued.clear()
 
     async def wait_lost(self) -> None:
-        await asyncio.shield(self._lost)
+        raise await asyncio.shield(self._lost)
 
 
 class MemoryBus(Bus):

@@ -5,31 +5,28 @@ and redis-py's per-call machinery (a future per reply, a timeout scope, a lock, 
 per read) cost more CPU than the Redis round trip itself. A link parses replies with hiredis
 right in ``data_received`` and hands them to a callback; writes go straight to the transport.
 
-A link is *opened* by redis-py (so every URL option that works for the registry works here:
-TLS, unix sockets, passwords, ACL users) and then its socket is taken over: the transport gets
-our protocol instead of the stream reader's. Nothing else of redis-py is used afterwards.
+A link opens its own socket with asyncio from the Redis URL, as redis-py parses it (see
+``endpoint.py``: TCP, TLS, unix sockets, ACL users and passwords, db), and logs in with AUTH
+and SELECT before anything else is written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
-from typing import Final, cast
+from typing import cast
 
 import hiredis
-from redis.exceptions import RedisError
 
+from broker_node.cluster.endpoint import RedisEndpoint
 from broker_node.errors import BackendUnavailable, ConfigurationError
 
 logger = logging.getLogger(__name__)
 
 #: A reply as hiredis gives it: bytes, int, None, a list of replies, or a ReplyError.
 Reply = object
-#: Makes the redis-py connection a link is opened with (see ``RedisBus``).
-ConnectionMaker = Callable[[], object]
-
-_CONNECT_FAILURES: Final = (RedisError, OSError)
 
 
 def command(*parts: bytes) -> bytes:
@@ -63,9 +60,10 @@ class RespLink(asyncio.Protocol):
         self.saw_traffic = False
         #: The transport's buffer is above its high-water mark: Redis is not reading.
         self.writing_paused = False
-        #: The stream writer the socket was opened with: asyncio closes the transport when an
-        #: unclosed StreamWriter is collected (3.11.5+), so it lives as long as the link.
-        self.opened_with: object = None
+        #: Replies still owed to the login commands (see ``open_link``): they are not
+        #: ``on_reply``'s.
+        self._handshake_left = 0
+        self._handshake_answered: asyncio.Future[None] | None = None
 
     @property
     def open(self) -> bool:
@@ -74,6 +72,12 @@ class RespLink(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self._transport is not None and not self.lost.done():
             self._transport.write(data)
+
+    def expect_handshake(self, replies: int) -> asyncio.Future[None]:
+        """The next ``replies`` replies answer the login; the future resolves after them."""
+        self._handshake_left = replies
+        answered = self._handshake_answered = asyncio.get_running_loop().create_future()
+        return answered
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once; ``lost`` resolves with ``reason``."""
@@ -96,6 +100,10 @@ class RespLink(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # A peer that vanished (a dead host, a dropped route) is noticed by the kernel.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def data_received(self, data: bytes) -> None:
         if self.lost.done():
@@ -110,7 +118,12 @@ class RespLink(asyncio.Protocol):
                     logger.warning("%s: error from Redis: %s", self.purpose, reply)
                     self.abort(f"error from Redis: {reply}")
                     return
-                self._on_reply(reply)
+                if self._handshake_left:
+                    self._handshake_left -= 1
+                    if not self._handshake_left and self._handshake_answered is not None:
+                        self._handshake_answered.set_result(None)
+                else:
+                    self._on_reply(reply)
                 if self.lost.done():
                     return
                 reply = reader.gets()
@@ -135,40 +148,38 @@ class RespLink(asyncio.Protocol):
         self._on_writable()
 
 
-async def open_link(make_connection: ConnectionMaker, link: RespLink) -> None:
-    """Connect with redis-py (handshake included), then hand the socket to ``link``.
+async def open_link(endpoint: RedisEndpoint | None, link: RespLink) -> None:
+    """Connect ``link`` to ``endpoint`` and log in (AUTH, SELECT) before anything else.
 
     Raises ``BackendUnavailable`` when Redis cannot be reached or refuses the handshake, and
-    ``ConfigurationError`` for a connection that is not a socket (fakeredis, say).
+    ``ConfigurationError`` when there is no socket to open (a backend on fakeredis pools).
     """
-    connection = make_connection()
-    try:
-        await connection.connect()  # type: ignore[attr-defined]
-    except BaseException as exc:
-        # A handshake cut short (a timeout, a cancellation) leaves its socket open.
-        half_open = getattr(connection, "_writer", None)
-        if isinstance(half_open, asyncio.StreamWriter):
-            half_open.close()
-        if isinstance(exc, _CONNECT_FAILURES):
-            raise BackendUnavailable(f"connect ({link.purpose})", exc) from exc
-        raise
-    # redis-py keeps the stream pair in these two attributes (redis.asyncio.connection); the
-    # check below turns a change there into a clear error instead of a silent misbehaviour.
-    reader = getattr(connection, "_reader", None)
-    writer = getattr(connection, "_writer", None)
-    if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
-        await connection.disconnect()  # type: ignore[attr-defined]
+    if endpoint is None:
         raise ConfigurationError("the bus needs a socket connection to Redis")
-    # Forget the streams first: redis-py would otherwise close the socket when its
-    # connection object is collected.
-    connection._reader = connection._writer = None  # type: ignore[attr-defined]
-    leftover = bytes(reader._buffer)  # type: ignore[attr-defined]  # none expected, but kept
-    transport = writer.transport
-    if transport.is_closing() or reader.at_eof():
-        transport.abort()
-        raise BackendUnavailable(f"connect ({link.purpose})", ConnectionError("closed by Redis"))
-    transport.set_protocol(link)
-    link.opened_with = writer
-    link.connection_made(transport)
-    if leftover:
-        link.data_received(leftover)
+    loop = asyncio.get_running_loop()
+    try:
+        if endpoint.path is not None:
+            await loop.create_unix_connection(lambda: link, endpoint.path)
+        else:
+            await loop.create_connection(
+                lambda: link,
+                endpoint.host,
+                endpoint.port,
+                ssl=endpoint.tls,
+                server_hostname=endpoint.host if endpoint.tls is not None else None,
+            )
+    except OSError as exc:  # ssl.SSLError included
+        raise BackendUnavailable(f"connect ({link.purpose})", exc) from exc
+    handshake = endpoint.handshake()
+    if not handshake:
+        return
+    answered = link.expect_handshake(len(handshake))
+    link.write(b"".join(command(*parts) for parts in handshake))
+    try:
+        await asyncio.wait((answered, link.lost), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        # Cut short (a timeout, a cancellation): the socket must not stay open.
+        link.abort("handshake cut short")
+        raise
+    if not answered.done():
+        raise link.lost.result()

@@ -67,29 +67,23 @@ from shared.ids import ChannelId, ConnectionId, NodeId, new_channel_id
 from shared.messages import (
     CLOSE_TOKEN_EXPIRED,
     CLOSE_TOKEN_INVALID,
-    FAILURE_TYPE,
+    REQUESTS,
     ChannelClosed,
     ChannelClosedNotification,
-    ChannelCloseFailed,
     ChannelMessage,
-    ChannelMessageFailed,
     ChannelMessageSent,
     ChannelOpened,
-    ChannelOpenFailed,
     Close,
     Connections,
     Error,
     IncomingChannel,
     ListByRole,
-    ListByRoleFailed,
     Message,
     Open,
     Refresh,
     Refreshed,
-    RefreshFailed,
     Register,
     Registered,
-    RegisterFailed,
 )
 
 NOT_REGISTERED: Final = "Connection not registered"
@@ -1329,29 +1323,8 @@ class BrokerCore:
         error: str,
     ) -> bytes:
         reason = error if error in KNOWN_REASONS else "invalid_request"
-        self.stats.failures[(FAILURE_TYPE[request_type], reason)] += 1
+        spec = REQUESTS[request_type]
+        self.stats.failures[(spec.failure_type, reason)] += 1
         if conn.legacy_errors:
             return encode(Error(id=frame_id, replyTo=reply_to, error=error))
-        match request_type:
-            case "register":
-                return encode(RegisterFailed(id=frame_id, replyTo=reply_to, error=error))
-            case "list_by_role":
-                return encode(ListByRoleFailed(id=frame_id, replyTo=reply_to, error=error))
-            case "open":
-                return encode(
-                    ChannelOpenFailed(id=frame_id, replyTo=reply_to, targetId=subject, error=error)
-                )
-            case "message":
-                return encode(
-                    ChannelMessageFailed(
-                        id=frame_id, replyTo=reply_to, channelId=subject, error=error
-                    )
-                )
-            case "refresh":
-                return encode(RefreshFailed(id=frame_id, replyTo=reply_to, error=error))
-            case _:
-                return encode(
-                    ChannelCloseFailed(
-                        id=frame_id, replyTo=reply_to, channelId=subject, error=error
-                    )
-                )
+        return encode(spec.failed(frame_id, reply_to, subject, error))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from urllib.parse import urlsplit
 
 import click
 import msgspec
 
 from client.bench.coordinator import ThroughputConfig, run_idle, run_throughput
+from client.bench.procfs import process_listens_on
 from client.bench.report import format_idle, format_throughput
 
 __all__ = ["main"]
@@ -41,6 +43,19 @@ def _check_local(urls: tuple[str, ...]) -> None:
             )
 
 
+def _check_pids(urls: tuple[str, ...], pids: tuple[int, ...]) -> None:
+    # A pid that is not the broker's (a shell's, npx's rather than its child's) would make
+    # every CPU figure per message wrong, often 0: say so before the run.
+    ports = [urlsplit(url).port or 80 for url in urls]
+    for pid in pids:
+        if process_listens_on(pid, ports) is False:
+            click.echo(
+                f"warning: process {pid} listens on none of the --url ports "
+                f"({', '.join(map(str, ports))}): its CPU and memory are not the broker's",
+                err=True,
+            )
+
+
 def _describe(exc: BaseException) -> str:
     # A failed setup arrives as an ExceptionGroup from the TaskGroup: show its first leaf.
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
@@ -48,7 +63,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Load generator for the connection broker: it verifies what it measures."""
 
@@ -99,6 +114,7 @@ def throughput(
     Exits with status 1 when a message was lost, duplicated, reordered or not confirmed.
     """
     _check_local(urls)
+    _check_pids(urls, broker_pids)
     if placement == "cross-node" and len(urls) < 2:
         raise click.BadParameter("cross-node needs two --url or more", param_hint="--placement")
     config = ThroughputConfig(
@@ -149,6 +165,7 @@ def idle(
 ) -> None:
     """Connect rate and broker memory per idle registered connection."""
     _check_local(urls)
+    _check_pids(urls, broker_pids)
     report = run_idle(
         list(urls),
         count,

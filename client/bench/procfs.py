@@ -8,8 +8,10 @@ from pathlib import Path
 __all__ = [
     "CLOCK_TICKS",
     "parse_cpu_ticks",
+    "parse_listening_inodes",
     "parse_rss_bytes",
     "process_cpu_seconds",
+    "process_listens_on",
     "process_rss_bytes",
     "self_cpu_seconds",
 ]
@@ -53,3 +55,44 @@ def self_cpu_seconds() -> float:
     """CPU seconds this process has used (finer than clock ticks)."""
     times = os.times()
     return times.user + times.system
+
+
+def parse_listening_inodes(proc_net_tcp: str, port: int) -> set[int]:
+    """Socket inodes listening on ``port``, from the text of ``/proc/net/tcp`` or ``tcp6``.
+
+    Each line after the header is ``sl local_address rem_address st ... inode``; the local
+    address ends in ``:PORT`` in hex, and state ``0A`` is LISTEN.
+    """
+    inodes: set[int] = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != "0A":
+            continue
+        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            inodes.add(int(fields[9]))
+    return inodes
+
+
+def process_listens_on(pid: int, ports: list[int]) -> bool | None:
+    """Whether process ``pid`` holds a socket listening on one of ``ports`` (None: unknown,
+    e.g. another user's process)."""
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            text = Path(table).read_text()
+        except OSError:
+            continue
+        for port in ports:
+            inodes |= parse_listening_inodes(text, port)
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+            return True
+    return False

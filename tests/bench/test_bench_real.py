@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ def test_a_short_paced_run_is_verified_clean() -> None:
         ]  # fmt: skip
         run = subprocess.run(args, capture_output=True, timeout=60, check=False)
     assert run.returncode == 0, run.stderr.decode() + run.stdout.decode()
+    assert b"warning" not in run.stderr
     report = msgspec.json.decode(run.stdout, type=Report)
     assert report.ok
     assert (report.lost, report.duplicates, report.reordered) == (0, 0, 0)
@@ -42,3 +44,18 @@ def test_a_short_paced_run_is_verified_clean() -> None:
     assert report.processes == 2
     assert report.broker_cpu_us_per_message is not None
     assert report.confirm_latency_us.p99 > 0
+
+
+def test_a_pid_that_is_not_the_brokers_is_warned_about() -> None:
+    with NodeProcess(extra_args=["--log-level", "warning"]) as node:
+        args = [
+            BROKER_BENCH, "idle",
+            "--url", node.url,
+            "--connections", "2",
+            "--settle", "0",
+            "--broker-pid", str(os.getpid()),
+            "--quiet",
+        ]  # fmt: skip
+        run = subprocess.run(args, capture_output=True, timeout=60, check=False)
+    stderr = run.stderr.decode()
+    assert f"warning: process {os.getpid()} listens on none of the --url ports" in stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
-from broker_node.cluster.factory import create_backend
+from broker_node.cluster.factory import create_backend, masked_url
 from broker_node.cluster.memory import MemoryBackend
 from broker_node.cluster.redis import RedisBackend, url_pool_factory
 from broker_node.config import Settings
@@ -65,3 +65,17 @@ def test_url_options_and_timeouts_reach_the_connections() -> None:
 def test_resp3_is_refused() -> None:
     with pytest.raises(ConfigurationError):
         create_backend(Settings(redis_url="redis://127.0.0.1:1/0?protocol=3"))
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://user:s3cret@redis:6379/2", "redis://user:***@redis:6379/2"),
+        ("rediss://:s3cret@redis", "rediss://:***@redis"),
+        ("redis://redis/0?password=s3cret&db=1", "redis://redis/0?password=***&db=1"),
+        ("unix://u:s3cret@/run/redis.sock?db=3", "unix://u:***@/run/redis.sock?db=3"),
+    ],
+)
+def test_a_logged_url_never_shows_its_password(url: str, shown: str) -> None:
+    assert masked_url(url) == shown

@@ -140,9 +140,17 @@ def _nginx_test(nginx: Path, conf: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_deploy_conf_passes_nginx_t(nginx: Path) -> None:
-    result = _nginx_test(nginx, NGINX_CONF)
+def test_deploy_conf_passes_nginx_t(nginx: Path, tmp_path: Path) -> None:
+    # `nginx -t` creates the pid file and temp folders the conf names: the conf is checked
+    # verbatim but for its /tmp paths, which point into this test's folder instead, so that
+    # the suite leaves no /tmp/nginx-* or /tmp/nginx.pid on the host.
+    source = NGINX_CONF.read_text(encoding="utf-8")
+    assert "/tmp/nginx" in source
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(source.replace("/tmp/", f"{tmp_path}/"), encoding="utf-8")
+    result = _nginx_test(nginx, conf)
     assert result.returncode == 0, result.stderr
+    assert (tmp_path / "nginx.pid").exists() or (tmp_path / "nginx-proxy").exists()
     assert "test is successful" in result.stderr
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from shared.messages import REQUEST_TYPES
+from shared.messages import REQUESTS
 
 #: Valid JSON the usual encoders never write, and the texts that were reported to hurt.
 ODD_JSON: list[str] = [
@@ -57,7 +57,7 @@ json_texts: st.SearchStrategy[str] = st.one_of(
     st.sampled_from([985, 1000, 2000, 5000]).map(nested),
 )
 
-request_types = st.one_of(st.sampled_from(sorted(REQUEST_TYPES)), st.text(max_size=12))
+request_types = st.one_of(st.sampled_from(sorted(REQUESTS)), st.text(max_size=12))
 field_names = st.sampled_from(["role", "targetId", "channelId", "payload", "limit", "after"])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,7 @@ async def test_signal_drains_clients_with_1001_and_exits_cleanly(signum: signal.
         output = node.output()
         assert "draining" in output and "stopped" in output
         assert "Traceback" not in output
+        assert "never retrieved" not in output and "ERROR" not in output
 
 
 async def test_connection_broker_drop_in_command() -> None:
@@ -115,3 +117,83 @@ async def test_connection_broker_drop_in_command() -> None:
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await process.wait() == 0
+
+
+@pytest.mark.parametrize(
+    "command", ["broker-node", "connection-broker", "broker-bench", "broker-admin"]
+)
+def test_every_command_takes_h_and_shows_plain_help(command: str) -> None:
+    result = subprocess.run(
+        [BIN / command, "-h"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage:")
+    # click prints docstrings as they are: reStructuredText markup would show raw.
+    assert "``" not in result.stdout and ":func:" not in result.stdout
+
+
+def test_a_busy_port_is_one_clear_line_and_a_failure() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [BIN / "broker-node", "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in errors[0] and "in use" in errors[0]
+
+
+async def test_an_unreachable_redis_is_logged_at_once_with_its_password_masked() -> None:
+    unreachable = free_port()  # nothing listens there
+    url = f"redis://broker:s3cret@127.0.0.1:{unreachable}/0?password=s3cret"
+    process = await asyncio.create_subprocess_exec(
+        BIN / "broker-node",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--redis-url",
+        url,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    seen: list[str] = []
+    try:
+        # Before the node gives up waiting for its bus inbox (twice the request timeout).
+        async with asyncio.timeout(30):
+            while not any("cannot subscribe" in line for line in seen):
+                line = await process.stderr.readline()
+                assert line, "".join(seen)
+                seen.append(line.decode())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            _, rest = await process.communicate()
+    assert process.returncode == 0
+    output = "".join(seen) + rest.decode()
+    complaint = next(line for line in seen if "cannot subscribe" in line)
+    assert f"redis://broker:***@127.0.0.1:{unreachable}/0?password=***" in complaint
+    # The connection error as the OS gave it (errno 111: nothing listens there).
+    assert "Connection refused" in complaint or "Connect call failed" in complaint
+    assert "s3cret" not in output and "Traceback" not in output
+
+
+async def test_metrics_answer_with_one_content_type() -> None:
+    with NodeProcess() as node:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(15):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+        writer.close()
+    assert head.startswith("http/1.1 200")
+    assert head.count("\r\ncontent-type:") == 1
+    assert head.count("\r\ncontent-length:") == 1

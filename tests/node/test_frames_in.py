@@ -75,14 +75,23 @@ async def test_many_frames_in_one_write_are_handled_in_order(node: BrokerNode) -
     await peer.close()
 
 
+async def read_by_node(sock: ClientConnection, total: int) -> None:
+    """Until the node has read ``total`` bytes from ``sock``: what was written before is a
+    read of its own, and what is written next comes in another."""
+    async with asyncio.timeout(10):
+        while sock.bytes_received < total:  # noqa: ASYNC110 - no event for a socket read
+            await asyncio.sleep(0.001)
+
+
 @pytest.mark.parametrize("payload_size", [10, 200], ids=["7-bit-length", "16-bit-length"])
 async def test_a_frame_cut_in_two_at_every_byte(node: BrokerNode, payload_size: int) -> None:
     raw = await RawClient.connect(node.port)
+    (sock,) = node.sockets
     frame = text({"type": "list_by_role", "id": 0, "role": "r" * payload_size})
     for cut in range(1, len(frame)):
+        received = sock.bytes_received
         await raw.write(frame[:cut])
-        # Long enough for the node to read the first part on its own, most of the time.
-        await asyncio.sleep(0.001)
+        await read_by_node(sock, received + cut)
         await raw.write(frame[cut:])
         assert (await raw.json())["type"] == "list_by_role_failed"  # unregistered caller
     await raw.aclose()
@@ -104,9 +113,11 @@ async def test_126_and_127_length_encodings(node: BrokerNode) -> None:
         assert (await peer.notification("channel_message"))["payload"] == payload
     # The 127 encoding cut inside its length and inside its masking key.
     frame = text(message(14, channel, large))
+    (sock,) = [client for client in node.sockets if client.connection_id != peer.connection_id]
     for cut in (3, 7, 11, 13):
+        received = sock.bytes_received
         await raw.write(frame[:cut])
-        await asyncio.sleep(0.01)
+        await read_by_node(sock, received + cut)
         await raw.write(frame[cut:])
         assert (await raw.json())["replyTo"] == 14
         assert (await peer.notification("channel_message"))["payload"] == large
@@ -157,9 +168,11 @@ async def test_a_fragmented_message_with_a_ping_inside(node: BrokerNode, one_wri
     if one_write:
         await raw.write(b"".join(frames))
     else:
+        (sock,) = node.sockets
         for frame in frames:
+            received = sock.bytes_received
             await raw.write(frame)
-            await asyncio.sleep(0.005)
+            await read_by_node(sock, received + len(frame))
     registered = await raw.json()
     assert registered["type"] == "registered" and registered["replyTo"] == 1
     listed = await raw.json()
@@ -285,15 +298,15 @@ async def test_non_ascii_utf8_is_delivered(node: BrokerNode) -> None:
 
 
 async def test_frames_sent_with_the_handshake_request(node: BrokerNode) -> None:
-    # A client that does not wait for the 101: websockets parses these frames along with the
-    # request, the last one only partly, and the fast path takes over after it.
+    # A client that does not wait for the 101: websockets gets the request alone, and the fast
+    # path every byte after it, the last frame only partly.
     second = text(list_by_role(2))
     raw = await RawClient.connect(
         node.port, after_request=text({"type": "register", "id": 1, "role": "raw"}) + second[:5]
     )
-    await asyncio.sleep(0.01)
-    await raw.write(second[5:] + text(list_by_role(3)))
+    # The first frame was read (with the request, or behind it): the part of the second waits.
     assert (await raw.json())["replyTo"] == 1
+    await raw.write(second[5:] + text(list_by_role(3)))
     assert (await raw.json())["replyTo"] == 2
     assert (await raw.json())["replyTo"] == 3
     await raw.aclose()
@@ -302,8 +315,10 @@ async def test_frames_sent_with_the_handshake_request(node: BrokerNode) -> None:
 async def test_eof_in_the_middle_of_a_frame_drops_the_client(node: BrokerNode) -> None:
     raw, peer, channel = await raw_and_peer(node)
     frame = text(message(9, channel, "never finished"))
+    (sock,) = [client for client in node.sockets if client.connection_id != peer.connection_id]
+    received = sock.bytes_received
     await raw.write(frame[:12])
-    await asyncio.sleep(0.01)
+    await read_by_node(sock, received + 12)
     raw.writer.write_eof()
     assert await raw.at_eof()
     assert (await peer.notification("channel_closed_notification"))["channelId"] == channel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
@@ -27,10 +28,30 @@ async def pinging_node() -> AsyncIterator[BrokerNode]:
         yield running
 
 
-async def test_clients_that_answer_pings_stay_connected(pinging_node: BrokerNode) -> None:
+async def test_clients_that_answer_pings_stay_connected(
+    pinging_node: BrokerNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Counted at the node: a ping it sent whose pong came back before its next look.
+    answered: Counter[int] = Counter()
+    awaiting: set[int] = set()
+    keepalive = ClientConnection.keepalive
+
+    def counting_keepalive(sock: ClientConnection, now: float, timeout: float) -> None:
+        if id(sock) in awaiting and sock.ping_sent_at is None:
+            awaiting.discard(id(sock))
+            answered[id(sock)] += 1
+        keepalive(sock, now, timeout)
+        if sock.ping_sent_at is not None:
+            awaiting.add(id(sock))
+
+    monkeypatch.setattr(ClientConnection, "keepalive", counting_keepalive)
     url = f"ws://127.0.0.1:{pinging_node.port}"
     a, b, channel = await pair(url)
-    await asyncio.sleep(1.0)  # ten ping intervals, each answered by the client library
+    # Three pings each, answered by the client library (a node with pings off never gets here).
+    async with asyncio.timeout(15):
+        while len(answered) < 2 or min(answered.values()) < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert len(pinging_node.clients) == 2
     sent = await a.request("message", channelId=channel, payload="still here")
     assert sent["type"] == "channel_message_sent"
     assert (await b.notification("channel_message"))["payload"] == "still here"
@@ -71,7 +92,10 @@ async def test_pings_are_spread_over_the_interval(monkeypatch: pytest.MonkeyPatc
     async with BrokerNode(settings) as node:
         clients = [await WireClient(f"ws://127.0.0.1:{node.port}").__aenter__() for _ in range(40)]
         try:
-            await asyncio.sleep(interval * 2.2)
+            # Until every client was pinged twice: two intervals at least.
+            async with asyncio.timeout(30):
+                while len(pinged_at) < 40 or min(map(len, pinged_at.values())) < 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
         finally:
             for client in clients:
                 await client.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
 from shared.codec import (
@@ -9,9 +11,10 @@ from shared.codec import (
     ErrorReply,
     FailedReply,
     decode_request,
+    encode,
     failure_type,
 )
-from shared.messages import FAILURE_TYPE, REQUEST_TYPES, Register
+from shared.messages import REQUESTS, Register, RequestKind
 
 
 @pytest.mark.parametrize("frame", [b"nope", b"{", b'{"type":"register"', "\u00e9t\u00e9", b""])
@@ -79,10 +82,43 @@ def test_unknown_fields_are_ignored() -> None:
     )
 
 
-def test_every_request_type_has_a_failure_type() -> None:
-    assert set(FAILURE_TYPE) == set(REQUEST_TYPES)
+def test_one_table_names_every_request_and_its_replies() -> None:
+    # The README's request/reply table, row by row.
+    rows = {
+        kind: (spec.request.__struct_config__.tag, spec.success_type, spec.failure_type)
+        for kind, spec in REQUESTS.items()
+    }
+    assert rows == {
+        "register": ("register", "registered", "register_failed"),
+        "list_by_role": ("list_by_role", "connections", "list_by_role_failed"),
+        "open": ("open", "channel_opened", "channel_open_failed"),
+        "message": ("message", "channel_message_sent", "channel_message_failed"),
+        "close": ("close", "channel_closed", "channel_close_failed"),
+        "refresh": ("refresh", "refreshed", "refresh_failed"),
+    }
+    assert set(REQUESTS) == set(get_args(RequestKind))
     assert failure_type("open") == "channel_open_failed"
-    assert failure_type("message") == "channel_message_failed"
+
+
+@pytest.mark.parametrize(
+    ("kind", "frame"),
+    [
+        ("register", b'{"type":"register_failed","id":7,"replyTo":3,"error":"e"}'),
+        ("list_by_role", b'{"type":"list_by_role_failed","id":7,"replyTo":3,"error":"e"}'),
+        ("open", b'{"type":"channel_open_failed","id":7,"replyTo":3,"targetId":"s","error":"e"}'),
+        (
+            "message",
+            b'{"type":"channel_message_failed","id":7,"replyTo":3,"channelId":"s","error":"e"}',
+        ),
+        (
+            "close",
+            b'{"type":"channel_close_failed","id":7,"replyTo":3,"channelId":"s","error":"e"}',
+        ),
+        ("refresh", b'{"type":"refresh_failed","id":7,"replyTo":3,"error":"e"}'),
+    ],
+)
+def test_a_failure_names_its_subject_in_the_field_of_its_kind(kind: str, frame: bytes) -> None:
+    assert encode(REQUESTS[kind].failed(7, 3, "s", "e")) == frame
 
 
 @pytest.mark.parametrize(

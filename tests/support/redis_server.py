@@ -21,13 +21,21 @@ from tests.support.ports import free_port
 class RedisServer:
     """One redis-server process on 127.0.0.1 with no persistence."""
 
-    def __init__(self, port: int | None = None, *, password: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        password: str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it)")
         self.binary = binary
         self.port = port if port is not None else free_port()
         self.password = password
+        #: More redis-server options (ACL users, a unix socket...).
+        self.extra_args = list(extra_args or [])
         self.directory = tempfile.mkdtemp(prefix="redis-test-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -49,6 +57,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
