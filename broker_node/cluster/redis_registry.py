@@ -205,12 +205,7 @@ class RedisRegistry(Registry):
             await self._write([record], [], transaction=True)
 
     async def remove_connection(self, record: ConnectionRecord) -> None:
-        k = self._keys
-        async with self._guard("remove_connection"), self._client.pipeline() as pipe:
-            pipe.delete(k.connection(record.connection_id))
-            pipe.srem(k.role(record.role), record.connection_id)
-            pipe.srem(k.node_connections(record.node_id), record.connection_id)
-            await pipe.execute()
+        await self.remove_connections([record])
 
     async def find_connection(self, connection_id: ConnectionId) -> ConnectionRecord | None:
         async with self._guard("find_connection"):
@@ -249,12 +244,7 @@ class RedisRegistry(Registry):
             await self._write([], [record], transaction=True)
 
     async def remove_channel(self, record: ChannelRecord) -> None:
-        k = self._keys
-        async with self._guard("remove_channel"), self._client.pipeline() as pipe:
-            pipe.delete(k.channel(record.channel_id))
-            pipe.srem(k.node_channels(record.opener_node), record.channel_id)
-            pipe.srem(k.node_channels(record.target_node), record.channel_id)
-            await pipe.execute()
+        await self.remove_channels([record])
 
     async def remove_connections(self, records: Sequence[ConnectionRecord]) -> None:
         k = self._keys
