@@ -117,7 +117,9 @@ class Outbox:
         self._flush_scheduled = False
         loop = asyncio.get_running_loop()
         now = loop.time()
-        batches: list[tuple[NodeId, list[tuple[Envelope, float]]]] = []
+        # Per batch: its node, its envelopes, and when each was first sent (one time for all
+        # when none is a retry: the common case pays no tuple per envelope).
+        batches: list[tuple[NodeId, list[Envelope], list[float] | float]] = []
         nodes = list(self._pending)
         nodes += [node_id for node_id in self._retry if node_id not in self._pending]
         for node_id in nodes:
@@ -126,20 +128,20 @@ class Outbox:
                 if now < held_until:
                     continue
                 del self._held_until[node_id]
-            items = self._retry.pop(node_id, [])
-            fresh = self._pending.pop(node_id, None)
-            if fresh is not None:
-                self._size -= len(fresh)
-                items += [(envelope, now) for envelope in fresh]
-            for start in range(0, len(items), MAX_BATCH):
-                batches.append((node_id, items[start : start + MAX_BATCH]))
+            retry = self._retry.pop(node_id, None)
+            envelopes = self._pending.pop(node_id, None) or []
+            self._size -= len(envelopes)
+            firsts: list[float] | float = now
+            if retry is not None:
+                firsts = [first for _, first in retry] + [now] * len(envelopes)
+                envelopes = [envelope for envelope, _ in retry] + envelopes
+            for start in range(0, len(envelopes), MAX_BATCH):
+                chunk = firsts if isinstance(firsts, float) else firsts[start : start + MAX_BATCH]
+                batches.append((node_id, envelopes[start : start + MAX_BATCH], chunk))
         if not batches:
             self._settle()
             return
-        payloads = [
-            (node_id, encode_batch([envelope for envelope, _ in items]))
-            for node_id, items in batches
-        ]
+        payloads = [(node_id, encode_batch(envelopes)) for node_id, envelopes, _ in batches]
         started = time.perf_counter()
 
         def on_result(result: list[int] | BackendUnavailable) -> None:
@@ -147,12 +149,14 @@ class Outbox:
             self._on_published(time.perf_counter() - started, len(payloads))
             if isinstance(result, BackendUnavailable):
                 logger.debug("publish failed: %s", result)
-                for node_id, items in batches:
-                    self._on_unknown(node_id, [envelope for envelope, _ in items])
+                for node_id, envelopes, _ in batches:
+                    self._on_unknown(node_id, envelopes)
             else:
-                for (node_id, items), count in zip(batches, result, strict=True):
+                for (node_id, envelopes, firsts), count in zip(batches, result, strict=True):
                     if count == 0:
-                        self._not_listening(node_id, items)
+                        if isinstance(firsts, float):
+                            firsts = [firsts] * len(envelopes)
+                        self._not_listening(node_id, list(zip(envelopes, firsts, strict=True)))
                     else:
                         self._delay.pop(node_id, None)
             self._settle()
