@@ -160,7 +160,7 @@ async def test_vanishing_clients_during_a_redis_pause_leave_no_ghosts(cluster: C
                 events.append(event["data"])
         assert "del" not in events
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
         await redis.aclose()
 
 
@@ -237,7 +237,7 @@ async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
                 if event["type"] == "pmessage":
                     events.append((event["channel"], event["data"]))
             assert [e for e in events if e[1] == "del"] == []
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
     await redis.aclose()
 
 
@@ -316,5 +316,5 @@ async def test_a_client_with_many_channels_leaving_real_nodes(cluster: Cluster) 
     finally:
         for task in told:
             task.cancel()
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
         await redis.aclose()
