@@ -564,10 +564,10 @@ class BrokerCore:
                 return self._fail_on_channel(
                     conn, "message", request.id, channel_id, RECIPIENT_GONE, []
                 )
+            frame_id = recipient.next_id  # ``_next_id``, inlined on the hot path
+            recipient.next_id = frame_id + 1
             delivery = encode(
-                ChannelMessage(
-                    id=self._next_id(recipient), channelId=channel_id, payload=request.payload
-                )
+                ChannelMessage(id=frame_id, channelId=channel_id, payload=request.payload)
             )
             self.stats.messages_local += 1
             # Confirmed once the recipient's socket took it (see ``written``).
