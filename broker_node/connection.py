@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_right
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import parse_qs, urlsplit
@@ -75,11 +76,15 @@ _BAD_REQUEST: Final = (
 PING_FRAME: Final = b"\x89\x00"
 
 
+#: The headers of text frames shorter than 126 bytes (replies, most notifications), by length.
+_SHORT_TEXT_HEADERS: Final = tuple(bytes((0x81, length)) for length in range(126))
+
+
 def text_frame(data: bytes) -> bytes:
     """An unmasked, unfragmented server-to-client text frame (no extension is negotiated)."""
     length = len(data)
     if length < 126:
-        return b"\x81" + length.to_bytes(1, "big") + data
+        return _SHORT_TEXT_HEADERS[length] + data
     if length < 65536:
         return b"\x81\x7e" + length.to_bytes(2, "big") + data
     return b"\x81\x7f" + length.to_bytes(8, "big") + data
@@ -107,13 +112,18 @@ class ClientConnection(asyncio.Protocol):
         #: transport drains), written together by ``flush``; and their size.
         self.outgoing: list[bytes] = []
         self._outgoing_bytes = 0
+        # Read for every frame, so kept here rather than looked up in the settings each time.
+        self._max_outbound_buffer = node.settings.max_outbound_buffer
+        self._max_json_depth = node.settings.max_json_depth
         #: Bytes handed to the transport so far; the kernel has accepted all of them whenever
         #: the transport's buffer is empty (``_writing_paused`` is False).
         self._handed = 0
         self._writing_paused = False
-        #: Receipts of frames not yet accepted by the kernel, with the offset (in handed
-        #: bytes) at which each frame ends.
-        self._receipts: deque[tuple[int, Receipt]] = deque()
+        #: Receipts of frames not yet accepted by the kernel, in order, and the offset (in
+        #: handed bytes) at which each of those frames ends. Two lists, not one of pairs: no
+        #: tuple per frame, and once the kernel took everything the list goes as it is.
+        self._receipts: list[Receipt] = []
+        self._receipt_ends: list[int] = []
         self._stall_timer: asyncio.TimerHandle | None = None
         self._fragments: list[BytesLike] | None = None
         self._backlog: deque[Request | Rejection] = deque()
@@ -229,8 +239,8 @@ class ClientConnection(asyncio.Protocol):
         self._drop_outgoing()
         if self._receipts:
             # Handed to the socket, never known to be taken by the kernel: outcome unknown.
-            receipts = [receipt for _, receipt in self._receipts]
-            self._receipts.clear()
+            receipts, self._receipts = self._receipts, []
+            self._receipt_ends.clear()
             self.node.receipts_unwritten(receipts, handed=True)
         if self._rate_timer is not None:
             self._rate_timer.cancel()
@@ -416,10 +426,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_text(self, data: BytesLike) -> None:
         cid = self.connection_id
-        if cid is None or self.closed or self.ws.state is not State.OPEN:
+        if cid is None or self.closed or self.ws.state is not _OPEN:
             return
         self._frames_seen += 1
-        request = decode_request(data, self.node.settings.max_json_depth)
+        request = decode_request(data, self._max_json_depth)
         if self._backlog:
             self._enqueue(request)
             return
@@ -529,18 +539,21 @@ class ClientConnection(asyncio.Protocol):
         ``receipt`` is settled through the node once the kernel accepted the whole frame, or
         failed if the connection ends first.
         """
-        if self.ws.state is not State.OPEN:
+        if self.ws.state is not _OPEN:
             if receipt is not None:
                 self.node.receipts_unwritten([receipt], handed=False)
             return
-        if not self.outgoing:
+        outgoing = self.outgoing
+        if not outgoing:
             self.node.flush_soon(self)
         data = text_frame(frame)
-        self.outgoing.append(data)
-        self._outgoing_bytes += len(data)
+        outgoing.append(data)
+        queued = self._outgoing_bytes + len(data)
+        self._outgoing_bytes = queued
         if receipt is not None:
-            self._receipts.append((self._handed + self._outgoing_bytes, receipt))
-        if self._outgoing_bytes > self.node.settings.max_outbound_buffer:
+            self._receipts.append(receipt)
+            self._receipt_ends.append(self._handed + queued)
+        if queued > self._max_outbound_buffer:
             self._close_slow_consumer("too much queued")
 
     def flush(self) -> None:
@@ -551,7 +564,8 @@ class ClientConnection(asyncio.Protocol):
             return
         outgoing = self.outgoing
         while outgoing and not self._writing_paused:
-            if self._outgoing_bytes <= WRITE_CHUNK:
+            size = self._outgoing_bytes
+            if size <= WRITE_CHUNK:
                 data = b"".join(outgoing) if len(outgoing) > 1 else outgoing[0]
                 outgoing.clear()
             else:
@@ -561,8 +575,8 @@ class ClientConnection(asyncio.Protocol):
                     count += 1
                 data = b"".join(outgoing[:count])
                 del outgoing[:count]
-            self._outgoing_bytes -= len(data)
-            self._handed += len(data)
+            self._outgoing_bytes -= size
+            self._handed += size
             transport.write(data)  # may call pause_writing
         if not self._writing_paused and self._receipts:
             self._release(self._handed)
@@ -585,22 +599,29 @@ class ClientConnection(asyncio.Protocol):
             self._release(self._handed)
 
     def _release(self, accepted: int) -> None:
-        receipts = self._receipts
-        if not receipts or receipts[0][0] > accepted:
+        ends = self._receipt_ends
+        if not ends or ends[0] > accepted:
             return
-        released = []
-        while receipts and receipts[0][0] <= accepted:
-            released.append(receipts.popleft()[1])
+        if ends[-1] <= accepted:
+            released, self._receipts = self._receipts, []
+            ends.clear()
+        else:
+            count = bisect_right(ends, accepted)
+            released = self._receipts[:count]
+            del self._receipts[:count]
+            del ends[:count]
         self.node.receipts_written(released)
 
     def _drop_outgoing(self) -> None:
         """Forget the frames not yet handed to the transport; their senders are told."""
         self.outgoing.clear()
         self._outgoing_bytes = 0
-        dropped = [receipt for end, receipt in self._receipts if end > self._handed]
-        if dropped:
-            while self._receipts and self._receipts[-1][0] > self._handed:
-                self._receipts.pop()
+        ends = self._receipt_ends
+        if ends and ends[-1] > self._handed:
+            kept = bisect_right(ends, self._handed)
+            dropped = self._receipts[kept:]
+            del self._receipts[kept:]
+            del ends[kept:]
             self.node.receipts_unwritten(dropped, handed=False)
 
     def _close_slow_consumer(self, why: str) -> None:
