@@ -33,7 +33,7 @@ from websockets.typing import BytesLike
 
 from broker_node.auth.handshake import RedactTokens, handshake_token, select_subprotocol
 from broker_node.core.actions import Receipt
-from broker_node.core.rate import TokenBucket
+from broker_node.core.rate import RateLimits
 from broker_node.frame_scanner import FAST_PONG, FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
 from shared.codec import CLOSE_POLICY_VIOLATION, decode_request
 from shared.ids import ConnectionId, new_connection_id
@@ -144,18 +144,18 @@ class ClientConnection(asyncio.Protocol):
         # Kept: asyncio.get_running_loop() costs a getpid() system call each time, and the
         # rate limits read the clock on every read.
         self._loop = asyncio.get_running_loop()
-        now = self._loop.time()
-        self._request_bucket = (
-            TokenBucket(settings.max_requests_per_second, settings.request_burst, now)
-            if settings.max_requests_per_second > 0
+        self._rates = (
+            RateLimits(
+                frames_per_second=settings.max_requests_per_second,
+                frame_burst=settings.request_burst,
+                bytes_per_second=settings.max_bytes_per_second,
+                byte_burst=settings.byte_burst,
+                now=self._loop.time(),
+            )
+            if settings.max_requests_per_second > 0 or settings.max_bytes_per_second > 0
             else None
         )
-        self._byte_bucket = (
-            TokenBucket(settings.max_bytes_per_second, settings.byte_burst, now)
-            if settings.max_bytes_per_second > 0
-            else None
-        )
-        #: Text frames handled since the request bucket was last charged.
+        #: Text frames handled since the rate limits were last charged.
         self._frames_seen = 0
         self._rate_timer: asyncio.TimerHandle | None = None
         #: The TCP peer's address, and the client's (differs behind a trusted proxy).
@@ -206,8 +206,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._receive_via_websockets(data)
         self._write_protocol_data()
-        if self._request_bucket is not None or self._byte_bucket is not None:
-            self._charge(len(data))
+        if self._rates is not None:
+            self._charge(self._rates, len(data))
 
     def eof_received(self) -> bool | None:
         scanner = self._scanner
@@ -481,28 +481,19 @@ class ClientConnection(asyncio.Protocol):
 
     # --- rate limits: over the rate, the socket is not read until the debt is paid -------
 
-    def _charge(self, size: int) -> None:
+    def _charge(self, rates: RateLimits, size: int) -> None:
         # Reading pauses rather than answering each request over the limit with an error:
         # TCP backpressure slows the client down, and no error storm goes back to it.
-        now = self._loop.time()
-        wait = 0.0
-        limit = ""
-        if self._byte_bucket is not None:
-            wait = self._byte_bucket.take(size, now)
-            limit = "bytes_rate"
-        if self._request_bucket is not None and self._frames_seen:
-            requests_wait = self._request_bucket.take(self._frames_seen, now)
-            self._frames_seen = 0
-            if requests_wait > wait:
-                wait, limit = requests_wait, "requests_rate"
+        wait = rates.charge(self._frames_seen, size, self._loop.time())
+        self._frames_seen = 0
         if wait > 0 and self._rate_timer is None and not self.closed:
-            self.node.limit_reached(limit, self)
+            self.node.limit_reached(rates.exceeded, self)
             self.pause_reading("rate")
             self._rate_timer = self._loop.call_later(wait, self._rate_lifted)
 
     def add_request_cost(self, requests: int) -> None:
         """Count a costly request as ``requests`` more against the rate (at the next read)."""
-        if self._request_bucket is not None:
+        if self._rates is not None:
             self._frames_seen += requests
 
     def _rate_lifted(self) -> None:
