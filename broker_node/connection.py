@@ -569,7 +569,7 @@ class ClientConnection(asyncio.Protocol):
             self._outgoing_bytes -= size
             self._handed += size
             transport.write(data)  # may call pause_writing
-        if not self._writing_paused and self._receipts:
+        if self._receipts and not self._writing_paused:
             self._release(self._handed)
 
     def _write_now(self, data: bytes) -> None:

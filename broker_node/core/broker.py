@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, NamedTuple
 
+import msgspec
+
 from broker_node.auth.identity import Identity, TokenRefusal
 from broker_node.auth.policy import Grants, Policy, grants_for, may_list, may_open, may_register
 from broker_node.core.actions import (
@@ -189,7 +191,9 @@ class LocalConnection:
     grants: Grants | None = None
 
 
-class _PendingDelivery(NamedTuple):
+class _PendingDelivery(msgspec.Struct, frozen=True, gc=False):
+    """A cross-node message awaiting its confirmation (one per message: built in C)."""
+
     sender: ConnectionId
     request_id: int
     channel_id: ChannelId
