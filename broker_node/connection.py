@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_right
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import parse_qs, urlsplit
@@ -32,7 +33,7 @@ from websockets.typing import BytesLike
 
 from broker_node.auth.handshake import RedactTokens, handshake_token, select_subprotocol
 from broker_node.core.actions import Receipt
-from broker_node.core.rate import TokenBucket
+from broker_node.core.rate import RateLimits
 from broker_node.frame_scanner import FAST_PONG, FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
 from shared.codec import CLOSE_POLICY_VIOLATION, decode_request
 from shared.ids import ConnectionId, new_connection_id
@@ -75,11 +76,15 @@ _BAD_REQUEST: Final = (
 PING_FRAME: Final = b"\x89\x00"
 
 
+#: The headers of text frames shorter than 126 bytes (replies, most notifications), by length.
+_SHORT_TEXT_HEADERS: Final = tuple(bytes((0x81, length)) for length in range(126))
+
+
 def text_frame(data: bytes) -> bytes:
     """An unmasked, unfragmented server-to-client text frame (no extension is negotiated)."""
     length = len(data)
     if length < 126:
-        return b"\x81" + length.to_bytes(1, "big") + data
+        return _SHORT_TEXT_HEADERS[length] + data
     if length < 65536:
         return b"\x81\x7e" + length.to_bytes(2, "big") + data
     return b"\x81\x7f" + length.to_bytes(8, "big") + data
@@ -107,13 +112,18 @@ class ClientConnection(asyncio.Protocol):
         #: transport drains), written together by ``flush``; and their size.
         self.outgoing: list[bytes] = []
         self._outgoing_bytes = 0
+        # Read for every frame, so kept here rather than looked up in the settings each time.
+        self._max_outbound_buffer = node.settings.max_outbound_buffer
+        self._max_json_depth = node.settings.max_json_depth
         #: Bytes handed to the transport so far; the kernel has accepted all of them whenever
         #: the transport's buffer is empty (``_writing_paused`` is False).
         self._handed = 0
         self._writing_paused = False
-        #: Receipts of frames not yet accepted by the kernel, with the offset (in handed
-        #: bytes) at which each frame ends.
-        self._receipts: deque[tuple[int, Receipt]] = deque()
+        #: Receipts of frames not yet accepted by the kernel, in order, and the offset (in
+        #: handed bytes) at which each of those frames ends. Two lists, not one of pairs: no
+        #: tuple per frame, and once the kernel took everything the list goes as it is.
+        self._receipts: list[Receipt] = []
+        self._receipt_ends: list[int] = []
         self._stall_timer: asyncio.TimerHandle | None = None
         self._fragments: list[BytesLike] | None = None
         self._backlog: deque[Request | Rejection] = deque()
@@ -134,18 +144,18 @@ class ClientConnection(asyncio.Protocol):
         # Kept: asyncio.get_running_loop() costs a getpid() system call each time, and the
         # rate limits read the clock on every read.
         self._loop = asyncio.get_running_loop()
-        now = self._loop.time()
-        self._request_bucket = (
-            TokenBucket(settings.max_requests_per_second, settings.request_burst, now)
-            if settings.max_requests_per_second > 0
+        self._rates = (
+            RateLimits(
+                frames_per_second=settings.max_requests_per_second,
+                frame_burst=settings.request_burst,
+                bytes_per_second=settings.max_bytes_per_second,
+                byte_burst=settings.byte_burst,
+                now=self._loop.time(),
+            )
+            if settings.max_requests_per_second > 0 or settings.max_bytes_per_second > 0
             else None
         )
-        self._byte_bucket = (
-            TokenBucket(settings.max_bytes_per_second, settings.byte_burst, now)
-            if settings.max_bytes_per_second > 0
-            else None
-        )
-        #: Text frames handled since the request bucket was last charged.
+        #: Text frames handled since the rate limits were last charged.
         self._frames_seen = 0
         self._rate_timer: asyncio.TimerHandle | None = None
         #: The TCP peer's address, and the client's (differs behind a trusted proxy).
@@ -196,8 +206,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._receive_via_websockets(data)
         self._write_protocol_data()
-        if self._request_bucket is not None or self._byte_bucket is not None:
-            self._charge(len(data))
+        if self._rates is not None:
+            self._charge(self._rates, len(data))
 
     def eof_received(self) -> bool | None:
         scanner = self._scanner
@@ -229,8 +239,8 @@ class ClientConnection(asyncio.Protocol):
         self._drop_outgoing()
         if self._receipts:
             # Handed to the socket, never known to be taken by the kernel: outcome unknown.
-            receipts = [receipt for _, receipt in self._receipts]
-            self._receipts.clear()
+            receipts, self._receipts = self._receipts, []
+            self._receipt_ends.clear()
             self.node.receipts_unwritten(receipts, handed=True)
         if self._rate_timer is not None:
             self._rate_timer.cancel()
@@ -416,10 +426,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_text(self, data: BytesLike) -> None:
         cid = self.connection_id
-        if cid is None or self.closed or self.ws.state is not State.OPEN:
+        if cid is None or self.closed or self.ws.state is not _OPEN:
             return
         self._frames_seen += 1
-        request = decode_request(data, self.node.settings.max_json_depth)
+        request = decode_request(data, self._max_json_depth)
         if self._backlog:
             self._enqueue(request)
             return
@@ -471,28 +481,19 @@ class ClientConnection(asyncio.Protocol):
 
     # --- rate limits: over the rate, the socket is not read until the debt is paid -------
 
-    def _charge(self, size: int) -> None:
+    def _charge(self, rates: RateLimits, size: int) -> None:
         # Reading pauses rather than answering each request over the limit with an error:
         # TCP backpressure slows the client down, and no error storm goes back to it.
-        now = self._loop.time()
-        wait = 0.0
-        limit = ""
-        if self._byte_bucket is not None:
-            wait = self._byte_bucket.take(size, now)
-            limit = "bytes_rate"
-        if self._request_bucket is not None and self._frames_seen:
-            requests_wait = self._request_bucket.take(self._frames_seen, now)
-            self._frames_seen = 0
-            if requests_wait > wait:
-                wait, limit = requests_wait, "requests_rate"
+        wait = rates.charge(self._frames_seen, size, self._loop.time())
+        self._frames_seen = 0
         if wait > 0 and self._rate_timer is None and not self.closed:
-            self.node.limit_reached(limit, self)
+            self.node.limit_reached(rates.exceeded, self)
             self.pause_reading("rate")
             self._rate_timer = self._loop.call_later(wait, self._rate_lifted)
 
     def add_request_cost(self, requests: int) -> None:
         """Count a costly request as ``requests`` more against the rate (at the next read)."""
-        if self._request_bucket is not None:
+        if self._rates is not None:
             self._frames_seen += requests
 
     def _rate_lifted(self) -> None:
@@ -529,18 +530,21 @@ class ClientConnection(asyncio.Protocol):
         ``receipt`` is settled through the node once the kernel accepted the whole frame, or
         failed if the connection ends first.
         """
-        if self.ws.state is not State.OPEN:
+        if self.ws.state is not _OPEN:
             if receipt is not None:
                 self.node.receipts_unwritten([receipt], handed=False)
             return
-        if not self.outgoing:
+        outgoing = self.outgoing
+        if not outgoing:
             self.node.flush_soon(self)
         data = text_frame(frame)
-        self.outgoing.append(data)
-        self._outgoing_bytes += len(data)
+        outgoing.append(data)
+        queued = self._outgoing_bytes + len(data)
+        self._outgoing_bytes = queued
         if receipt is not None:
-            self._receipts.append((self._handed + self._outgoing_bytes, receipt))
-        if self._outgoing_bytes > self.node.settings.max_outbound_buffer:
+            self._receipts.append(receipt)
+            self._receipt_ends.append(self._handed + queued)
+        if queued > self._max_outbound_buffer:
             self._close_slow_consumer("too much queued")
 
     def flush(self) -> None:
@@ -551,7 +555,8 @@ class ClientConnection(asyncio.Protocol):
             return
         outgoing = self.outgoing
         while outgoing and not self._writing_paused:
-            if self._outgoing_bytes <= WRITE_CHUNK:
+            size = self._outgoing_bytes
+            if size <= WRITE_CHUNK:
                 data = b"".join(outgoing) if len(outgoing) > 1 else outgoing[0]
                 outgoing.clear()
             else:
@@ -561,10 +566,10 @@ class ClientConnection(asyncio.Protocol):
                     count += 1
                 data = b"".join(outgoing[:count])
                 del outgoing[:count]
-            self._outgoing_bytes -= len(data)
-            self._handed += len(data)
+            self._outgoing_bytes -= size
+            self._handed += size
             transport.write(data)  # may call pause_writing
-        if not self._writing_paused and self._receipts:
+        if self._receipts and not self._writing_paused:
             self._release(self._handed)
 
     def _write_now(self, data: bytes) -> None:
@@ -585,22 +590,29 @@ class ClientConnection(asyncio.Protocol):
             self._release(self._handed)
 
     def _release(self, accepted: int) -> None:
-        receipts = self._receipts
-        if not receipts or receipts[0][0] > accepted:
+        ends = self._receipt_ends
+        if not ends or ends[0] > accepted:
             return
-        released = []
-        while receipts and receipts[0][0] <= accepted:
-            released.append(receipts.popleft()[1])
+        if ends[-1] <= accepted:
+            released, self._receipts = self._receipts, []
+            ends.clear()
+        else:
+            count = bisect_right(ends, accepted)
+            released = self._receipts[:count]
+            del self._receipts[:count]
+            del ends[:count]
         self.node.receipts_written(released)
 
     def _drop_outgoing(self) -> None:
         """Forget the frames not yet handed to the transport; their senders are told."""
         self.outgoing.clear()
         self._outgoing_bytes = 0
-        dropped = [receipt for end, receipt in self._receipts if end > self._handed]
-        if dropped:
-            while self._receipts and self._receipts[-1][0] > self._handed:
-                self._receipts.pop()
+        ends = self._receipt_ends
+        if ends and ends[-1] > self._handed:
+            kept = bisect_right(ends, self._handed)
+            dropped = self._receipts[kept:]
+            del self._receipts[kept:]
+            del ends[kept:]
             self.node.receipts_unwritten(dropped, handed=False)
 
     def _close_slow_consumer(self, why: str) -> None:
