@@ -195,12 +195,13 @@ class ChannelOpenFailed(_Wire, frozen=True, tag="channel_open_failed"):
     error: str
 
 
-class ChannelMessage(_Wire, frozen=True, tag="channel_message"):
+class ChannelMessage(_Wire, frozen=True, tag="channel_message", kw_only=True):
     id: int
     channelId: str
-    payload: msgspec.Raw
-    #: The sender's ``seq``, when its ``message`` had one.
+    #: The sender's ``seq``, when its ``message`` had one (before the payload, so that a node
+    #: can read it without parsing the payload).
     seq: int | None = None
+    payload: msgspec.Raw
 
 
 class ChannelMessageSent(_Wire, frozen=True, tag="channel_message_sent"):
