@@ -7,12 +7,22 @@ import msgspec
 from shared.ids import ChannelId, ConnectionId, NodeId
 
 
+class SessionKey(msgspec.Struct, frozen=True):
+    """What the registry keeps of a resumable session (issue 14): the hash of its current
+    resume token and its window in seconds."""
+
+    token_hash: str
+    window: int
+
+
 class ConnectionRecord(msgspec.Struct, frozen=True):
-    """A registered connection: who it is, where it lives, its role."""
+    """A registered connection: who it is, where it lives, its role (and its session, when
+    it is resumable)."""
 
     connection_id: ConnectionId
     node_id: NodeId
     role: str
+    session: SessionKey | None = None
 
 
 class ChannelRecord(msgspec.Struct, frozen=True):
@@ -34,3 +44,30 @@ class ChannelRecord(msgspec.Struct, frozen=True):
 
     def ends(self) -> tuple[tuple[ConnectionId, NodeId], tuple[ConnectionId, NodeId]]:
         return (self.opener, self.opener_node), (self.target, self.target_node)
+
+
+class SessionClaim(msgspec.Struct, frozen=True):
+    """A resume took a session over: the node that held it, its role, its new epoch."""
+
+    previous_node: NodeId
+    role: str
+    window: int
+    epoch: int
+
+
+class AdoptedSession(msgspec.Struct, frozen=True):
+    """A resumable session of a reaped node, now held (detached) by the reaper."""
+
+    record: ConnectionRecord
+    #: When it detached (the reaper's clock when it was attached at the node's death), ms.
+    detached_at_ms: int
+    epoch: int
+
+
+class Reaped(msgspec.Struct, frozen=True):
+    """What a reap did: channels removed (as they were), sessions adopted, and the channels
+    kept because each of their ends on the dead node was adopted (with their new nodes)."""
+
+    removed: list[ChannelRecord]
+    adopted: list[AdoptedSession] = []
+    moved: list[ChannelRecord] = []

@@ -82,7 +82,7 @@ class SessionLog:
         return len(self._frames)
 
     @property
-    def bytes(self) -> int:
+    def size(self) -> int:
         return self._bytes
 
     @property

@@ -56,7 +56,7 @@ def test_the_log_keeps_frames_until_acked_and_replays_what_follows() -> None:
     for frame in frames:
         assert log.append(frame)
     assert len(log) == 4
-    assert log.bytes == sum(map(len, frames))
+    assert log.size == sum(map(len, frames))
     assert log.last_id == 4
     assert log.after(2) == frames[2:]
     assert log.frames() == frames
@@ -68,7 +68,7 @@ def test_the_log_keeps_frames_until_acked_and_replays_what_follows() -> None:
     assert log.acked_id == 3
     assert log.ack(4) == {}
     assert len(log) == 0
-    assert log.bytes == 0
+    assert log.size == 0
     assert log.last_id == 4
 
 
