@@ -15,6 +15,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import msgspec
+
 from broker_node.cluster.base import (
     Bus,
     ClaimRefusal,
@@ -228,15 +230,29 @@ class MemoryRegistry(Registry):
                 AdoptedSession(moved_conn, detached_at, hub.epochs.get(connection_id, 0))
             )
         kept = {session.record.connection_id for session in adopted}
+
+        def holder(end: ConnectionId, end_node: NodeId) -> NodeId | None:
+            """Where an end is now: elsewhere all along, adopted, taken over by a resume
+            before the reap, or None (it dies with the node)."""
+            if end_node != node_id:
+                return end_node
+            if end in kept:
+                return adopter
+            record = hub.connections.get(end)
+            return record.node_id if record is not None and record.node_id != node_id else None
+
         moved: list[ChannelRecord] = []
         for channel_id in list(hub.node_channels.get(node_id, ())):
             chan = hub.channels.get(channel_id)
             if chan is None:
                 continue
-            dead_ends = [end for end, node in chan.ends() if node == node_id]
-            if all(end in kept for end in dead_ends):
+            opener_at, target_at = (
+                holder(chan.opener, chan.opener_node),
+                holder(chan.target, chan.target_node),
+            )
+            if opener_at is not None and target_at is not None:
                 hub._drop_channel(chan)
-                new = _moved_channel(chan, node_id, adopter)
+                new = msgspec.structs.replace(chan, opener_node=opener_at, target_node=target_at)
                 await self.add_channel(new)
                 moved.append(new)
         removed = hub._remove_node_state(node_id)
@@ -307,17 +323,6 @@ class MemoryRegistry(Registry):
 
     async def aclose(self) -> None:
         return None
-
-
-def _moved_channel(record: ChannelRecord, from_node: NodeId, to_node: NodeId) -> ChannelRecord:
-    """``record`` with every end on ``from_node`` now on ``to_node``."""
-    return ChannelRecord(
-        record.channel_id,
-        record.opener,
-        to_node if record.opener_node == from_node else record.opener_node,
-        record.target,
-        to_node if record.target_node == from_node else record.target_node,
-    )
 
 
 class _MemorySubscription(Subscription):

@@ -52,13 +52,17 @@ def _text(value: bytes | str) -> str:
 
 
 def _channel_record(fields: Sequence[bytes | str]) -> ChannelRecord:
-    channel_id, opener, opener_node, target, target_node = map(_text, fields)
+    channel_id, opener, opener_node, target, target_node, opener_resumes, target_resumes = map(
+        _text, fields
+    )
     return ChannelRecord(
         channel_id=ChannelId(channel_id),
         opener=ConnectionId(opener),
         opener_node=NodeId(opener_node),
         target=ConnectionId(target),
         target_node=NodeId(target_node),
+        opener_resumes=bool(opener_resumes),
+        target_resumes=bool(target_resumes),
     )
 
 
@@ -95,24 +99,35 @@ local function remove_node_state(adopter, now)
       redis.call('SREM', p_node_conns .. c[1], id)
     end
   end
+  -- where an end of a channel of the dead node is now: elsewhere all along, adopted, or
+  -- taken over by a resume before the reap (false: it dies with the node)
+  local function holder(end_id, end_node)
+    if end_node ~= node then return end_node end
+    if kept[end_id] then return adopter end
+    local at = redis.call('HGET', p_conn .. end_id, 'node')
+    if at and at ~= node then return at end
+    return false
+  end
   local removed, moved = {}, {}
   for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-    local c = redis.call('HMGET', p_chan .. id, 'opener', 'opener_node', 'target', 'target_node')
+    local c = redis.call('HMGET', p_chan .. id, 'opener', 'opener_node', 'target', 'target_node',
+      'opener_resumes', 'target_resumes')
     if c[1] and c[2] and c[3] and c[4] then
-      local stays = adopter ~= ''
-        and (c[2] ~= node or kept[c[1]]) and (c[4] ~= node or kept[c[3]])
-      if stays then
-        if c[2] == node then c[2] = adopter end
-        if c[4] == node then c[4] = adopter end
+      local resumes = {c[5] or '', c[6] or ''}
+      local opener_at = holder(c[1], c[2])
+      local target_at = holder(c[3], c[4])
+      if adopter ~= '' and opener_at and target_at then
+        c[2], c[4] = opener_at, target_at
         redis.call('HSET', p_chan .. id, 'opener_node', c[2], 'target_node', c[4])
-        redis.call('SADD', p_node_chans .. adopter, id)
-        table.insert(moved, {id, c[1], c[2], c[3], c[4]})
+        redis.call('SADD', p_node_chans .. c[2], id)
+        redis.call('SADD', p_node_chans .. c[4], id)
+        table.insert(moved, {id, c[1], c[2], c[3], c[4], resumes[1], resumes[2]})
       else
         redis.call('DEL', p_chan .. id)
         -- the other end's index too; an emptied set disappears by itself
         redis.call('SREM', p_node_chans .. c[2], id)
         redis.call('SREM', p_node_chans .. c[4], id)
-        table.insert(removed, {id, c[1], c[2], c[3], c[4]})
+        table.insert(removed, {id, c[1], c[2], c[3], c[4], resumes[1], resumes[2]})
       end
     end
   end
@@ -300,9 +315,17 @@ class RedisRegistry(Registry):
     async def find_channel(self, channel_id: ChannelId) -> ChannelRecord | None:
         async with self._guard("find_channel"):
             fields = await self._client.hmget(
-                self._keys.channel(channel_id), ["opener", "opener_node", "target", "target_node"]
+                self._keys.channel(channel_id),
+                [
+                    "opener",
+                    "opener_node",
+                    "target",
+                    "target_node",
+                    "opener_resumes",
+                    "target_resumes",
+                ],
             )
-        texts = [_text(field) for field in fields if field is not None]
+        texts = [_text(field) for field in fields[:4] if field is not None]
         if len(texts) != 4:
             return None
         opener, opener_node, target, target_node = texts
@@ -312,6 +335,8 @@ class RedisRegistry(Registry):
             opener_node=NodeId(opener_node),
             target=ConnectionId(target),
             target_node=NodeId(target_node),
+            opener_resumes=fields[4] is not None,
+            target_resumes=fields[5] is not None,
         )
 
     async def list_by_role(self, role: str) -> list[ConnectionId]:
@@ -400,15 +425,17 @@ class RedisRegistry(Registry):
                 pipe.sadd(k.role(conn.role), conn.connection_id)
                 pipe.sadd(k.node_connections(conn.node_id), conn.connection_id)
             for chan in channels:
-                pipe.hset(
-                    k.channel(chan.channel_id),
-                    mapping={
-                        "opener": chan.opener,
-                        "opener_node": chan.opener_node,
-                        "target": chan.target,
-                        "target_node": chan.target_node,
-                    },
-                )
+                channel_fields: dict[FieldT, EncodableT] = {
+                    "opener": chan.opener,
+                    "opener_node": chan.opener_node,
+                    "target": chan.target,
+                    "target_node": chan.target_node,
+                }
+                if chan.opener_resumes:
+                    channel_fields["opener_resumes"] = "1"
+                if chan.target_resumes:
+                    channel_fields["target_resumes"] = "1"
+                pipe.hset(k.channel(chan.channel_id), mapping=channel_fields)
                 pipe.sadd(k.node_channels(chan.opener_node), chan.channel_id)
                 pipe.sadd(k.node_channels(chan.target_node), chan.channel_id)
             await pipe.execute()

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 from broker_node.core.envelopes import Envelope
 from broker_node.core.records import ChannelRecord, ConnectionRecord
+from broker_node.core.sessions import SessionLog
 from shared.ids import ChannelId, ConnectionId, NodeId
 
 
@@ -80,6 +81,75 @@ class ResumeReading(NamedTuple):
     connection_id: ConnectionId
 
 
+# --- session resume (issue 14) ----------------------------------------------------------
+
+
+class KeepFrames(NamedTuple):
+    """From now on keep every frame written to this client in ``log`` (a resumable session)."""
+
+    connection_id: ConnectionId
+    log: SessionLog
+
+
+class Replay(NamedTuple):
+    """Write frames a session kept (already in its log: not kept again)."""
+
+    connection_id: ConnectionId
+    frames: tuple[bytes, ...]
+
+
+class Rebind(NamedTuple):
+    """The socket of ``from_id`` now serves session ``to_id`` (a resume); a socket that
+    served ``to_id`` until now is closed with ``code`` and will not detach it."""
+
+    from_id: ConnectionId
+    to_id: ConnectionId
+    code: int
+    reason: str
+
+
+class MarkDetached(NamedTuple):
+    """Record in the registry that the session's client went away at ``at_ms``."""
+
+    record: ConnectionRecord
+    at_ms: int
+
+
+class EndSession(NamedTuple):
+    """A detached session's window passed: remove it from the registry if this node still
+    holds it, and tell the core (``session_ended``)."""
+
+    record: ConnectionRecord
+
+
+class MoveChannels(NamedTuple):
+    """Rewrite these channels in the registry: their session end moved off ``from_node``."""
+
+    records: tuple[ChannelRecord, ...]
+    from_node: NodeId
+
+
+class LoadSession(NamedTuple):
+    """The node that held a resumed session did not hand it over: find its channels in the
+    registry (among ``previous_node``'s) and give them to ``install_lost``."""
+
+    connection_id: ConnectionId
+    previous_node: NodeId
+
+
 Action = (
-    Send | CloseClient | Publish | ForgetChannel | ForgetConnection | PauseReading | ResumeReading
+    Send
+    | CloseClient
+    | Publish
+    | ForgetChannel
+    | ForgetConnection
+    | PauseReading
+    | ResumeReading
+    | KeepFrames
+    | Replay
+    | Rebind
+    | MarkDetached
+    | EndSession
+    | MoveChannels
+    | LoadSession
 )

@@ -33,6 +33,10 @@ class ChannelRecord(msgspec.Struct, frozen=True):
     opener_node: NodeId
     target: ConnectionId
     target_node: NodeId
+    #: Whether each end is a resumable session (issue 14): when its node is lost, the channel
+    #: waits for the session's new node instead of closing.
+    opener_resumes: bool = False
+    target_resumes: bool = False
 
     def peer_of(self, connection_id: ConnectionId) -> tuple[ConnectionId, NodeId] | None:
         """The other end of the channel, or None when ``connection_id`` is not an end."""
@@ -44,6 +48,16 @@ class ChannelRecord(msgspec.Struct, frozen=True):
 
     def ends(self) -> tuple[tuple[ConnectionId, NodeId], tuple[ConnectionId, NodeId]]:
         return (self.opener, self.opener_node), (self.target, self.target_node)
+
+    def resumes(self, end: ConnectionId) -> bool:
+        """Whether ``end`` (an end of the channel) is a resumable session."""
+        return self.opener_resumes if end == self.opener else self.target_resumes
+
+    def moved(self, end: ConnectionId, node_id: NodeId) -> ChannelRecord:
+        """This channel with ``end`` now held by ``node_id``."""
+        if end == self.opener:
+            return msgspec.structs.replace(self, opener_node=node_id)
+        return msgspec.structs.replace(self, target_node=node_id)
 
 
 class SessionClaim(msgspec.Struct, frozen=True):

@@ -196,3 +196,28 @@ async def test_a_plain_reap_still_removes_sessions(harness: Harness) -> None:
     await lapse(harness, A)
     assert await harness.peer().registry.reap(A) == []
     assert await registry.find_connection(session.connection_id) is None
+
+
+async def test_a_channel_whose_session_end_resumed_elsewhere_survives_the_reap(
+    harness: Harness,
+) -> None:
+    registry = harness.backend.registry
+    await registry.heartbeat(B, LONG_TTL_MS)
+    session, on_b = resumable(A), connection(B)
+    await registry.add_connection(session)
+    await registry.add_connection(on_b)
+    across = channel(session, on_b)
+    await registry.add_channel(across)
+    # The client resumed on C before A's death was noticed; C has not moved the channel yet.
+    await registry.claim_session(session.connection_id, "h1", "h2", C, 0)
+    await lapse(harness, A)
+
+    reaped = await harness.peer().registry.reap_adopting(A, B, 0)
+
+    assert reaped is not None
+    assert reaped.removed == []
+    assert reaped.adopted == []
+    moved = ChannelRecord(across.channel_id, session.connection_id, C, on_b.connection_id, B)
+    assert reaped.moved == [moved]
+    assert await registry.find_channel(across.channel_id) == moved
+    assert await registry.node_index(C) == ({session.connection_id}, {across.channel_id})
