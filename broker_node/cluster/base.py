@@ -35,6 +35,9 @@ from broker_node.core.records import (
     Reaped,
     SessionClaim,
 )
+from broker_node.core.records import (
+    ClaimRefusal as ClaimRefusal,  # defined with the records it is about: pure
+)
 from broker_node.errors import BackendUnavailable
 from shared.ids import ChannelId, ConnectionId, NodeId
 
@@ -50,15 +53,6 @@ class Heartbeat(enum.Enum):
     #: The node was reaped by a survivor while it could not renew (a long pause, a partition).
     #: Nothing was renewed; the caller must drop its clients and call ``rejoin``.
     FENCED = "fenced"
-
-
-class ClaimRefusal(enum.Enum):
-    """Why a session could not be claimed."""
-
-    #: No such session, or another token (a used one, a forged one).
-    UNKNOWN = "unknown"
-    #: Its window passed.
-    EXPIRED = "expired"
 
 
 class Registry(Protocol):

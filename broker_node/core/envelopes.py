@@ -33,6 +33,8 @@ class Deliver(_Envelope, frozen=True, tag="d"):
     channel_id: ChannelId
     recipient: ConnectionId
     payload: msgspec.Raw
+    #: The sender's ``seq`` of the message (issue 14), copied into the ``channel_message``.
+    message_seq: int | None = None
 
 
 class Confirm(_Envelope, frozen=True, tag="c"):

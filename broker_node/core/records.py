@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
 from shared.ids import ChannelId, ConnectionId, NodeId
@@ -58,6 +60,15 @@ class ChannelRecord(msgspec.Struct, frozen=True):
         if end == self.opener:
             return msgspec.structs.replace(self, opener_node=node_id)
         return msgspec.structs.replace(self, target_node=node_id)
+
+
+class ClaimRefusal(enum.Enum):
+    """Why a session could not be claimed."""
+
+    #: No such session, or another token (a used one, a forged one).
+    UNKNOWN = "unknown"
+    #: Its window passed.
+    EXPIRED = "expired"
 
 
 class SessionClaim(msgspec.Struct, frozen=True):

@@ -77,6 +77,8 @@ class SessionLog:
         self._bytes = 0
         #: Every frame up to this id was acknowledged (or never existed).
         self.acked_id = 0
+        #: The highest request id read from the client (what a resume need not send again).
+        self.last_request_id = 0
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -120,6 +122,19 @@ class SessionLog:
         """Every frame kept, in order (what a handover carries)."""
         return [retained.frame for retained in self._frames]
 
+    def renumber(self, first_id: int) -> int:
+        """Give the frames kept ids from ``first_id`` on (a session whose node was lost: its
+        client has seen ids this node never knew); returns the next id."""
+        frame_id = first_id
+        for retained in self._frames:
+            self._bytes -= len(retained.frame)
+            retained.frame = renumbered(retained.frame, frame_id)
+            retained.frame_id = frame_id
+            self._bytes += len(retained.frame)
+            frame_id += 1
+        self.acked_id = first_id - 1
+        return frame_id
+
     def channels_pending(self) -> set[ChannelId]:
         """The channels with a sequenced message not yet acknowledged."""
         return {r.message[0] for r in self._frames if r.message is not None}
@@ -137,8 +152,6 @@ class Session:
     log: SessionLog
     #: When the client's socket went away (None while attached).
     detached_at: float | None = None
-    #: The highest request id of this session read by a node (None: unknown).
-    last_request_id: int | None = 0
     #: Frames after the client's last acknowledgement may be missing: the node that held the
     #: session was lost, so a resume replays what is here and says it is not complete.
     lost: bool = False
@@ -158,3 +171,11 @@ class Session:
     def expired(self, now: float) -> bool:
         deadline = self.expires_at()
         return deadline is not None and now >= deadline
+
+
+_ID_FIELD: Final = re.compile(rb'^(\{"type":"[a-z_]+","id":)(\d+)')
+
+
+def renumbered(frame: bytes, frame_id: int) -> bytes:
+    """``frame`` with its ``id`` replaced."""
+    return _ID_FIELD.sub(lambda found: found.group(1) + str(frame_id).encode(), frame, count=1)
