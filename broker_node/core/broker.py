@@ -1334,13 +1334,15 @@ class BrokerCore:
         conn = self.connections[connection_id]
         if conn.session is None:
             return []
-        last_id = min(request.lastId, conn.next_id - 1)
-        return self._acked(conn, conn.session.log.ack(last_id))
+        conn.session.log.ack(min(request.lastId, conn.next_id - 1))
+        return self._acked(conn, request.channels)
 
-    def _acked(self, conn: LocalConnection, acked: dict[ChannelId, int]) -> list[Action]:
-        """Tell the senders of the sequenced messages just acknowledged."""
+    def _acked(self, conn: LocalConnection, processed: dict[str, int] | None) -> list[Action]:
+        """Tell the senders up to which ``seq`` the client processed their messages (its own
+        count: it drops a message that came after a gap, which its frame ack would cover)."""
         actions: list[Action] = []
-        for channel_id, seq in acked.items():
+        for channel_key, seq in (processed or {}).items():
+            channel_id = ChannelId(channel_key)
             channel = self.channels.get(channel_id)
             peer = channel.peer_of(conn.connection_id) if channel is not None else None
             if peer is None:
@@ -1487,7 +1489,8 @@ class BrokerCore:
             conn.next_id = log.renumber(max(conn.next_id, request.lastId + 1, log.acked_id + 1))
             session.lost = False
         else:
-            actions += self._acked(conn, log.ack(request.lastId))
+            log.ack(request.lastId)
+            actions += self._acked(conn, request.channels)
         actions.append(KeepFrames(session_id, log))
         actions.append(Replay(session_id, tuple(log.after(request.lastId))))
         channels = None
@@ -1570,7 +1573,7 @@ class BrokerCore:
         del self._handing[cid]
         session = conn.session
         assert session is not None and conn.role is not None
-        actions += self._acked(conn, session.log.ack(take.last_id))
+        session.log.ack(take.last_id)
         moved: list[ChannelRecord] = []
         for channel_id in conn.channels:
             record = self.channels.pop(channel_id, None)

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
-from shared.ids import ChannelId, ConnectionId
+from shared.ids import ConnectionId
 
 #: Bytes of randomness in a resume token (128 bits).
 TOKEN_BYTES: Final = 16
@@ -34,13 +34,8 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-# Frames are made by our own encoder: the tag first, then ``id``, then the fields in their
-# declared order (``ChannelMessage`` puts ``seq`` before the payload, so that nothing a client
-# wrote can be read as one).
+# Frames are made by our own encoder: the tag first, then ``id``.
 _FRAME_ID: Final = re.compile(rb'\{"type":"[a-z_]+","id":(\d+)')
-_MESSAGE_SEQ: Final = re.compile(
-    rb'\{"type":"channel_message","id":\d+,"channelId":"([^"\\]*)","seq":(\d+),'
-)
 
 
 def frame_id_of(frame: bytes) -> int:
@@ -51,20 +46,10 @@ def frame_id_of(frame: bytes) -> int:
     return int(found.group(1))
 
 
-def message_seq_of(frame: bytes) -> tuple[ChannelId, int] | None:
-    """The channel and the sender's ``seq`` of a ``channel_message`` that carries one."""
-    found = _MESSAGE_SEQ.match(frame)
-    if found is None:
-        return None
-    return ChannelId(found.group(1).decode()), int(found.group(2))
-
-
 @dataclass(slots=True)
 class _Retained:
     frame_id: int
     frame: bytes
-    #: The channel and ``seq`` of a sequenced message: acked, its sender is told.
-    message: tuple[ChannelId, int] | None
 
 
 class SessionLog:
@@ -95,24 +80,17 @@ class SessionLog:
     def append(self, frame: bytes) -> bool:
         """Keep a frame just sent (or held); False when that passes a bound (it is kept all
         the same: what to do about it is the caller's)."""
-        retained = _Retained(frame_id_of(frame), frame, message_seq_of(frame))
+        retained = _Retained(frame_id_of(frame), frame)
         self._frames.append(retained)
         self._bytes += len(frame)
         return len(self._frames) <= self.max_frames and self._bytes <= self.max_bytes
 
-    def ack(self, last_id: int) -> dict[ChannelId, int]:
-        """The client processed every frame up to ``last_id``: forget them. Returns, per
-        channel, the highest ``seq`` of the sequenced messages acknowledged now."""
-        acked: dict[ChannelId, int] = {}
+    def ack(self, last_id: int) -> None:
+        """The client processed every frame up to ``last_id``: forget them."""
         frames = self._frames
         while frames and frames[0].frame_id <= last_id:
-            retained = frames.popleft()
-            self._bytes -= len(retained.frame)
-            if retained.message is not None:
-                channel_id, seq = retained.message
-                acked[channel_id] = max(seq, acked.get(channel_id, 0))
+            self._bytes -= len(frames.popleft().frame)
         self.acked_id = max(self.acked_id, last_id)
-        return acked
 
     def after(self, last_id: int) -> list[bytes]:
         """The frames kept with an id above ``last_id``, in order (what a resume replays)."""
@@ -134,10 +112,6 @@ class SessionLog:
             frame_id += 1
         self.acked_id = first_id - 1
         return frame_id
-
-    def channels_pending(self) -> set[ChannelId]:
-        """The channels with a sequenced message not yet acknowledged."""
-        return {r.message[0] for r in self._frames if r.message is not None}
 
 
 @dataclass(slots=True)

@@ -208,8 +208,9 @@ class Client:
         )
         self.node.run(self.node.core.message(self.cid, request))
 
-    def ack(self) -> None:
-        self.node.run(self.node.core.ack(self.cid, Ack(id=self.request_id(), lastId=self.last_id)))
+    def ack(self, channels: dict[str, int] | None = None) -> None:
+        request = Ack(id=self.request_id(), lastId=self.last_id, channels=channels)
+        self.node.run(self.node.core.ack(self.cid, request))
 
     def resume_on(
         self, node: Node, *, token: str | None = None, channels: dict[str, int] | None = None
@@ -361,7 +362,7 @@ def test_acks_trim_the_log_and_tell_the_sender_up_to_which_seq() -> None:
     log = a.sock.log
     assert log is not None
     kept = len(log)
-    a.ack()
+    a.ack({channel: 3})
     cluster.settle()
     assert len(log) == 0 < kept
     assert [(f["type"], f.get("seq")) for f in b.process()] == [("channel_acked", 3)]
@@ -382,7 +383,7 @@ def test_resume_on_another_node_takes_the_session_over() -> None:
     cluster.settle()
     assert b.process()[-1]["held"] is True
 
-    frames = a.resume_on(cluster.nodes[THREE])
+    frames = a.resume_on(cluster.nodes[THREE], channels={channel: 1})
 
     assert kinds(frames) == ["channel_message", "resumed"]
     assert payloads(frames) == [2]

@@ -9,12 +9,11 @@ from broker_node.core.sessions import (
     Session,
     SessionLog,
     frame_id_of,
-    message_seq_of,
     new_resume_token,
     token_hash,
 )
 from shared.codec import encode
-from shared.ids import ChannelId, ConnectionId
+from shared.ids import ConnectionId
 from shared.messages import ChannelClosedNotification, ChannelMessage, ChannelMessageSent
 
 
@@ -35,19 +34,23 @@ def test_tokens_are_random_and_only_their_hash_is_kept() -> None:
     assert len(hashed) == 64
 
 
-def test_frame_id_and_seq_are_read_from_our_frames() -> None:
+def test_the_frame_id_is_read_from_our_frames() -> None:
     assert frame_id_of(encode(ChannelMessageSent(id=42, replyTo=7, channelId="c"))) == 42
-    assert message_seq_of(_message(3, "chan", seq=9)) == (ChannelId("chan"), 9)
-    assert message_seq_of(_message(3, "chan")) is None
-    assert message_seq_of(encode(ChannelClosedNotification(id=4, channelId="c"))) is None
+    assert frame_id_of(encode(ChannelClosedNotification(id=4, channelId="c"))) == 4
+    assert frame_id_of(_message(5, payload=b'{"type":"x","id":99}')) == 5
     with pytest.raises(ValueError, match="not a broker frame"):
         frame_id_of(b'{"id":1}')
 
 
-def test_a_payload_cannot_pose_as_a_seq() -> None:
-    frame = _message(5, payload=b'{"seq":99,"channelId":"x"}')
-    assert message_seq_of(frame) is None
-    assert frame_id_of(frame) == 5
+def test_renumbering_gives_frames_new_ids_in_order() -> None:
+    log = SessionLog(max_frames=10, max_bytes=10_000)
+    log.append(_message(1, payload=b'"a"'))
+    log.append(encode(ChannelClosedNotification(id=2, channelId="c")))
+    assert log.renumber(41) == 43
+    assert [frame_id_of(frame) for frame in log.frames()] == [41, 42]
+    assert log.size == sum(map(len, log.frames()))
+    assert log.acked_id == 40
+    assert log.after(41) == log.frames()[1:]
 
 
 def test_the_log_keeps_frames_until_acked_and_replays_what_follows() -> None:
@@ -60,13 +63,12 @@ def test_the_log_keeps_frames_until_acked_and_replays_what_follows() -> None:
     assert log.last_id == 4
     assert log.after(2) == frames[2:]
     assert log.frames() == frames
-    assert log.channels_pending() == {ChannelId("c1"), ChannelId("c2")}
-    assert log.ack(3) == {ChannelId("c1"): 2, ChannelId("c2"): 1}
+    log.ack(3)
     assert log.after(0) == frames[3:]
     assert log.acked_id == 3
-    assert log.ack(2) == {}
+    log.ack(2)
     assert log.acked_id == 3
-    assert log.ack(4) == {}
+    log.ack(4)
     assert len(log) == 0
     assert log.size == 0
     assert log.last_id == 4
