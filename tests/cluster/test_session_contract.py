@@ -144,8 +144,8 @@ async def test_the_reaper_adopts_resumable_sessions_and_their_channels(harness: 
     kept_local = channel(session, other_session)
     lost_half = channel(plain, session)  # the plain end dies with its node
     lost_across = channel(on_b, plain)
-    for record in (kept_across, kept_local, lost_half, lost_across):
-        await registry.add_channel(record)
+    for channel_record in (kept_across, kept_local, lost_half, lost_across):
+        await registry.add_channel(channel_record)
     await lapse(harness, A)
 
     reaped = await harness.peer().registry.reap_adopting(A, C, 777)
@@ -170,8 +170,8 @@ async def test_the_reaper_adopts_resumable_sessions_and_their_channels(harness: 
             kept_local.channel_id, session.connection_id, C, other_session.connection_id, C
         ),
     }
-    for channel_id, record in moved.items():
-        assert await registry.find_channel(channel_id) == record
+    for channel_id, moved_record in moved.items():
+        assert await registry.find_channel(channel_id) == moved_record
     assert await registry.find_connection(plain.connection_id) is None
     assert sorted(await registry.list_by_role("r")) == sorted(
         [session.connection_id, other_session.connection_id]
