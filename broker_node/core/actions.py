@@ -18,6 +18,9 @@ class LocalReceipt(NamedTuple):
     channel_id: ChannelId
     #: Payload bytes, counted against the sender's unconfirmed bytes.
     size: int
+    #: The message's ``seq``, when its recipient is not a resumable session: written to its
+    #: socket is as far as it can be followed, so the sender hears ``channel_acked`` then.
+    acked_seq: int | None = None
 
 
 class RemoteReceipt(NamedTuple):

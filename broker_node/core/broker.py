@@ -273,6 +273,8 @@ class _PendingDelivery(NamedTuple):
     node_id: NodeId
     deadline: float
     size: int
+    #: As ``LocalReceipt.acked_seq``.
+    acked_seq: int | None = None
 
 
 @dataclass(slots=True)
@@ -690,13 +692,24 @@ class BrokerCore:
             self.stats.messages_local += 1
             # Confirmed once the recipient's socket took it (see ``written``).
             actions = [
-                Send(peer, delivery, LocalReceipt(connection_id, request.id, channel_id, size))
+                Send(
+                    peer,
+                    delivery,
+                    LocalReceipt(
+                        connection_id,
+                        request.id,
+                        channel_id,
+                        size,
+                        request.seq if recipient.session is None else None,
+                    ),
+                )
             ]
         else:
             self._seq += 1
             deadline = self.clock() + self.request_timeout
+            acked_seq = request.seq if not channel.resumes(peer) else None
             self._deliveries[self._seq] = _PendingDelivery(
-                connection_id, request.id, channel_id, peer_node, deadline, size
+                connection_id, request.id, channel_id, peer_node, deadline, size, acked_seq
             )
             self.stats.messages_cross_node_out += 1
             envelope = Deliver(
@@ -765,6 +778,8 @@ class BrokerCore:
                     )
                 )
                 actions.append(Send(receipt.sender, frame))
+                if receipt.acked_seq is not None and not held:
+                    self._tell_acked(receipt.sender, channel_id, receipt.acked_seq, actions)
                 pending = sender.pending
                 left = pending[channel_id] - 1
                 sender.unconfirmed -= 1
@@ -1076,6 +1091,8 @@ class BrokerCore:
                 )
             )
             actions.append(Send(conn.connection_id, frame))
+            if pending.acked_seq is not None and not held:
+                self._tell_acked(conn.connection_id, pending.channel_id, pending.acked_seq, actions)
         else:
             actions += self._fail(conn, "message", pending.request_id, pending.channel_id, error)
         self._unhold(conn, pending.channel_id, pending.size, actions)
@@ -1266,14 +1283,17 @@ class BrokerCore:
     # that claimed the session in the registry (``Take`` -> ``Handover``). Peers are told only
     # where the session's end of each channel went (``Moved``), never that it was away.
 
-    def client_gone(self, connection_id: ConnectionId) -> list[Action]:
+    def client_gone(self, connection_id: ConnectionId, *, said_bye: bool = False) -> list[Action]:
         """The client's socket is going or gone: a resumable session waits for its client
-        (detached); any other connection ends (``disconnect``)."""
+        (detached); any other connection ends (``disconnect``), and so does a session whose
+        client closed with 1000 (``said_bye``: it ended the session on purpose)."""
         conn = self.connections.get(connection_id)
         if conn is None:
             return []
         session = conn.session
-        if session is None or conn.role is None:
+        if session is None or conn.role is None or said_bye:
+            if session is not None:
+                self._forget_session(conn)
             return self.disconnect(connection_id)
         if session.detached_at is not None:
             return []

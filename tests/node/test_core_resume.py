@@ -547,3 +547,36 @@ def test_resume_is_refused_when_off_or_after_register(resume: bool) -> None:
     assert isinstance(result, list)
     node.run(result)
     assert a.process()[-1]["error"] == "Connection already registered"
+
+
+@pytest.mark.parametrize("nodes", [(ONE, ONE), (ONE, TWO)])
+def test_a_recipient_that_cannot_resume_acks_on_delivery(nodes: tuple[NodeId, NodeId]) -> None:
+    cluster = Cluster(ONE, TWO)
+    a = Client(cluster.nodes[nodes[0]], "a")
+    plain = Client(cluster.nodes[nodes[1]], "plain", resume=False)
+    channel = open_channel(a, plain)
+    # (open_channel's record says the target resumes: make it say what it is)
+    for node in cluster.nodes.values():
+        record = node.core.channels.get(channel)
+        if record is not None:
+            node.core.channels[channel] = msgspec.structs.replace(record, target_resumes=False)
+    a.send(channel, 1, seq=1)
+    a.send(channel, 2)
+    cluster.settle()
+    assert payloads(plain.process()) == [1, 2]
+    assert [(f["type"], f.get("seq")) for f in a.process()] == [
+        ("channel_message_sent", None),
+        ("channel_acked", 1),
+        ("channel_message_sent", None),
+    ]
+
+
+def test_a_client_that_closes_with_1000_ends_its_session_at_once() -> None:
+    cluster = Cluster(ONE)
+    node = cluster.nodes[ONE]
+    a, b = Client(node, "a"), Client(node, "b")
+    open_channel(a, b)
+    node.sockets.pop(a.cid)
+    node.run(node.core.client_gone(a.cid, said_bye=True))
+    assert kinds(b.process()) == ["channel_closed_notification"]
+    assert a.cid not in node.core.connections
