@@ -159,6 +159,12 @@ class Registry(Protocol):
         """Remove a session whose window passed, only if ``record.node_id`` still holds it
         (False: a resume took it over meanwhile)."""
 
+    async def transfer_session(
+        self, connection_id: ConnectionId, from_node: NodeId, to_node: NodeId
+    ) -> bool:
+        """A draining node gives a detached session to ``to_node`` (only if it still holds it:
+        False when a resume took it meanwhile); ``det`` and the token are kept."""
+
     async def move_channels(self, records: Sequence[ChannelRecord], from_node: NodeId) -> None:
         """Rewrite channels whose end moved off ``from_node`` (a resumed session's)."""
 

@@ -230,10 +230,19 @@ class MemoryRegistry(Registry):
                 AdoptedSession(moved_conn, detached_at, hub.epochs.get(connection_id, 0))
             )
         kept = {session.record.connection_id for session in adopted}
+        moved = await self._keep_channels(node_id, kept, adopter)
+        removed = hub._remove_node_state(node_id)
+        hub.tombstones.add(node_id)
+        return Reaped(removed, adopted, moved)
+
+    async def _keep_channels(
+        self, node_id: NodeId, kept: set[ConnectionId], adopter: NodeId | None
+    ) -> list[ChannelRecord]:
+        """Before a node's state goes: keep (rewritten) each channel of it whose every end on
+        the node was adopted (``kept``, now on ``adopter``) or already resumed elsewhere."""
+        hub = self._hub
 
         def holder(end: ConnectionId, end_node: NodeId) -> NodeId | None:
-            """Where an end is now: elsewhere all along, adopted, taken over by a resume
-            before the reap, or None (it dies with the node)."""
             if end_node != node_id:
                 return end_node
             if end in kept:
@@ -246,20 +255,17 @@ class MemoryRegistry(Registry):
             chan = hub.channels.get(channel_id)
             if chan is None:
                 continue
-            opener_at, target_at = (
-                holder(chan.opener, chan.opener_node),
-                holder(chan.target, chan.target_node),
-            )
+            opener_at = holder(chan.opener, chan.opener_node)
+            target_at = holder(chan.target, chan.target_node)
             if opener_at is not None and target_at is not None:
                 hub._drop_channel(chan)
                 new = msgspec.structs.replace(chan, opener_node=opener_at, target_node=target_at)
                 await self.add_channel(new)
                 moved.append(new)
-        removed = hub._remove_node_state(node_id)
-        hub.tombstones.add(node_id)
-        return Reaped(removed, adopted, moved)
+        return moved
 
     async def leave(self, node_id: NodeId) -> None:
+        await self._keep_channels(node_id, set(), None)
         self._hub._remove_node_state(node_id)
 
     async def restore(
@@ -309,6 +315,18 @@ class MemoryRegistry(Registry):
         if conn is None or conn.node_id != record.node_id:
             return False
         self._hub._drop_connection(conn)
+        return True
+
+    async def transfer_session(
+        self, connection_id: ConnectionId, from_node: NodeId, to_node: NodeId
+    ) -> bool:
+        hub = self._hub
+        conn = hub.connections.get(connection_id)
+        if conn is None or conn.node_id != from_node:
+            return False
+        hub.connections[connection_id] = msgspec.structs.replace(conn, node_id=to_node)
+        hub._discard(hub.node_connections, from_node, connection_id)
+        hub.node_connections[to_node].add(connection_id)
         return True
 
     async def move_channels(self, records: Sequence[ChannelRecord], from_node: NodeId) -> None:

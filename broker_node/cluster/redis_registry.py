@@ -116,7 +116,7 @@ local function remove_node_state(adopter, now)
       local resumes = {c[5] or '', c[6] or ''}
       local opener_at = holder(c[1], c[2])
       local target_at = holder(c[3], c[4])
-      if adopter ~= '' and opener_at and target_at then
+      if opener_at and target_at then
         c[2], c[4] = opener_at, target_at
         redis.call('HSET', p_chan .. id, 'opener_node', c[2], 'target_node', c[4])
         redis.call('SADD', p_node_chans .. c[2], id)
@@ -251,6 +251,18 @@ redis.call('SREM', KEYS[3], ARGV[2])
 return 1
 """
 
+# KEYS: 1 the connection's hash. ARGV: 1 the node that must hold it, 2 the node that takes it,
+# 3 node-conns prefix, 4 the connection id.
+_TRANSFER_SESSION = """
+if redis.call('HGET', KEYS[1], 'node') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'node', ARGV[2])
+redis.call('SREM', ARGV[3] .. ARGV[1], ARGV[4])
+redis.call('SADD', ARGV[3] .. ARGV[2], ARGV[4])
+return 1
+"""
+
 _HEARTBEAT_REPLIES = {0: Heartbeat.RENEWED, 1: Heartbeat.REJOINED, 2: Heartbeat.FENCED}
 
 
@@ -284,6 +296,7 @@ class RedisRegistry(Registry):
         self._claim_session: AsyncScript = client.register_script(_CLAIM_SESSION)
         self._mark_detached: AsyncScript = client.register_script(_MARK_DETACHED)
         self._end_session: AsyncScript = client.register_script(_END_SESSION)
+        self._transfer_session: AsyncScript = client.register_script(_TRANSFER_SESSION)
 
     def _guard(self, operation: str) -> AbstractAsyncContextManager[None]:
         return _guard(operation, self._timeout)
@@ -598,6 +611,17 @@ class RedisRegistry(Registry):
                 args=[record.node_id, record.connection_id],
             )
         return bool(ended)
+
+    async def transfer_session(
+        self, connection_id: ConnectionId, from_node: NodeId, to_node: NodeId
+    ) -> bool:
+        k = self._keys
+        async with self._guard("transfer_session"):
+            moved = await self._transfer_session(
+                keys=[k.connection(connection_id)],
+                args=[from_node, to_node, k.node_connections_prefix, connection_id],
+            )
+        return bool(moved)
 
     async def move_channels(self, records: Sequence[ChannelRecord], from_node: NodeId) -> None:
         k = self._keys

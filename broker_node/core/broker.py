@@ -1800,6 +1800,11 @@ class BrokerCore:
         self._forget_session(conn)
         return self.disconnect(connection_id)
 
+    def session_retry(self, connection_id: ConnectionId) -> list[Action]:
+        """``EndSession`` could not reach the registry: the next expiry check tries again."""
+        self._ending.discard(connection_id)
+        return []
+
     def _expire_sessions(self, now: float, actions: list[Action]) -> None:
         for session_id in list(self._handing):
             conn = self.connections.get(session_id)

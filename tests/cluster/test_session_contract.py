@@ -221,3 +221,37 @@ async def test_a_channel_whose_session_end_resumed_elsewhere_survives_the_reap(
     assert reaped.moved == [moved]
     assert await registry.find_channel(across.channel_id) == moved
     assert await registry.node_index(C) == ({session.connection_id}, {across.channel_id})
+
+
+async def test_a_draining_node_transfers_a_session_it_still_holds(harness: Harness) -> None:
+    registry = harness.backend.registry
+    record = resumable(A)
+    await registry.add_connection(record)
+    await registry.mark_detached(record.connection_id, A, 10)
+    assert await registry.transfer_session(record.connection_id, A, B)
+    assert await registry.node_index(B) == ({record.connection_id}, set())
+    assert not await registry.transfer_session(record.connection_id, A, C)
+    # The window still runs from the detach.
+    late = 10 + WINDOW * 1000
+    assert await registry.claim_session(record.connection_id, "h1", "h2", C, late) is (
+        ClaimRefusal.EXPIRED
+    )
+
+
+async def test_leaving_keeps_the_channels_of_sessions_resumed_elsewhere(harness: Harness) -> None:
+    registry = harness.backend.registry
+    session, on_b, plain = resumable(A), connection(B), connection(A)
+    for record in (session, on_b, plain):
+        await registry.add_connection(record)
+    kept, gone = channel(session, on_b), channel(plain, on_b)
+    await registry.add_channel(kept)
+    await registry.add_channel(gone)
+    await registry.claim_session(session.connection_id, "h1", "h2", C, 0)
+
+    await registry.leave(A)
+
+    assert await registry.find_channel(kept.channel_id) == ChannelRecord(
+        kept.channel_id, session.connection_id, C, on_b.connection_id, B
+    )
+    assert await registry.find_channel(gone.channel_id) is None
+    assert await registry.node_index(C) == ({session.connection_id}, {kept.channel_id})
