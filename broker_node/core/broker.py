@@ -475,6 +475,7 @@ class BrokerCore:
             resume_token, hashed = fresh
             window = self.resume.window
             conn.session = Session(connection_id, hashed, window, self.resume.new_log())
+            conn.session.log.last_request_id = request.id
             # From its ``registered`` on, every frame to it is kept until acknowledged.
             actions.append(KeepFrames(connection_id, conn.session.log))
         frame = encode(
