@@ -135,6 +135,10 @@ class Ack(_Wire, frozen=True, tag="ack"):
 
     id: int
     lastId: int
+    #: Per channel whose count moved since the previous ack, the highest ``seq`` the client
+    #: processed from its peer: what the peer's ``channel_acked`` says. Not derived from the
+    #: acked frames, since a client drops a message that arrives after a gap.
+    channels: dict[str, int] | None = None
 
 
 Request = Register | ListByRole | Open | Message | Close | Refresh | Resume | Ack
