@@ -45,9 +45,11 @@ Resumable sessions add two layers (``docs/resume-design.md``):
   peer's ``channel_acked`` covers them, at most ``max_unacked`` per channel (``send_blocked``;
   the shell waits, ``SendWindowOpened`` says when to look again). ``channel_resync`` and a
   retryable ``channel_message_failed`` resend, in order, from the first message the peer may
-  lack (go-back-N; a message failing again waits for the next ``resend_stalled`` tick);
-  ``resend_stalled(now)`` resends a channel whose acknowledgements made no progress for
-  ``RESEND_AFTER`` seconds (not while the peer is detached: its messages are held). A message
+  lack (go-back-N; once at once, then at the pace of ``resend_stalled``).
+  ``resend_stalled(now)`` also resends a channel whose acknowledgements made no progress for
+  ``RESEND_AFTER`` seconds (not while the peer is detached: its messages are held); the
+  automatic resends of a channel wait longer each time (``RESEND_WAIT`` doubling up to
+  ``MAX_RESEND_WAIT``) until the peer progresses, so a slow peer does not drown. A message
   the broker refuses for good gives its ``seq`` to the next ones, which go out again, so that
   the peer never waits for a message that will not come. Incoming messages with a ``seq``
   are delivered only in order: one already processed is dropped, one after a gap is dropped
@@ -179,6 +181,10 @@ ACK_EVERY: Final = 32
 ACK_DELAY: Final = 0.1
 #: Resend a channel's unacknowledged messages after this many seconds without progress.
 RESEND_AFTER: Final = 5.0
+#: Automatic resends of one channel (after failures, or by the safety net) are at least this
+#: far apart, a wait that doubles up to ``MAX_RESEND_WAIT`` until the peer makes progress.
+RESEND_WAIT: Final = 1.0
+MAX_RESEND_WAIT: Final = 60.0
 #: Messages per channel kept until the peer acknowledges them, at most (then sends wait).
 DEFAULT_MAX_UNACKED: Final = 1000
 
@@ -455,8 +461,6 @@ class _Call:
     retained: bool = False
     #: A transmission was confirmed (``channel_message_sent``).
     confirmed: bool = False
-    #: Retryable failures of its latest transmissions.
-    failures: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -472,11 +476,15 @@ class _Stream:
     received: int = 0
     #: The recipient is detached (a confirmation said ``held``) and has not acked since.
     peer_held: bool = False
-    #: A message failed again: resend at the next ``resend_stalled`` tick.
+    #: The next retryable failure resends at once; later ones wait for a tick that may.
+    retry_armed: bool = True
+    #: A retryable failure came since the last resend.
     retry_due: bool = False
-    #: When ``acked`` was last seen to move (``None``: not watched), and its value then.
+    #: No automatic resend before this time; the wait after the next one.
+    not_before: float = float("-inf")
+    wait: float = RESEND_WAIT
+    #: Since when no progress was seen (``None``: not watched).
     watched_since: float | None = None
-    watched_acked: int = 0
 
 
 def _worth_sending(call: _Call) -> bool:
@@ -668,27 +676,25 @@ class Session:
         return self._send_ack()
 
     def resend_stalled(self, now: float) -> None:
-        """The safety net, called every second or so: resend what made no progress."""
+        """Called every second or so: per channel, resend what failed again, or what the
+        peer has not acknowledged for ``RESEND_AFTER`` seconds (the safety net)."""
         if self.state is not SessionState.READY:
             return
         for stream in self._streams.values():
             if not stream.unacked:
-                stream.watched_since = None
                 stream.retry_due = False
-            elif stream.retry_due or (
-                stream.watched_since is not None
-                and not stream.peer_held
-                and stream.acked == stream.watched_acked
-                and now - stream.watched_since >= RESEND_AFTER
-            ):
+                stream.watched_since = None
+                continue
+            if stream.watched_since is None:
+                stream.watched_since = now
+            stalled = not stream.peer_held and now - stream.watched_since >= RESEND_AFTER
+            if (stream.retry_due or stalled) and now >= stream.not_before:
                 stream.retry_due = False
                 stream.watched_since = now
-                stream.watched_acked = stream.acked
+                stream.not_before = now + stream.wait
+                stream.wait = min(2 * stream.wait, MAX_RESEND_WAIT)
                 for call in list(stream.unacked):
                     self._send_again(call)
-            elif stream.watched_since is None or stream.acked != stream.watched_acked:
-                stream.watched_since = now
-                stream.watched_acked = stream.acked
 
     def frames_to_send(self) -> list[bytes]:
         """Every frame to write since the last call, in order (the shell writes them all)."""
@@ -974,10 +980,12 @@ class Session:
             stream.unacked.clear()
             return events
         if error in RETRYABLE_FAILURES:
-            call.failures += 1
-            if call.failures == 1:
+            # Once at once; then (a window of messages failing one after another, a peer
+            # about to leave) at the pace of resend_stalled.
+            if stream.retry_armed:
+                stream.retry_armed = False
                 self._send_again_from(stream, call)
-            else:  # failing again and again (a peer about to leave): at most once a tick
+            else:
                 stream.retry_due = True
             return []
         if call.confirmed:
@@ -1014,9 +1022,13 @@ class Session:
         was_full = len(stream.unacked) >= self.max_unacked
         events: list[Event] = []
         if seq > stream.acked or resync:
+            # Progress: automatic resends start over.
             stream.acked = max(stream.acked, seq)
             stream.peer_held = False
-            stream.watched_since = None  # progress: the safety net starts over
+            stream.retry_armed = True
+            stream.not_before = float("-inf")
+            stream.wait = RESEND_WAIT
+            stream.watched_since = None
         while stream.unacked and stream.unacked[0].seq <= seq:
             call = stream.unacked.popleft()
             call.retained = False

@@ -306,6 +306,59 @@ def test_a_retryable_failure_goes_back_to_that_message_and_the_send_carries_on()
     assert broker.sent_messages() == []
 
 
+def test_a_window_failing_message_after_message_is_resent_once_then_at_a_slowing_pace() -> None:
+    session, broker = start()
+    open_to_peer(session, broker)
+    requests = [session.send(CH, n) for n in range(5)]
+    broker.written()
+
+    def fail_all(ids: list[int]) -> None:
+        for request_id in ids:
+            broker.send(
+                type="channel_message_failed", replyTo=request_id, channelId=CH, error=RETRYABLE
+            )
+
+    fail_all([r.request_id for r in requests])
+    again = broker.written()
+    assert [f["seq"] for f in again] == [1, 2, 3, 4, 5]  # one go-back-N, not one per failure
+    fail_all([f["id"] for f in again])
+    assert broker.written() == []  # later failures wait for the ticks
+    session.resend_stalled(10.0)
+    again = broker.written()
+    assert len(again) == 5
+    fail_all([f["id"] for f in again])
+    session.resend_stalled(10.9)
+    assert broker.written() == []  # a second apart at first
+    session.resend_stalled(11.0)
+    again = broker.written()
+    assert len(again) == 5
+    fail_all([f["id"] for f in again])
+    session.resend_stalled(12.9)
+    assert broker.written() == []  # then two
+    session.resend_stalled(13.0)
+    again = broker.written()
+    assert len(again) == 5
+    # Progress: the next failure resends at once again.
+    broker.send(type="channel_acked", channelId=CH, seq=1)
+    broker.send(
+        type="channel_message_failed", replyTo=again[1]["id"], channelId=CH, error=RETRYABLE
+    )
+    assert [f["seq"] for f in broker.written()] == [2, 3, 4, 5]
+
+
+def test_the_safety_net_waits_longer_each_time_the_peer_makes_no_progress() -> None:
+    session, broker = start()
+    open_to_peer(session, broker)
+    session.send(CH, "x")
+    broker.written()
+    resent_at = []
+    for now in range(60):
+        session.resend_stalled(float(now))
+        if broker.written():
+            resent_at.append(now)
+    assert resent_at == [5, 10, 15, 20, 28, 44]
+
+
 def test_a_message_refused_for_good_gives_its_seq_to_the_next_ones() -> None:
     session, broker = start(max_unacked=3)
     open_to_peer(session, broker)
