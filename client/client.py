@@ -84,10 +84,7 @@ from client.errors import (
     RequestFailed,
     RequestTimeout,
 )
-from client.inbox import Inbox, InboxIterator
-from client.session import (
-    DEFAULT_MAX_UNACKED,
-    UNEXPECTED_REPLY,
+from client.events import (
     AbandonedChannel,
     ChannelEnded,
     ChannelIncoming,
@@ -105,11 +102,16 @@ from client.session import (
     RequestSucceeded,
     ScheduleAck,
     SendWindowOpened,
-    Session,
     SessionLost,
     SessionResumed,
     TokenRefreshed,
     Violation,
+)
+from client.inbox import Inbox, InboxIterator
+from client.session import (
+    DEFAULT_MAX_UNACKED,
+    UNEXPECTED_REPLY,
+    Session,
     encode_payload,
 )
 from shared.ids import ChannelId, ConnectionId

@@ -966,11 +966,17 @@ def test_an_ack_below_what_was_acked_changes_nothing() -> None:
 # --- purity ------------------------------------------------------------------------------------
 
 
-def test_the_session_module_stays_pure() -> None:
-    source = Path(__file__).resolve().parents[2] / "client" / "session.py"
-    imported = {
-        node.module.split(".")[0]
-        for node in ast.walk(ast.parse(source.read_text()))
-        if isinstance(node, ast.ImportFrom) and node.module is not None
+@pytest.mark.parametrize("name", ["session.py", "events.py"])
+def test_the_pure_modules_import_no_io(name: str) -> None:
+    source = Path(__file__).resolve().parents[2] / "client" / name
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            imported.add(node.module.split(".")[0])
+    assert imported <= {"__future__", "collections", "dataclasses", "enum", "typing"} | {
+        "msgspec",
+        "client",
+        "shared",
     }
-    assert "asyncio" not in imported and "websockets" not in imported
