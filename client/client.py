@@ -479,8 +479,7 @@ class _Link:
         resumer = self._resumer
         if resumer is not None and resumer is not asyncio.current_task():
             resumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await resumer
+            await asyncio.wait({resumer})  # its cancellation, not ours, is swallowed
         if self.socket is not None:
             await self.socket.close()
         self._end(self.session.connection_lost())
@@ -620,14 +619,15 @@ class _Link:
                 assert_never(outcome)
 
     def _detach(self, immediately: bool) -> None:
-        self._detached_at = self._loop.time()
         for timeout in self._timeouts:
             if not timeout.expired():
                 timeout.reschedule(None)
         self._stop_timers()
-        self._settle_resume(False)
-        self.client._link_detached(self)
+        self._settle_resume(False)  # a resume attempt's connection dropped: it goes on
         if self._resumer is None:
+            # Detached since now: the window is counted from the first drop, not per attempt.
+            self._detached_at = self._loop.time()
+            self.client._link_detached(self)
             self._resumer = asyncio.create_task(
                 self._resume(immediately), name=f"broker-client-resume {self.client.url}"
             )

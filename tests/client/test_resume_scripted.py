@@ -42,6 +42,8 @@ class ResumableBroker:
         self.connections = 0
         self.last_id = 0
         self.server: Server | None = None
+        #: Drop every connection that asks to resume (a node that dies under each attempt).
+        self.drop_resumes = False
 
     @property
     def url(self) -> str:
@@ -65,6 +67,8 @@ class ResumableBroker:
                 )
             elif message["type"] == "ack":
                 self.acks.append(message)
+            elif message["type"] == "resume" and self.drop_resumes:
+                ws.transport.abort()
             else:
                 await self.frames.put(message)
 
@@ -429,6 +433,19 @@ async def test_the_window_passes_while_no_node_answers(broker: ResumableBroker) 
         async with asyncio.timeout(5):
             assert [c async for c in client.incoming_channels()] == []
     assert client_tasks() == set()
+
+
+async def test_the_window_counts_from_the_drop_not_from_each_attempt(
+    broker: ResumableBroker,
+) -> None:
+    broker.window = 1
+    broker.drop_resumes = True
+    lost: list[str] = []
+    async with quick(broker.url, on_session_lost=lost.append):
+        broker.drop()
+        await eventually(lambda: bool(lost))
+        assert lost == ["Resume window expired"]
+        assert broker.connections > 2  # it kept trying until then
 
 
 async def test_close_while_resuming_ends_the_session_at_once(broker: ResumableBroker) -> None:
