@@ -579,7 +579,11 @@ class Session:
         except msgspec.DecodeError:
             events = self._receive_untyped(frame)
         else:
-            if self.resumable and message.id <= self._last_frame_id:
+            if (
+                self.resumable
+                and message.id <= self._last_frame_id
+                and not self._answers_resume(message)
+            ):
                 return [Violation(f"frame {message.id} came again; dropped", serious=False)]
             events = self._dispatch(message)
             if self.resumable:
@@ -889,6 +893,11 @@ class Session:
         return events
 
     # --- resumable sessions: frames, resume -----------------------------------------------
+
+    def _answers_resume(self, message: BrokerMessage) -> bool:
+        # A node that took over from a lost one may not know the last frame id it sent:
+        # its ``resumed`` starts the numbering the session follows from then on.
+        return isinstance(message, Resumed) and message.replyTo == self._resume_id
 
     def _count_frame(self, frame_id: int) -> list[Event]:
         self._last_frame_id = frame_id

@@ -794,6 +794,22 @@ def test_complete_false_reconciles_channels_and_resends_every_unacked_message() 
     assert lost_channel_message.request_id < listing.request_id
 
 
+def test_a_node_that_took_over_may_number_its_frames_afresh() -> None:
+    session, broker = start()
+    open_to_peer(session, broker)
+    for seq in range(1, 6):
+        broker.send(type="channel_message", channelId=CH, payload=seq, seq=seq)
+    resume = detach_and_resume(session, broker)
+    broker.last_id = 1  # the lost node's counter is gone
+    events = resumed(broker, resume, complete=False, channels=[{"channelId": CH, "peerId": PEER}])
+    assert events[0] == SessionResumed(complete=False)
+    assert broker.send(type="channel_message", channelId=CH, payload=6, seq=6) == [
+        ChannelPayload(CH, msgspec.Raw(b"6"))
+    ]
+    session.ack()
+    assert broker.written()[-1]["lastId"] == 3
+
+
 def test_complete_false_ends_channels_the_registry_no_longer_has() -> None:
     session, broker = start()
     open_to_peer(session, broker, CH)
