@@ -13,43 +13,37 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection, serve
 
 import client.client
 import client.session
 from client import BrokerClient, Channel, ChannelClosed, CloseReason, ConnectionLost
 from tests.client.helpers import client_tasks, eventually
+from tests.client.test_scripted import ME, PEER, ScriptedBroker
 
-ME = "11111111-1111-4111-8111-111111111111"
-PEER = "22222222-2222-4222-8222-222222222222"
 OTHER = "55555555-5555-4555-8555-555555555555"
 CHANNEL = "33333333-3333-4333-8333-333333333333"
 NEW_CHANNEL = "44444444-4444-4444-8444-444444444444"
 
 
-class ResumableBroker:
+class ResumableBroker(ScriptedBroker):
     """Grants resumable sessions to ``register``; records acks; queues every other frame.
 
     Frame ids increase across connections, as a session's do.
     """
 
     def __init__(self, *, window: int = 120) -> None:
+        super().__init__()
         self.window = window
-        self.frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.registers: list[dict[str, Any]] = []
         self.acks: list[dict[str, Any]] = []
-        self.ws: ServerConnection | None = None
-        self.connections = 0
-        self.last_id = 0
-        self.server: Server | None = None
         #: Drop every connection that asks to resume (a node that dies under each attempt).
         self.drop_resumes = False
 
     @property
-    def url(self) -> str:
-        assert self.server is not None
-        port = self.server.sockets[0].getsockname()[1]
-        return f"ws://127.0.0.1:{port}"
+    def last_id(self) -> int:
+        """The id of the last frame sent."""
+        return self.next_id
 
     async def handler(self, ws: ServerConnection) -> None:
         self.ws = ws
@@ -71,17 +65,6 @@ class ResumableBroker:
                 ws.transport.abort()
             else:
                 await self.frames.put(message)
-
-    async def send(self, **frame: Any) -> None:
-        assert self.ws is not None
-        self.last_id += 1
-        await self.ws.send(json.dumps({**frame, "id": self.last_id}))
-
-    async def expect(self, request_type: str) -> dict[str, Any]:
-        async with asyncio.timeout(5):
-            frame = await self.frames.get()
-        assert frame["type"] == request_type, frame
-        return frame
 
     def drop(self) -> None:
         """The connection breaks without a close frame (a network cut, a killed node)."""

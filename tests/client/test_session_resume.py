@@ -71,6 +71,12 @@ class Broker:
         self.last_id += 1
         return self.session.receive(frame(id=self.last_id, **fields))
 
+    def fail(self, request_id: int, error: str = RETRYABLE) -> list[Event]:
+        """``channel_message_failed`` of message ``request_id`` on ``CH``."""
+        return self.send(
+            type="channel_message_failed", replyTo=request_id, channelId=CH, error=error
+        )
+
     def written(self) -> list[dict[str, Any]]:
         return [json.loads(f) for f in self.session.frames_to_send()]
 
@@ -270,35 +276,14 @@ def test_a_retryable_failure_goes_back_to_that_message_and_the_send_carries_on()
     open_to_peer(session, broker)
     requests = [session.send(CH, n) for n in range(1, 4)]
     broker.written()
-    assert (
-        broker.send(
-            type="channel_message_failed",
-            replyTo=requests[1].request_id,
-            channelId=CH,
-            error=RETRYABLE,
-        )
-        == []
-    )
+    assert broker.fail(requests[1].request_id) == []
     again = broker.written()
     assert [f["seq"] for f in again] == [2, 3]
     # The first transmission of 3 was overtaken: its failure changes nothing.
-    assert (
-        broker.send(
-            type="channel_message_failed",
-            replyTo=requests[2].request_id,
-            channelId=CH,
-            error=RETRYABLE,
-        )
-        == []
-    )
+    assert broker.fail(requests[2].request_id) == []
     assert broker.written() == []
     # 2 fails again: no tight loop; the next tick of the safety net resends.
-    assert (
-        broker.send(
-            type="channel_message_failed", replyTo=again[0]["id"], channelId=CH, error=RETRYABLE
-        )
-        == []
-    )
+    assert broker.fail(again[0]["id"]) == []
     assert broker.written() == []
     session.resend_stalled(0.0)
     assert broker.sent_messages() == [(1, 1), (2, 2), (3, 3)]
@@ -314,9 +299,7 @@ def test_a_window_failing_message_after_message_is_resent_once_then_at_a_slowing
 
     def fail_all(ids: list[int]) -> None:
         for request_id in ids:
-            broker.send(
-                type="channel_message_failed", replyTo=request_id, channelId=CH, error=RETRYABLE
-            )
+            broker.fail(request_id)
 
     fail_all([r.request_id for r in requests])
     again = broker.written()
@@ -340,9 +323,7 @@ def test_a_window_failing_message_after_message_is_resent_once_then_at_a_slowing
     assert len(again) == 5
     # Progress: the next failure resends at once again.
     broker.send(type="channel_acked", channelId=CH, seq=1)
-    broker.send(
-        type="channel_message_failed", replyTo=again[1]["id"], channelId=CH, error=RETRYABLE
-    )
+    broker.fail(again[1]["id"])
     assert [f["seq"] for f in broker.written()] == [2, 3, 4, 5]
 
 
@@ -364,11 +345,8 @@ def test_a_message_refused_for_good_gives_its_seq_to_the_next_ones() -> None:
     open_to_peer(session, broker)
     requests = [session.send(CH, n) for n in ("a", "bad", "c", "d")]
     broker.written()
-    events = broker.send(
-        type="channel_message_failed",
-        replyTo=requests[1].request_id,
-        channelId=CH,
-        error="Invalid request: JSON nested deeper than 64 levels",
+    events = broker.fail(
+        requests[1].request_id, "Invalid request: JSON nested deeper than 64 levels"
     )
     assert events == [
         SendWindowOpened(CH),
@@ -393,12 +371,7 @@ def test_a_refusal_after_a_confirmed_transmission_is_ignored() -> None:
     broker.written()
     broker.send(type="channel_resync", channelId=CH, lastSeq=0)
     again = broker.written()[0]
-    assert (
-        broker.send(
-            type="channel_message_failed", replyTo=again["id"], channelId=CH, error="Refused"
-        )
-        == []
-    )
+    assert broker.fail(again["id"], "Refused") == []
     assert not session.send_blocked(CH)
     broker.send(type="channel_resync", channelId=CH, lastSeq=0)
     assert broker.sent_messages() == [(1, "x")]  # still kept
@@ -408,26 +381,13 @@ def test_a_channel_gone_fails_every_message_kept_for_it() -> None:
     session, broker = start()
     open_to_peer(session, broker)
     requests = [session.send(CH, n) for n in range(2)]
-    events = broker.send(
-        type="channel_message_failed",
-        replyTo=requests[0].request_id,
-        channelId=CH,
-        error="Channel not found",
-    )
+    events = broker.fail(requests[0].request_id, "Channel not found")
     assert events == [
         RequestRejected(r.request_id, "message", "channel_message_failed", "Channel not found")
         for r in requests
     ]
     # The second's own answer comes too, and changes nothing.
-    assert (
-        broker.send(
-            type="channel_message_failed",
-            replyTo=requests[1].request_id,
-            channelId=CH,
-            error="Channel not found",
-        )
-        == []
-    )
+    assert broker.fail(requests[1].request_id, "Channel not found") == []
 
 
 def test_a_failure_after_the_channel_closed_is_reported_as_today() -> None:
@@ -435,12 +395,7 @@ def test_a_failure_after_the_channel_closed_is_reported_as_today() -> None:
     open_to_peer(session, broker)
     request = session.send(CH, 1)
     session.close_channel(CH)
-    events = broker.send(
-        type="channel_message_failed",
-        replyTo=request.request_id,
-        channelId=CH,
-        error=RETRYABLE,
-    )
+    events = broker.fail(request.request_id)
     assert events == [
         RequestRejected(request.request_id, "message", "channel_message_failed", RETRYABLE)
     ]
@@ -693,12 +648,7 @@ def test_replayed_frames_while_resuming_are_processed_and_acked_once_resumed() -
     broker.written()
     resume = detach_and_resume(session, broker)
     # A retryable failure replayed: the message goes out again once resumed.
-    broker.send(
-        type="channel_message_failed",
-        replyTo=requests[0].request_id,
-        channelId=CH,
-        error=RETRYABLE,
-    )
+    broker.fail(requests[0].request_id)
     broker.send(type="channel_resync", channelId=CH, lastSeq=0)
     for n in range(ACK_EVERY):
         broker.send(type="channel_message", channelId=CH, payload=n, seq=n + 1)
