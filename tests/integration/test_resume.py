@@ -192,7 +192,9 @@ async def test_a_draining_node_sends_its_sessions_elsewhere(cluster: Cluster) ->
     session = await Session(cluster).register(one)
     peer, channel = await peer_of(cluster, two, session)
     await send(peer, channel, 1)
-    one.process.send_signal(signal.SIGTERM)
+    assert one.process is not None
+    process = one.process
+    process.send_signal(signal.SIGTERM)
     assert session.wire is not None
     code, reason = await session.wire.closed_with(timeout=10)
     assert code == 4100, (code, reason)
@@ -202,7 +204,7 @@ async def test_a_draining_node_sends_its_sessions_elsewhere(cluster: Cluster) ->
     assert frames[-1]["complete"] is True
     assert messages(frames) == [1, 2]
     assert held.get("held") is True
-    assert await asyncio.to_thread(one.process.wait, 20) == 0
+    assert await asyncio.to_thread(process.wait, 20) == 0
     await send(peer, channel, 3)
     assert messages(await session.take(1)) == [3]
     assert "channel_closed_notification" not in kinds(await frames_for(peer, 0.3))
