@@ -250,3 +250,28 @@ async def test_a_killed_nodes_session_resumes_incomplete_and_its_peers_resend(
     assert messages(await session.take(1)) == [2]
     await asyncio.sleep(TTL + SLACK)
     assert "channel_closed_notification" not in kinds(await frames_for(peer, 0.3))
+
+
+async def test_a_session_resumes_after_redis_restarted_empty(cluster: Cluster) -> None:
+    one, two = await cluster.start(2, args=resume_args())
+    session = await Session(cluster).register(one)
+    peer, channel = await peer_of(cluster, two, session)
+    session.drop()
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(cluster.redis.restart)
+    # The nodes restore what they hold (the detached session included) once Redis is back.
+    frames: list[Frame] = []
+    async with asyncio.timeout(10 + SLACK):
+        while not frames or frames[-1]["type"] != "resumed":
+            frames = await session.resume(two)
+            if frames[-1]["type"] != "resumed":
+                # Only "not restored yet" may be said meanwhile: never a silent loss.
+                assert frames[-1]["error"] in (
+                    "Resume token not valid",
+                    "Cluster registry unavailable, try again",
+                ), frames
+                await asyncio.sleep(0.2)
+    assert frames[-1]["complete"] is True
+    await send(peer, channel, "after")
+    assert messages(await session.take(1)) == ["after"]
+    assert "channel_closed_notification" not in kinds(await frames_for(peer, 0.3))
