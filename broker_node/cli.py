@@ -138,6 +138,31 @@ def _origins(value: str | None) -> tuple[str, ...]:
     return tuple(item.rstrip("/").lower() for item in _csv(value))
 
 
+# --- session resume (issue 14): likewise
+_LIMIT_OPTIONS += [
+    _option(
+        "--resume-window",
+        default=_DEFAULTS.resume_window,
+        type=click.IntRange(min=0),
+        help="Seconds a resumable session waits for its client after a disconnect (0: "
+        "resume off; register's resume field is then ignored).",
+    ),
+    _option(
+        "--resume-max-frames",
+        default=_DEFAULTS.resume_max_frames,
+        type=click.IntRange(min=1),
+        help="Frames a session keeps until its client acknowledges them (attached or not); "
+        "past it the session ends.",
+    ),
+    _option(
+        "--resume-max-bytes",
+        default=_DEFAULTS.resume_max_bytes,
+        type=click.IntRange(min=1),
+        help="The same bound in bytes.",
+    ),
+]
+
+
 def _limit_options(command: _F) -> _F:
     for option in reversed(_LIMIT_OPTIONS):
         command = option(command)

@@ -84,6 +84,14 @@ class Settings:
     def byte_burst(self) -> float:
         return max(2 * self.max_bytes_per_second, 2 * self.max_message_size)
 
+    # Session resume (issue 14)
+    #: Seconds a resumable session waits for its client after a disconnect; 0: resume off.
+    resume_window: int = 120
+    #: Frames (and bytes) a session keeps until its client acknowledges them; past either,
+    #: the session ends (a slow consumer while attached; peers notified while detached).
+    resume_max_frames: int = 1000
+    resume_max_bytes: int = 1024 * 1024
+
     # Timing
     #: How long a request that needs the cluster backend (or a cross-node confirmation) may
     #: take before it gets its ``*_failed`` reply; below the JS client's own 3 s timeout.

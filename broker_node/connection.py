@@ -34,14 +34,28 @@ from websockets.typing import BytesLike
 from broker_node.auth.handshake import RedactTokens, handshake_token, select_subprotocol
 from broker_node.core.actions import Receipt
 from broker_node.core.rate import RateLimits
+from broker_node.core.sessions import SessionLog
 from broker_node.frame_scanner import FAST_PONG, FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
 from shared.codec import CLOSE_POLICY_VIOLATION, decode_request
 from shared.ids import ConnectionId, new_connection_id
-from shared.messages import Close, Message, Request
+from shared.messages import (
+    Ack,
+    Close,
+    ListByRole,
+    Message,
+    Open,
+    Refresh,
+    Register,
+    Request,
+    Resume,
+)
 
 if TYPE_CHECKING:
     from broker_node.node import BrokerNode
     from shared.codec import Rejection
+
+#: Requests (as opposed to the codec's refusals), whose id a session's log records.
+_REQUEST_TYPES: Final = (Register, ListByRole, Open, Message, Close, Refresh, Resume, Ack)
 
 logger = logging.getLogger("broker_node.connection")
 _websockets_logger = logging.getLogger("websockets.server")
@@ -108,6 +122,9 @@ class ClientConnection(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self.connection_id: ConnectionId | None = None
+        #: A resumable session's log: every frame written here is kept in it until the client
+        #: acknowledges it (session resume, issue 14); None for other connections.
+        self.session_log: SessionLog | None = None
         #: Frames not yet handed to the transport (built this loop turn, or waiting while the
         #: transport drains), written together by ``flush``; and their size.
         self.outgoing: list[bytes] = []
@@ -241,7 +258,7 @@ class ClientConnection(asyncio.Protocol):
             # Handed to the socket, never known to be taken by the kernel: outcome unknown.
             receipts, self._receipts = self._receipts, []
             self._receipt_ends.clear()
-            self.node.receipts_unwritten(receipts, handed=True)
+            self.node.receipts_unwritten(receipts, handed=True, recipient=self.connection_id)
         if self._rate_timer is not None:
             self._rate_timer.cancel()
         self._handshake_over()
@@ -430,6 +447,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self._frames_seen += 1
         request = decode_request(data, self._max_json_depth)
+        log = self.session_log
+        if log is not None and isinstance(request, _REQUEST_TYPES):
+            # What a resume need not send again: every request read so far.
+            log.last_request_id = request.id
         if self._backlog:
             self._enqueue(request)
             return
@@ -463,10 +484,11 @@ class ClientConnection(asyncio.Protocol):
         return bool(self._backlog)
 
     async def _work_backlog(self) -> None:
-        cid = self.connection_id
-        assert cid is not None
         try:
             while self._backlog and not self.closed:
+                # Read each time: a resume binds this socket to its session's id.
+                cid = self.connection_id
+                assert cid is not None
                 await self.node.handle_request(cid, self._backlog[0])
                 if self.closed:
                     # The client left during the await: the request finished (and removed
@@ -532,7 +554,7 @@ class ClientConnection(asyncio.Protocol):
         """
         if self.ws.state is not _OPEN:
             if receipt is not None:
-                self.node.receipts_unwritten([receipt], handed=False)
+                self.node.receipts_unwritten([receipt], handed=False, recipient=self.connection_id)
             return
         outgoing = self.outgoing
         if not outgoing:
@@ -613,7 +635,7 @@ class ClientConnection(asyncio.Protocol):
             dropped = self._receipts[kept:]
             del self._receipts[kept:]
             del ends[kept:]
-            self.node.receipts_unwritten(dropped, handed=False)
+            self.node.receipts_unwritten(dropped, handed=False, recipient=self.connection_id)
 
     def _close_slow_consumer(self, why: str) -> None:
         if self.connection_id is None or self.ws.state is not State.OPEN:

@@ -32,16 +32,24 @@ from broker_node.connection import ClientConnection
 from broker_node.core.actions import (
     Action,
     CloseClient,
+    EndSession,
     ForgetChannel,
     ForgetConnection,
+    KeepFrames,
+    LoadSession,
+    MarkDetached,
+    MoveChannels,
     PauseReading,
     Publish,
+    Rebind,
     Receipt,
+    Replay,
     ResumeReading,
     Send,
 )
-from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore
+from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore, ResumeRules
 from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
+from broker_node.core.records import ChannelRecord
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
 from broker_node.health import http_response, serve_metrics_connection
@@ -50,7 +58,17 @@ from broker_node.outbox import Outbox
 from broker_node.supervisor import Supervisor
 from shared.codec import CLOSE_GOING_AWAY, Rejection
 from shared.ids import ChannelId, ConnectionId, NodeId, node_name
-from shared.messages import Close, ListByRole, Message, Open, Refresh, Register, Request
+from shared.messages import (
+    Ack,
+    Close,
+    ListByRole,
+    Message,
+    Open,
+    Refresh,
+    Register,
+    Request,
+    Resume,
+)
 
 logger = logging.getLogger("broker_node.node")
 
@@ -113,6 +131,7 @@ class BrokerNode:
             wall_clock=time.time,
             max_channels=settings.max_channels_per_connection,
             list_page_size=settings.max_list_page,
+            resume=_resume_rules(settings),
         )
         self.outbox = Outbox(
             self.backend.bus,
@@ -140,6 +159,9 @@ class BrokerNode:
         self._flushing = False
         self._accepted = 0
         self._registry_backlog: deque[ForgetChannel | ForgetConnection] = deque()
+        #: Session resume's registry work (issue 14), done in order by the session writer.
+        self._session_work: deque[MarkDetached | EndSession | MoveChannels | LoadSession] = deque()
+        self._session_wake = asyncio.Event()
         #: Connections and channels whose registry write is under way: live for a resync.
         self._writing_connections: set[ConnectionId] = set()
         self._writing_channels: set[ChannelId] = set()
@@ -169,6 +191,7 @@ class BrokerNode:
         self._loop = asyncio.get_running_loop()
         self.supervisor.start("bus-subscriber", self._subscriber_loop)
         self.supervisor.start("registry-writer", self._registry_writer_loop)
+        self.supervisor.start("session-writer", self._session_writer_loop)
         self.supervisor.start("expiry", self._expiry_loop)
         if self.settings.ping_interval > 0:
             self.supervisor.start("keepalive", self._keepalive_loop)
@@ -272,6 +295,9 @@ class BrokerNode:
         # 503 (and the load balancer moves on) rather than a refused connection; new
         # WebSocket upgrades are refused with 503 meanwhile (see ClientConnection).
         await self._answer_what_was_read()
+        # Resumable sessions are told to resume elsewhere (4100) and wait here, detached, to
+        # be handed over; the other clients are closed as always.
+        self.execute(self.core.drain_sessions())
         for client in list(self.clients.values()):
             client.close(CLOSE_GOING_AWAY, "Server shutting down")
             # Reading again lets the closing handshake complete; frames that arrive now are
@@ -285,10 +311,54 @@ class BrokerNode:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(2.0, self.settings.drain_timeout / 2)):
                     await self._no_sockets.wait()
+        await self._hand_off_sessions()
         try:
             await self.registry.leave(self.node_id)
         except BackendUnavailable:
             logger.warning("could not remove this node's registry entries (Redis unavailable)")
+
+    async def _hand_off_sessions(self) -> None:
+        """Wait for the drained sessions' clients to resume elsewhere (each resume takes its
+        session over), up to half the drain timeout; hand what is left to a live node, or end
+        it when there is none."""
+        core = self.core
+        if core.resume is None:
+            return
+        deadline = time.monotonic() + self.settings.drain_timeout / 2
+        # Polled, as the drain's other waits: several resumes come in from other nodes.
+        while core.detached_sessions() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL * 10)
+        left = core.detached_sessions()
+        if not left:
+            await self._wait_session_work()
+            return
+        peers: list[NodeId] = []
+        if not self.standalone:
+            with contextlib.suppress(BackendUnavailable):
+                live = await self._registry_call("live_nodes", self.registry.live_nodes())
+                peers = sorted(live - {self.node_id})
+        for index, session_id in enumerate(left):
+            if not peers:
+                self.execute(core.session_ended(session_id, True))
+                continue
+            peer = peers[index % len(peers)]
+            moved = False
+            with contextlib.suppress(BackendUnavailable):
+                moved = await self._registry_call(
+                    "transfer_session",
+                    self.registry.transfer_session(session_id, self.node_id, peer),
+                )
+            if moved:
+                self.execute(core.hand_off(session_id, peer))
+            else:
+                self.execute(core.session_ended(session_id, True))
+        await self.outbox.wait_idle()
+        await self._wait_session_work()
+
+    async def _wait_session_work(self) -> None:
+        # Polled: the session writer empties its queue one registry call at a time.
+        while self._session_work:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL)
 
     async def _answer_what_was_read(self) -> None:
         """Stop reading every client, then wait until every request read so far is answered:
@@ -387,8 +457,13 @@ class BrokerNode:
         cid = sock.connection_id
         if cid is not None and self.clients.get(cid) is sock:
             del self.clients[cid]
-            self.node_auth.drop_slot(cid)
-            self.execute(self.core.disconnect(cid))
+            # A client that closes with 1000 ends its session on purpose; any other end of
+            # its socket leaves a resumable session detached, waiting for it.
+            bye = sock.ws.close_rcvd
+            gone = self.core.client_gone(cid, said_bye=bye is not None and bye.code == 1000)
+            if not self.core.is_connected(cid):
+                self.node_auth.drop_slot(cid)
+            self.execute(gone)
 
     def connection_lost(self, sock: ClientConnection) -> None:
         self.sockets.discard(sock)
@@ -434,10 +509,16 @@ class BrokerNode:
         for action in actions:
             if type(action) is Send:
                 client = clients.get(action.connection_id)
-                if client is not None:
+                if client is None:
+                    # No socket: a detached session keeps it; otherwise it is not delivered.
+                    self.execute(self.core.hold(action.connection_id, action.frame, action.receipt))
+                    continue
+                log = client.session_log
+                if log is not None and not log.append(action.frame):
                     client.send(action.frame, action.receipt)
-                elif action.receipt is not None:
-                    self.receipts_unwritten([action.receipt], handed=False)
+                    self.execute(self.core.session_overflow(action.connection_id))
+                    continue
+                client.send(action.frame, action.receipt)
             elif type(action) is Publish:
                 self.outbox.put(action.node_id, action.envelope)
             elif type(action) is CloseClient:
@@ -454,6 +535,36 @@ class BrokerNode:
                 client = clients.get(action.connection_id)
                 if client is not None:
                     client.resume_reading("flow")
+            else:
+                self._execute_session(action)
+
+    def _execute_session(self, action: Action) -> None:
+        """Session resume's actions (issue 14)."""
+        clients = self.clients
+        if type(action) is KeepFrames:
+            client = clients.get(action.connection_id)
+            if client is not None:
+                client.session_log = action.log
+        elif type(action) is Replay:
+            client = clients.get(action.connection_id)
+            if client is not None:
+                for frame in action.frames:
+                    client.send(frame)
+        elif type(action) is Rebind:
+            sock = clients.pop(action.from_id, None)
+            if sock is None:
+                return
+            old = clients.get(action.to_id)
+            sock.connection_id = action.to_id
+            sock.session_log = None
+            clients[action.to_id] = sock
+            if old is not None:
+                # Its departure must not detach the session: it is not the session's any more.
+                old.connection_id = None
+                old.close(action.code, action.reason)
+        elif type(action) in (MarkDetached, EndSession, MoveChannels, LoadSession):
+            self._session_work.append(action)  # type: ignore[arg-type]
+            self._session_wake.set()
 
     def receipts_written(self, receipts: list[Receipt]) -> None:
         """The kernel accepted these frames: confirm them (batched while flushing)."""
@@ -462,8 +573,13 @@ class BrokerNode:
         else:
             self.execute(self.core.written(receipts))
 
-    def receipts_unwritten(self, receipts: list[Receipt], *, handed: bool) -> None:
-        self.execute(self.core.unwritten(receipts, handed=handed))
+    def receipts_unwritten(
+        self, receipts: list[Receipt], *, handed: bool, recipient: ConnectionId | None
+    ) -> None:
+        if recipient is None:
+            self.execute(self.core.unwritten(receipts, handed=handed))
+        else:
+            self.execute(self.core.unwritten_to(recipient, receipts, handed=handed))
 
     def flush_soon(self, sock: ClientConnection) -> None:
         self._dirty.append(sock)
@@ -518,6 +634,10 @@ class BrokerNode:
         elif isinstance(request, Refresh):
             verified = self.node_auth.verify(request.token)
             self.execute(core.refresh(cid, request, verified if verified is not None else _NO_AUTH))
+        elif isinstance(request, Resume):
+            await self._resume(cid, request)
+        elif isinstance(request, Ack):
+            self.execute(core.ack(cid, request))
         else:
             self.bad_frame(_rejection_kind(request))
             self.execute(core.reject(cid, request))
@@ -562,6 +682,25 @@ class BrokerNode:
         if error is not None or not self.core.is_connected(cid):
             self.node_auth.drop_slot(cid)
         self.execute(self.core.finish_register(cid, request, error))
+
+    async def _resume(self, cid: ConnectionId, request: Resume) -> None:
+        plan = self.core.begin_resume(cid, request, self.node_auth.verify(request.token))
+        if isinstance(plan, list):
+            self.execute(plan)
+            return
+        claim = None
+        with contextlib.suppress(BackendUnavailable):
+            claim = await self._registry_call(
+                "claim_session",
+                self.registry.claim_session(
+                    plan.session_id,
+                    plan.token_hash,
+                    plan.new_token_hash,
+                    self.node_id,
+                    int(time.time() * 1000),
+                ),
+            )
+        self.execute(self.core.claimed(cid, request, plan, claim))
 
     async def _list_by_role(self, cid: ConnectionId, request: ListByRole) -> None:
         refusal = self.core.begin_list(cid, request)
@@ -697,6 +836,65 @@ class BrokerNode:
                     backlog.clear()
                     self._registry_dirty = True
                 self._notify_forgotten(batch)
+
+    async def _session_writer_loop(self) -> None:
+        """Session resume's registry work, in order; each answer goes back to the core."""
+        work = self._session_work
+        registry = self.registry
+        while True:
+            await self._session_wake.wait()
+            self._session_wake.clear()
+            while work:
+                action = work.popleft()
+                try:
+                    if type(action) is MarkDetached:
+                        await self._registry_call(
+                            "mark_detached",
+                            registry.mark_detached(
+                                action.record.connection_id, self.node_id, action.at_ms
+                            ),
+                        )
+                    elif type(action) is EndSession:
+                        ended = await self._registry_call(
+                            "end_session", registry.end_session(action.record)
+                        )
+                        self.execute(self.core.session_ended(action.record.connection_id, ended))
+                    elif type(action) is MoveChannels:
+                        await self._registry_call(
+                            "move_channels",
+                            registry.move_channels(list(action.records), action.from_node),
+                        )
+                    elif type(action) is LoadSession:
+                        channels = await self._session_channels(
+                            action.connection_id, action.previous_node
+                        )
+                        self.execute(self.core.install_lost(action.connection_id, channels))
+                except BackendUnavailable:
+                    if type(action) is EndSession:
+                        # Tried again at the next expiry check.
+                        self.execute(self.core.session_retry(action.record.connection_id))
+                    elif type(action) is LoadSession:
+                        self.execute(self.core.install_lost(action.connection_id, None))
+                    else:
+                        self._registry_dirty = True
+
+    async def _session_channels(
+        self, session_id: ConnectionId, previous_node: NodeId
+    ) -> list[ChannelRecord]:
+        """The channels of a session, per the registry: among those indexed under the node
+        that held it (and under this node, where a resume may have moved some already)."""
+        found: list[ChannelRecord] = []
+        ids: set[ChannelId] = set()
+        for node_id in {previous_node, self.node_id}:
+            _, channels = await self._registry_call("node_index", self.registry.node_index(node_id))
+            ids |= channels
+        for channel_id in sorted(ids):
+            record = await self._registry_call(
+                "find_channel", self.registry.find_channel(channel_id)
+            )
+            if record is not None and record.peer_of(session_id) is not None:
+                found.append(record)
+        return found
 
     # --- the bus ----------------------------------------------------------------------------
 
@@ -891,10 +1089,25 @@ class BrokerNode:
         for node_id in lapsed:
             if node_id == self.node_id:
                 continue
-            removed = await self._registry_call("reap", registry.reap(node_id))
-            if removed is not None:
+            if self.core.resume is None:
+                removed = await self._registry_call("reap", registry.reap(node_id))
+                if removed is not None:
+                    self.stats.reaped_nodes += 1
+                    logger.info("reaped lost node %s (%d channels)", node_id, len(removed))
+                continue
+            reaped = await self._registry_call(
+                "reap",
+                registry.reap_adopting(node_id, self.node_id, int(time.time() * 1000)),
+            )
+            if reaped is not None:
                 self.stats.reaped_nodes += 1
-                logger.info("reaped lost node %s (%d channels)", node_id, len(removed))
+                logger.info(
+                    "reaped lost node %s (%d channels; %d sessions adopted)",
+                    node_id,
+                    len(reaped.removed),
+                    len(reaped.adopted),
+                )
+                self.execute(self.core.adopt(reaped, node_id))
         # A node holding the other end of a channel here is lost once its heartbeat is gone
         # (lapsed, reaped by anyone, or left). A resync never removes a heartbeat, and an
         # empty Redis is recognised above by our own missing key.
@@ -979,6 +1192,19 @@ class BrokerNode:
 
 #: What a refresh is checked against on a node without authentication (the core refuses it).
 _NO_AUTH: Final = TokenRefusal("authentication is off")
+
+
+def _resume_rules(settings: Settings) -> ResumeRules | None:
+    if settings.resume_window <= 0:
+        return None
+    return ResumeRules(
+        settings.resume_window,
+        settings.resume_max_frames,
+        settings.resume_max_bytes,
+        # A lost node is reaped within the node TTL; its adopter then says where each of its
+        # sessions' channel ends went. Twice that, and the channel closes as before.
+        orphan_timeout=2 * settings.node_ttl + settings.request_timeout,
+    )
 
 
 def _socket_budget() -> int | None:

@@ -1,23 +1,37 @@
 """The asyncio SDK: ``BrokerClient`` and ``Channel``, a thin shell over ``websockets``.
 
 Every protocol decision lives in ``client.session``; this module only moves frames between
-the WebSocket and the session, keeps futures for pending requests, and runs callbacks.
+the WebSocket and the session, keeps futures for pending requests, runs timers and callbacks.
 
 Theory of operation
 -------------------
-* **One connection, one reader.** Each WebSocket gets a ``Session`` and exactly one reader
-  task. The reader feeds frames to the session and acts on the events it returns: it resolves
-  request futures, creates ``Channel`` objects, delivers payloads. However the reader ends
-  (the socket closed, ``close()``, cancellation, a bug), its ``finally`` fails every pending
-  request with ``ConnectionLost`` at once and reports every channel closed.
-* **Requests** are written in call order (the frame reaches the socket's buffer before the
-  first ``await``), so sends from one task arrive in order, and concurrent tasks interleave
-  whole frames. Each request waits for its reply at most ``request_timeout`` seconds.
+* **One session, one socket at a time.** A ``_Link`` holds one broker session (its
+  ``Session``, channels and pending calls) and its current WebSocket (``_Socket``): a reader
+  task that feeds every frame to the session and acts on the events it returns (it resolves
+  request futures, creates ``Channel`` objects, delivers payloads), and a writer task, the
+  socket's only writer, that sends what the session hands out, in order.
+* **The end.** However a connection of a session that cannot resume ends (the socket closed,
+  ``close()``, cancellation, a bug), the reader's ``finally`` fails every pending request with
+  ``ConnectionLost`` at once and reports every channel closed.
+* **Resume.** When the broker grants a resumable session (``resume=True``, the default, and a
+  broker that supports it), a dropped connection only detaches it: pending calls keep waiting
+  (their timeouts stop, then start over once resumed), new calls are queued, channels stay
+  open, and a resume task reconnects with full-jitter backoff (at once after close code 4100,
+  a draining node) and sends ``resume``. ``on_resumed(complete)`` runs when it succeeds. If it
+  fails (``resume_failed``, the window passed, or a close code after which resuming cannot
+  help), ``on_session_lost(reason)`` runs and the session ends as above. Acknowledgements
+  (``ack``, after ``ScheduleAck``) and the per-channel safety net (``resend_stalled``, every
+  ``TICK`` seconds) run on timers of the event loop.
+* **Requests** are handed to the writer in call order (before the first ``await``), so sends
+  from one task arrive in order, and concurrent tasks interleave whole frames. Each request
+  waits for its reply at most ``request_timeout`` seconds of attached time. In a resumable
+  session a ``send()`` first waits while its channel holds ``max_unacked_messages``
+  unacknowledged messages (flow control).
 * **Reconnect.** With ``maintain_connection=True`` a supervisor task connects, registers, waits
-  for the connection to end, sleeps a full-jitter delay (``client.backoff``) and starts over. It
+  for the session to end, sleeps a full-jitter delay (``client.backoff``) and starts over. It
   always sleeps between attempts (it never spins); the delay ceiling doubles from
   ``backoff_base`` to ``backoff_cap`` and starts again from ``backoff_base`` after a
-  connection that stayed up for ``backoff_cap`` seconds. ``close()`` cancels it.
+  session that stayed up for ``backoff_cap`` seconds. ``close()`` cancels it.
 * **Bounded buffers, no silent loss.** Messages of a channel with no ``on_message`` callback
   wait in a per-channel buffer of ``channel_buffer`` messages for ``async for``. If the buffer
   is full when a message arrives, the channel is closed (reason ``OVERFLOW``, the broker and
@@ -27,12 +41,13 @@ Theory of operation
   Incoming channels with no ``on_incoming_channel`` wait in a buffer of ``incoming_buffer``
   channels for ``incoming_channels()``; when it is full a new channel is refused (closed).
 * **Tokens** (brokers with authentication on): ``token=`` a string, or a function (sync or
-  async) returning one. A function is called on every connection attempt, so each reconnect
-  registers with a fresh token; when the broker says when the token expires, the function is
-  called again before that (at ``token_refresh_ratio`` of the lifetime) and the new token is
-  sent in a ``refresh`` request on the same connection. A refresh belongs to the connection it
-  was started on and ends with it, so a late token never lands on a newer connection. A close
-  with 4003 ("token invalid") stops reconnecting; 4001 ("reconnect with a new token") does not.
+  async) returning one. A function is called on every connection attempt (a resume
+  included), so each one carries a fresh token; when the broker says when the token expires,
+  the function is called again before that (at ``token_refresh_ratio`` of the lifetime) and
+  the new token is sent in a ``refresh`` request on the same connection. A refresh belongs to
+  the connection it was started on and ends with it, so a late token never lands on a newer
+  connection. A close with 4003 ("token invalid") stops reconnecting; 4001 ("reconnect with a
+  new token") does not.
 * **Callbacks** run on the reader task, in frame order, and must not block. A callback may be
   a coroutine function: its coroutine is run as a task the client tracks and cancels in
   ``close()``. Exceptions raised by callbacks are logged and never break the connection.
@@ -49,7 +64,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar, assert_never
+from typing import Any, Final, assert_never
 
 import msgspec
 from websockets.asyncio.client import ClientConnection
@@ -69,23 +84,34 @@ from client.errors import (
     RequestFailed,
     RequestTimeout,
 )
-from client.session import (
-    UNEXPECTED_REPLY,
+from client.events import (
     AbandonedChannel,
     ChannelEnded,
     ChannelIncoming,
     ChannelPayload,
+    Detached,
+    Ending,
     Event,
     Listed,
     Opened,
     OutgoingRequest,
     RegisteredAs,
     ReplyValue,
+    RequestLost,
     RequestRejected,
     RequestSucceeded,
-    Session,
+    ScheduleAck,
+    SendWindowOpened,
+    SessionLost,
+    SessionResumed,
     TokenRefreshed,
     Violation,
+)
+from client.inbox import Inbox, InboxIterator
+from client.session import (
+    DEFAULT_MAX_UNACKED,
+    UNEXPECTED_REPLY,
+    Session,
     encode_payload,
 )
 from shared.ids import ChannelId, ConnectionId
@@ -95,12 +121,12 @@ __all__ = ["BrokerClient", "Channel"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 #: A callback may return anything; an awaitable it returns is run as a tracked task.
 Callback0 = Callable[[], object]
 MessageCallback = Callable[[Any], object]
 ChannelCallback = Callable[["Channel"], object]
+ResumedCallback = Callable[[bool], object]
+SessionLostCallback = Callable[[str], object]
 #: A token, or what gives one (called on every connection attempt and before expiry).
 TokenSource = str | Callable[[], str | Awaitable[str]]
 
@@ -110,77 +136,8 @@ DEFAULT_INCOMING_BUFFER: Final = 256
 MIN_REFRESH_DELAY: Final = 1.0
 #: How long ``close()`` waits for the WebSocket closing handshake before dropping the TCP link.
 CLOSE_TIMEOUT: Final = 2.0
-
-
-class _Ended(Exception):
-    """An inbox was closed normally and is empty."""
-
-
-class _Inbox(Generic[T]):
-    """A bounded FIFO that can be closed, for ``async for`` consumers."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: collections.deque[T] = collections.deque()
-        self._capacity = capacity
-        self._closed = False
-        self._error: BaseException | None = None
-        self._changed = asyncio.Event()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def offer(self, item: T) -> bool:
-        """Append unless full (``False``); items offered after ``close`` are dropped."""
-        if self._closed:
-            return True
-        if len(self._items) >= self._capacity:
-            return False
-        self._items.append(item)
-        self._changed.set()
-        return True
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def take_all(self) -> list[T]:
-        items = list(self._items)
-        self._items.clear()
-        return items
-
-    def close(self, error: BaseException | None = None) -> None:
-        """Consumers get what is buffered, then ``error`` (or the end of iteration)."""
-        if not self._closed:
-            self._closed = True
-            self._error = error
-            self._changed.set()
-
-    async def get(self) -> T:
-        while True:
-            if self._items:
-                return self._items.popleft()
-            if self._closed:
-                if self._error is not None:
-                    raise self._error
-                raise _Ended
-            self._changed.clear()
-            await self._changed.wait()
-
-
-class _InboxIterator(Generic[T]):
-    """``async for`` over an inbox: stops when it is closed and drained."""
-
-    def __init__(self, inbox: _Inbox[T]) -> None:
-        self._inbox = inbox
-
-    def __aiter__(self) -> _InboxIterator[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        try:
-            return await self._inbox.get()
-        except _Ended:
-            raise StopAsyncIteration from None
+#: Seconds between two calls of ``Session.resend_stalled`` (the per-channel safety net).
+TICK: Final = 1.0
 
 
 class Channel:
@@ -188,7 +145,8 @@ class Channel:
 
     Receive with ``on_message`` (a callback) or ``async for payload in channel``; while a
     ``request()`` waits, the next message answers it instead. ``on_closed`` is called once
-    when the channel closes, whatever the reason (``close_reason``).
+    when the channel closes, whatever the reason (``close_reason``). A resumable session's
+    channels carry on across a resume.
     """
 
     def __init__(
@@ -202,13 +160,15 @@ class Channel:
         self._link = link
         self._channel_id = channel_id
         self._peer_id = peer_id
-        self._inbox: _Inbox[Any] = _Inbox(buffer)
+        self._inbox: Inbox[Any] = Inbox(buffer)
         self._on_message: MessageCallback | None = None
         #: Called (no arguments) once, when the channel closes.
         self.on_closed: Callback0 | None = None
         self._close_reason: CloseReason | None = None
         self._response: asyncio.Future[Any] | None = None
         self._request_lock = asyncio.Lock()
+        #: Set when a send blocked by flow control may go on (or the channel closed).
+        self._window = asyncio.Event()
 
     def __repr__(self) -> str:
         state = "open" if self._close_reason is None else f"closed: {self._close_reason.value}"
@@ -249,12 +209,21 @@ class Channel:
 
         Raises ``InvalidPayload`` (nothing sent) if it is not JSON-serialisable,
         ``ChannelClosed`` if the channel is closed, ``RequestFailed`` on
-        ``channel_message_failed``, ``RequestTimeout``, or ``ConnectionLost``.
+        ``channel_message_failed``, ``RequestTimeout``, or ``ConnectionLost``. In a
+        resumable session it carries on across a resume, waits while the channel holds
+        ``max_unacked_messages`` unacknowledged messages, and a failure the message may
+        survive (its recipient's node was lost, say) makes the SDK send it again instead.
         """
         raw = encode_payload(payload)  # InvalidPayload before anything else
-        if self._close_reason is not None:
-            raise ChannelClosed(self._channel_id, self._close_reason)
-        await self._link.request(self._link.session.send(self._channel_id, raw), "send")
+        session = self._link.session
+        while True:
+            if self._close_reason is not None:
+                raise ChannelClosed(self._channel_id, self._close_reason)
+            if not session.send_blocked(self._channel_id):
+                break
+            self._window.clear()
+            await self._window.wait()
+        await self._link.request(session.send(self._channel_id, raw), "send")
 
     async def request(
         self,
@@ -264,9 +233,10 @@ class Channel:
         """Send ``payload`` and return the next message the peer sends on this channel.
 
         The JS client's ``sendWithResponse``. ``timeout`` (default: the client's
-        ``request_timeout``) bounds the whole exchange; ``RequestTimeout`` when it passes,
-        ``ChannelClosed`` if the channel closes first. Concurrent calls on one channel take
-        turns, since a reply is only "the next message".
+        ``request_timeout``) bounds the whole exchange (its clock stops while a resumable
+        session is detached); ``RequestTimeout`` when it passes, ``ChannelClosed`` if the
+        channel closes first. Concurrent calls on one channel take turns, since a reply is
+        only "the next message".
         """
         limit = self._link.client.request_timeout if timeout is None else timeout
         async with self._request_lock:
@@ -276,7 +246,7 @@ class Channel:
             # Armed before sending: the peer's answer may overtake our own confirmation.
             self._response = waiter
             try:
-                async with asyncio.timeout(limit):
+                async with self._link.timeout(limit):
                     await self.send(payload)
                     return await waiter
             except RequestTimeout:
@@ -306,13 +276,13 @@ class Channel:
         with contextlib.suppress(RequestFailed, NotConnected):
             await self._link.request(request, "close")
 
-    def __aiter__(self) -> _InboxIterator[Any]:
+    def __aiter__(self) -> InboxIterator[Any]:
         """Iterate over incoming payloads; ends when the channel closes.
 
         After an ``OVERFLOW`` close, iteration yields what was buffered and then raises
         ``ChannelClosed``, since messages were lost.
         """
-        return _InboxIterator(self._inbox)
+        return InboxIterator(self._inbox)
 
     # --- called by the connection ---------------------------------------------------------
 
@@ -340,64 +310,37 @@ class Channel:
         if self._response is not None and not self._response.done():
             self._response.set_exception(error)
         self._inbox.close(error if reason is CloseReason.OVERFLOW else None)
+        self._window.set()
         if self.on_closed is not None:
             self._link.client._invoke(self.on_closed)
 
 
-class _Link:
-    """One WebSocket connection: its session, its reader task, its pending requests."""
+class _Socket:
+    """One WebSocket of a session: a reader feeding the session, the writer sending for it."""
 
-    def __init__(self, client: BrokerClient, ws: ClientConnection) -> None:
-        self.client = client
+    def __init__(self, link: _Link, ws: ClientConnection) -> None:
         self.ws = ws
-        self.session = Session()
-        self.channels: dict[ChannelId, Channel] = {}
-        self.futures: dict[int, asyncio.Future[ReplyValue | Channel]] = {}
-        self.ended = asyncio.Event()
-        #: The close code the broker sent, once the connection ended.
-        self.close_code: int | None = None
-        self.refresher: asyncio.Task[None] | None = None
-        self.reader = asyncio.create_task(self._read(), name=f"broker-client-reader {client.url}")
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._more = asyncio.Event()
+        url = link.client.url
+        self.reader = asyncio.create_task(link._read(self), name=f"broker-client-reader {url}")
+        self.writer = asyncio.create_task(self._write(), name=f"broker-client-writer {url}")
 
-    async def request(self, request: OutgoingRequest, operation: str) -> ReplyValue | Channel:
-        timeout = self.client.request_timeout
-        future: asyncio.Future[ReplyValue | Channel] = asyncio.get_running_loop().create_future()
-        self.futures[request.request_id] = future
+    def write(self, frames: list[bytes]) -> None:
+        self._frames.extend(frames)
+        self._more.set()
+
+    async def _write(self) -> None:
+        # The socket's only writer: frames leave in the order the session made them, even
+        # when a batch (a resume's requests sent again) meets backpressure halfway.
         try:
-            async with asyncio.timeout(timeout):
-                try:
-                    # Sends the frame before the first await: call order is wire order.
-                    await self.ws.send(request.frame, text=True)
-                except ConnectionClosed as exc:
-                    raise ConnectionLost() from exc
-                return await future
-        except BaseException as exc:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                result = future.result()
-                if isinstance(result, Channel):  # opened, but the opener gave up
-                    self.client._spawn(result.close())
-            if isinstance(exc, TimeoutError) and not isinstance(exc, BrokerError):
-                raise RequestTimeout(operation, timeout) from None
-            raise
-        finally:
-            del self.futures[request.request_id]
-            if not future.done():
-                self.session.abandon(request.request_id)
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()  # retrieved: we may have raised something else
-
-    def forget(self, channel_id: ChannelId) -> None:
-        self.channels.pop(channel_id, None)
-
-    def close_in_background(self, channel_id: ChannelId) -> None:
-        request = self.session.close_channel(channel_id)
-        if request is not None:
-            self.client._spawn(self._close_quietly(request))
-
-    async def _close_quietly(self, request: OutgoingRequest) -> None:
-        with contextlib.suppress(RequestFailed, RequestTimeout, NotConnected):
-            await self.request(request, "close")
+            while True:
+                while self._frames:
+                    await self.ws.send(self._frames.popleft(), text=True)
+                self._more.clear()
+                await self._more.wait()
+        except ConnectionClosed:
+            pass  # the reader reports the end
 
     async def close(self) -> None:
         """Close the WebSocket (1000) and wait for the reader to finish its cleanup."""
@@ -408,22 +351,158 @@ class _Link:
                 self.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self.reader)
+            await asyncio.wait({self.writer})  # cancelled by the reader's cleanup
 
-    async def _read(self) -> None:
+
+class _PausableTimeout:
+    """``asyncio.timeout(seconds)`` whose clock stops while the session is detached and
+    starts over when it is attached again (its request is then sent again, or its reply
+    comes with the replayed frames)."""
+
+    def __init__(self, link: _Link, seconds: float) -> None:
+        self._link = link
+        self._seconds = seconds
+        self._timeout = asyncio.timeout(seconds)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+        self._link._timeouts[self._timeout] = self._seconds
+        if self._link.session.detached:
+            self._timeout.reschedule(None)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        del self._link._timeouts[self._timeout]
+        await self._timeout.__aexit__(exc_type, exc, tb)
+
+
+class _Link:
+    """One broker session: its ``Session``, channels and pending calls, over one WebSocket at
+    a time (several, one after another, when a resumable session resumes)."""
+
+    def __init__(self, client: BrokerClient, ws: ClientConnection) -> None:
+        self.client = client
+        self.session = Session(
+            request_resume=client.resume, max_unacked=client.max_unacked_messages
+        )
+        self.channels: dict[ChannelId, Channel] = {}
+        self.futures: dict[int, asyncio.Future[ReplyValue | Channel]] = {}
+        #: Set once the session ended (never set by a resumable session's detaching).
+        self.ended = asyncio.Event()
+        #: The close code the broker sent, once the last connection ended.
+        self.close_code: int | None = None
+        self.refresher: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        #: Running request timeouts, with their length (see ``_PausableTimeout``).
+        self._timeouts: dict[asyncio.Timeout, float] = {}
+        self._closing = False
+        self._detached_at = 0.0
+        self._resumer: asyncio.Task[None] | None = None
+        #: The answer to the resume on its way: True resumed, False not (dropped, lost).
+        self._resume_outcome: asyncio.Future[bool] | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self.socket: _Socket | None = _Socket(self, ws)
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def request(self, request: OutgoingRequest, operation: str) -> ReplyValue | Channel:
+        return await self.wait(request.request_id, self.expect(request), operation)
+
+    def expect(self, request: OutgoingRequest) -> asyncio.Future[ReplyValue | Channel]:
+        """Register the reply's future and hand the request to the writer (call order)."""
+        future: asyncio.Future[ReplyValue | Channel] = self._loop.create_future()
+        self.futures[request.request_id] = future
+        self.flush()
+        return future
+
+    async def wait(
+        self, request_id: int, future: asyncio.Future[ReplyValue | Channel], operation: str
+    ) -> ReplyValue | Channel:
+        timeout = self.client.request_timeout
+        try:
+            async with self.timeout(timeout):
+                return await future
+        except BaseException as exc:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                result = future.result()
+                if isinstance(result, Channel):  # opened, but the opener gave up
+                    self.client._spawn(result.close())
+            if isinstance(exc, TimeoutError) and not isinstance(exc, BrokerError):
+                raise RequestTimeout(operation, timeout) from None
+            raise
+        finally:
+            del self.futures[request_id]
+            if not future.done():
+                self.session.abandon(request_id)
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # retrieved: we may have raised something else
+
+    def timeout(self, seconds: float) -> _PausableTimeout:
+        """A timeout that counts only while the session is attached."""
+        return _PausableTimeout(self, seconds)
+
+    def flush(self) -> None:
+        """Hand every frame the session made to the writer."""
+        frames = self.session.frames_to_send()
+        if frames and self.socket is not None:
+            self.socket.write(frames)
+
+    def forget(self, channel_id: ChannelId) -> None:
+        self.channels.pop(channel_id, None)
+
+    def close_in_background(self, channel_id: ChannelId) -> None:
+        request = self.session.close_channel(channel_id)
+        if request is not None:
+            future = self.expect(request)
+            self.client._spawn(self._close_quietly(request.request_id, future))
+
+    async def _close_quietly(
+        self, request_id: int, future: asyncio.Future[ReplyValue | Channel]
+    ) -> None:
+        with contextlib.suppress(RequestFailed, RequestTimeout, NotConnected):
+            await self.wait(request_id, future, "close")
+
+    @property
+    def attached(self) -> bool:
+        """Registered (or resumed) on a live connection."""
+        return self.socket is not None and not self.session.detached
+
+    async def close(self) -> None:
+        """End the session: close the WebSocket (1000), stop resuming, clean up."""
+        self._closing = True
+        resumer = self._resumer
+        if resumer is not None and resumer is not asyncio.current_task():
+            resumer.cancel()
+            await asyncio.wait({resumer})  # its cancellation, not ours, is swallowed
+        if self.socket is not None:
+            await self.socket.close()
+        self._end(self.session.connection_lost())
+
+    # --- frames in ------------------------------------------------------------------------
+
+    async def _read(self, socket: _Socket) -> None:
+        code: int | None = None
         try:
             while True:
-                frame = await self.ws.recv(decode=False)
+                frame = await socket.ws.recv(decode=False)
                 try:
                     self._handle(self.session.receive(frame))
                 except Exception:
                     log.exception("error while handling a broker frame")
+                self.flush()
         except ConnectionClosed as exc:
             log.info("connection to %s closed: %s", self.client.url, exc)
-            self.close_code = exc.rcvd.code if exc.rcvd is not None else None
+            code = exc.rcvd.code if exc.rcvd is not None else None
         except Exception:
             log.exception("reader of %s failed", self.client.url)
         finally:
-            self._end()
+            self._socket_ended(socket, code)
 
     def _handle(self, events: list[Event]) -> None:
         for event in events:
@@ -439,14 +518,14 @@ class _Link:
                         # The opener stopped waiting after the reply was on its way.
                         self.client._spawn(result.close())
                 case RequestRejected(request_id=request_id, kind=kind, reply_type=rt, error=err):
-                    future = self.futures.get(request_id)
-                    if future is not None and not future.done():
-                        failure: BrokerError = (
-                            ProtocolViolation(err)
-                            if rt == UNEXPECTED_REPLY
-                            else RequestFailed(rt, err, request_type=kind)
-                        )
-                        future.set_exception(failure)
+                    failure: BrokerError = (
+                        ProtocolViolation(err)
+                        if rt == UNEXPECTED_REPLY
+                        else RequestFailed(rt, err, request_type=kind)
+                    )
+                    self._fail(request_id, failure)
+                case RequestLost(request_id=request_id, reason=reason):
+                    self._fail(request_id, ConnectionLost(reason))
                 case ChannelIncoming(channel_id=channel_id, peer_id=peer_id):
                     self.client._incoming(self._new_channel(channel_id, peer_id))
                 case ChannelPayload(channel_id=channel_id, payload=payload):
@@ -464,22 +543,168 @@ class _Link:
                         log.warning("broker %s: %s", self.client.url, description)
                     else:
                         log.debug("broker %s: %s", self.client.url, description)
+                case ScheduleAck(delay=delay):
+                    if self._ack_timer is None:
+                        self._ack_timer = self._loop.call_later(delay, self._ack_due)
+                case SendWindowOpened(channel_id=channel_id):
+                    channel = self.channels.get(channel_id)
+                    if channel is not None:
+                        channel._window.set()
+                case SessionResumed(complete=complete, expires_in=expires_in):
+                    self._resumed(complete, expires_in)
+                case SessionLost():
+                    self._lose(event)
                 case _:  # pragma: no cover - mypy proves every event is handled
                     assert_never(event)
+
+    def _fail(self, request_id: int, error: BrokerError) -> None:
+        future = self.futures.get(request_id)
+        if future is not None and not future.done():
+            future.set_exception(error)
 
     def _new_channel(self, channel_id: ChannelId, peer_id: ConnectionId) -> Channel:
         channel = Channel(self, channel_id, peer_id, buffer=self.client.channel_buffer)
         self.channels[channel_id] = channel
         return channel
 
-    def _end(self) -> None:
+    # --- timers ---------------------------------------------------------------------------
+
+    def _ack_due(self) -> None:
+        self._ack_timer = None
+        if self.session.ack() is not None:
+            self.flush()
+
+    def start_ticker(self) -> None:
+        """Run the session's safety net every ``TICK`` seconds while it is resumable."""
+        if self.session.resumable and self._ticker is None:
+            self._ticker = self._loop.call_later(TICK, self._tick)
+
+    def _tick(self) -> None:
+        self._ticker = None
+        self.session.resend_stalled(self._loop.time())
+        self.flush()
+        if self.attached:
+            self.start_ticker()
+
+    def _stop_timers(self) -> None:
+        for handle in (self._ack_timer, self._ticker):
+            if handle is not None:
+                handle.cancel()
+        self._ack_timer = self._ticker = None
         if self.refresher is not None:
             self.refresher.cancel()
-        ending = self.session.connection_lost()
+
+    # --- the connection ending, resuming --------------------------------------------------
+
+    def _socket_ended(self, socket: _Socket, code: int | None) -> None:
+        socket.writer.cancel()
+        if socket is not self.socket:
+            return
+        self.socket = None
+        self.close_code = code
+        if self.ended.is_set():
+            return
+        if self._closing:
+            self._end(self.session.connection_lost())
+            return
+        outcome = self.session.connection_closed(code)
+        match outcome:
+            case Detached(immediately=immediately):
+                self._detach(immediately)
+            case SessionLost():
+                self._lose(outcome)
+            case Ending():
+                self._end(outcome)
+            case _:  # pragma: no cover - mypy proves every outcome is handled
+                assert_never(outcome)
+
+    def _detach(self, immediately: bool) -> None:
+        for timeout in self._timeouts:
+            if not timeout.expired():
+                timeout.reschedule(None)
+        self._stop_timers()
+        self._settle_resume(False)  # a resume attempt's connection dropped: it goes on
+        if self._resumer is None:
+            # Detached since now: the window is counted from the first drop, not per attempt.
+            self._detached_at = self._loop.time()
+            self.client._link_detached(self)
+            self._resumer = asyncio.create_task(
+                self._resume(immediately), name=f"broker-client-resume {self.client.url}"
+            )
+
+    async def _resume(self, immediately: bool) -> None:
+        client = self.client
+        delays = full_jitter(client.backoff_base, client.backoff_cap)
+        delay = 0.0 if immediately else next(delays)
+        while True:
+            await asyncio.sleep(delay)
+            delay = next(delays)
+            lost = self.session.expire(self._loop.time() - self._detached_at)
+            if lost is not None:
+                self._lose(lost)
+                return
+            try:
+                token = await client._fresh_token()
+                ws = await client._connect_ws()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("resuming the session with %s failed: %s", client.url, exc)
+                continue
+            if await self._try_resume(ws, token):
+                return
+
+    async def _try_resume(self, ws: ClientConnection, token: str | None) -> bool:
+        outcome: asyncio.Future[bool] = self._loop.create_future()
+        self._resume_outcome = outcome
+        socket = self.socket = _Socket(self, ws)
+        self.session.resume(token)
+        self.flush()
+        try:
+            async with asyncio.timeout(self.client.connect_timeout):
+                return await asyncio.shield(outcome)
+        except TimeoutError:
+            log.warning(
+                "%s did not answer resume in %g s", self.client.url, self.client.connect_timeout
+            )
+            await socket.close()  # its reader detaches the session again
+            return False
+
+    def _settle_resume(self, resumed: bool) -> None:
+        outcome, self._resume_outcome = self._resume_outcome, None
+        if outcome is not None and not outcome.done():
+            outcome.set_result(resumed)
+
+    def _resumed(self, complete: bool, expires_in: int | None) -> None:
+        now = self._loop.time()
+        for timeout, seconds in self._timeouts.items():
+            if not timeout.expired():
+                timeout.reschedule(now + seconds)
+        # The resume task is done; a drop from now on needs a new one.
+        self._resumer = None
+        self._settle_resume(True)
+        self.start_ticker()
+        self.client._schedule_refresh(self, expires_in)
+        self.client._link_resumed(self, complete)
+
+    def _lose(self, lost: SessionLost) -> None:
+        log.warning("session with %s lost: %s", self.client.url, lost.reason)
+        self.client._session_lost(self, lost.reason)
+        self._end(lost.ending)
+        socket = self.socket
+        if socket is not None:  # a connection that answered resume_failed
+            self.client._spawn(socket.close())
+
+    def _end(self, ending: Ending) -> None:
+        if self.ended.is_set():
+            return
+        self._stop_timers()
+        resumer = self._resumer
+        if resumer is not None and resumer is not asyncio.current_task():
+            resumer.cancel()
+        self._settle_resume(False)
         for request_id in ending.failed_requests:
-            future = self.futures.get(request_id)
-            if future is not None and not future.done():
-                future.set_exception(ConnectionLost())
+            self._fail(request_id, ConnectionLost())
         for channel in list(self.channels.values()):
             channel._end(CloseReason.CONNECTION)
         self.channels.clear()
@@ -497,8 +722,17 @@ class BrokerClient:
     ``backoff_cap`` seconds. ``connect_options`` go to ``websockets.asyncio.client.connect``
     (``additional_headers``, ``ssl``, ``proxy``, ...).
 
+    With ``resume`` (the default) the client asks for a resumable session; when the broker
+    grants one, a dropped connection is resumed on a new one (with the same backoff), and
+    only a session that cannot be resumed ends. ``max_unacked_messages`` bounds, per
+    channel, the messages kept until the peer acknowledges them (a ``send()`` beyond it
+    waits). ``resume=False`` registers exactly as a client without resume does.
+
     Callbacks: ``on_connected()`` after each registration, ``on_disconnected()`` when a
-    registered connection ends (``close()`` included), ``on_incoming_channel(channel)``.
+    registered session ends (``close()`` included), ``on_incoming_channel(channel)``,
+    ``on_resumed(complete)`` after each resume (``complete`` false: the node that held the
+    session was lost, see docs/sdk.md), ``on_session_lost(reason)`` when a resumable session
+    ends other than by ``close()`` (``on_disconnected()`` follows).
     """
 
     def __init__(
@@ -519,6 +753,10 @@ class BrokerClient:
         connect_options: Mapping[str, Any] | None = None,
         token: TokenSource | None = None,
         token_refresh_ratio: float = 0.8,
+        resume: bool = True,
+        max_unacked_messages: int = DEFAULT_MAX_UNACKED,
+        on_resumed: ResumedCallback | None = None,
+        on_session_lost: SessionLostCallback | None = None,
     ) -> None:
         try:
             parse_uri(url)
@@ -526,7 +764,7 @@ class BrokerClient:
             raise ValueError(f"not a WebSocket URL: {url!r}") from exc
         if request_timeout <= 0 or connect_timeout <= 0:
             raise ValueError("timeouts must be positive")
-        if channel_buffer < 1 or incoming_buffer < 1:
+        if channel_buffer < 1 or incoming_buffer < 1 or max_unacked_messages < 1:
             raise ValueError("buffers must hold at least one item")
         if not 0 < token_refresh_ratio < 1:
             raise ValueError("token_refresh_ratio must be between 0 and 1")
@@ -546,11 +784,15 @@ class BrokerClient:
         self._connect_options: dict[str, Any] = dict(connect_options or {})
         self._token = token
         self.token_refresh_ratio = token_refresh_ratio
+        self.resume = resume
+        self.max_unacked_messages = max_unacked_messages
+        self.on_resumed = on_resumed
+        self.on_session_lost = on_session_lost
         self._link: _Link | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._connect_lock = asyncio.Lock()
         self._connected = asyncio.Event()
-        self._incoming_inbox: _Inbox[Channel] = _Inbox(incoming_buffer)
+        self._incoming_inbox: Inbox[Channel] = Inbox(incoming_buffer)
         self._tasks: set[asyncio.Future[Any]] = set()
 
     def __repr__(self) -> str:
@@ -570,7 +812,7 @@ class BrokerClient:
             if self._link is not None:
                 return
             if self._incoming_inbox.closed:
-                self._incoming_inbox = _Inbox(self.incoming_buffer)
+                self._incoming_inbox = Inbox(self.incoming_buffer)
             if not self.maintain_connection:
                 self._adopt(await self._open())
                 return
@@ -623,18 +865,26 @@ class BrokerClient:
 
     @property
     def connection_id(self) -> ConnectionId | None:
-        """The id the broker assigned to the current connection; ``None`` while disconnected."""
+        """The id the broker assigned to the current session; ``None`` while disconnected.
+
+        A resumable session keeps its id while it resumes.
+        """
         link = self._link
         return link.session.connection_id if link is not None else None
 
     @property
     def connected(self) -> bool:
-        """Registered right now."""
-        return self._link is not None
+        """Registered (or resumed) on a live connection right now."""
+        return self._link is not None and self._link.attached
+
+    @property
+    def resumable(self) -> bool:
+        """The broker granted the current session resume (see ``resume``)."""
+        return self._link is not None and self._link.session.resumable
 
     @property
     def pending_requests(self) -> int:
-        """Requests sent on the current connection and not answered yet."""
+        """Requests made in the current session and not answered yet."""
         link = self._link
         return len(link.futures) if link is not None else 0
 
@@ -668,13 +918,13 @@ class BrokerClient:
         assert isinstance(result, Channel)
         return result
 
-    def incoming_channels(self) -> _InboxIterator[Channel]:
+    def incoming_channels(self) -> InboxIterator[Channel]:
         """Channels other connections open to this one, while no ``on_incoming_channel`` is set.
 
         Ends on ``close()``, or when the connection ends and the client does not reconnect.
         Reconnections do not end it.
         """
-        return _InboxIterator(self._incoming_inbox)
+        return InboxIterator(self._incoming_inbox)
 
     @property
     def on_incoming_channel(self) -> ChannelCallback | None:
@@ -697,6 +947,20 @@ class BrokerClient:
 
     async def _open(self) -> _Link:
         """One connection attempt: WebSocket handshake, then ``register``."""
+        link = _Link(self, await self._connect_ws())
+        try:
+            token = await self._fresh_token()
+            result = await link.request(link.session.register(self.role, token), "register")
+        except BaseException:
+            await link.close()
+            raise
+        assert isinstance(result, RegisteredAs)
+        self._schedule_refresh(link, result.expires_in)
+        link.start_ticker()
+        return link
+
+    async def _connect_ws(self) -> ClientConnection:
+        """The WebSocket handshake, within ``connect_timeout``."""
         options: dict[str, Any] = {"close_timeout": CLOSE_TIMEOUT, "open_timeout": None}
         options.update(self._connect_options)
         try:
@@ -708,16 +972,7 @@ class BrokerClient:
             ) from exc
         except (OSError, InvalidHandshake) as exc:
             raise ConnectFailed(self.url, str(exc) or type(exc).__name__) from exc
-        link = _Link(self, ws)
-        try:
-            token = await self._fresh_token()
-            result = await link.request(link.session.register(self.role, token), "register")
-        except BaseException:
-            await link.close()
-            raise
-        assert isinstance(result, RegisteredAs)
-        self._schedule_refresh(link, result.expires_in)
-        return link
+        return ws
 
     async def _fresh_token(self) -> str | None:
         source = self._token
@@ -757,10 +1012,39 @@ class BrokerClient:
         if link.ended.is_set():  # dropped between registering and here
             raise ConnectionLost()
         self._link = link
-        self._connected.set()
-        log.info("registered with %s as %s (role %r)", self.url, self.connection_id, self.role)
+        if link.attached:  # else it resumes, and says so
+            self._connected.set()
+        log.info(
+            "registered with %s as %s (role %r%s)",
+            self.url,
+            self.connection_id,
+            self.role,
+            ", resumable" if link.session.resumable else "",
+        )
         if self.on_connected is not None:
             self._invoke(self.on_connected)
+
+    def _link_detached(self, link: _Link) -> None:
+        if link is self._link:
+            self._connected.clear()
+        log.info("connection to %s lost; resuming session %s", self.url, self.connection_id)
+
+    def _link_resumed(self, link: _Link, complete: bool) -> None:
+        if link is not self._link:
+            return  # resumed before registering finished: _adopt() follows
+        self._connected.set()
+        log.info(
+            "session %s resumed on %s%s",
+            link.session.connection_id,
+            self.url,
+            "" if complete else " (its node was lost: channels reconciled)",
+        )
+        if self.on_resumed is not None:
+            self._invoke(self.on_resumed, complete)
+
+    def _session_lost(self, link: _Link, reason: str) -> None:
+        if link is self._link and self.on_session_lost is not None:
+            self._invoke(self.on_session_lost, reason)
 
     def _link_ended(self, link: _Link) -> None:
         if link is not self._link:

@@ -18,8 +18,11 @@ from typing import Final, Literal
 import msgspec
 
 __all__ = [
+    "CLOSE_RESUME_ELSEWHERE",
     "REQUESTS",
+    "Ack",
     "BrokerMessage",
+    "ChannelAcked",
     "ChannelCloseFailed",
     "ChannelClosed",
     "ChannelClosedNotification",
@@ -28,6 +31,7 @@ __all__ = [
     "ChannelMessageSent",
     "ChannelOpenFailed",
     "ChannelOpened",
+    "ChannelResync",
     "Close",
     "Connections",
     "Error",
@@ -46,6 +50,10 @@ __all__ = [
     "Request",
     "RequestKind",
     "RequestSpec",
+    "Resume",
+    "ResumeFailed",
+    "Resumed",
+    "ResumedChannel",
 ]
 
 
@@ -62,6 +70,8 @@ class Register(_Wire, frozen=True, tag="register"):
     #: A JWT, when the node requires authentication and the token did not come with the
     #: handshake (issue 13); absent from the original protocol.
     token: str | None = None
+    #: Ask for a resumable session (issue 14); ``registered`` then carries its token.
+    resume: bool = False
 
 
 class ListByRole(_Wire, frozen=True, tag="list_by_role"):
@@ -83,6 +93,9 @@ class Message(_Wire, frozen=True, tag="message"):
     id: int
     channelId: str
     payload: msgspec.Raw
+    #: Per channel and direction, 1, 2, 3...: lets the peer's SDK drop a message sent again
+    #: after a resume (issue 14). Forwarded in ``channel_message``; the broker never reads it.
+    seq: int | None = None
 
 
 class Close(_Wire, frozen=True, tag="close"):
@@ -100,7 +113,35 @@ class Refresh(_Wire, frozen=True, tag="refresh"):
     token: str
 
 
-Request = Register | ListByRole | Open | Message | Close | Refresh
+# --- session resume (issue 14) ----------------------------------------------------------
+
+
+class Resume(_Wire, frozen=True, tag="resume", kw_only=True):
+    """Take a detached session over on this socket (see "Session resume" in protocol.md)."""
+
+    id: int
+    connectionId: str
+    resumeToken: str
+    #: The ``id`` of the last broker frame the client processed (0: none).
+    lastId: int
+    #: A JWT, when authentication is on (the same ``sub`` as the session's).
+    token: str | None = None
+    #: Per channel, the highest ``seq`` the client processed from its peer.
+    channels: dict[str, int] | None = None
+
+
+class Ack(_Wire, frozen=True, tag="ack"):
+    """The client processed every broker frame up to ``lastId`` (no reply)."""
+
+    id: int
+    lastId: int
+    #: Per channel whose count moved since the previous ack, the highest ``seq`` the client
+    #: processed from its peer: what the peer's ``channel_acked`` says. Not derived from the
+    #: acked frames, since a client drops a message that arrives after a gap.
+    channels: dict[str, int] | None = None
+
+
+Request = Register | ListByRole | Open | Message | Close | Refresh | Resume | Ack
 
 # --- broker -> client -------------------------------------------------------------------
 
@@ -111,6 +152,10 @@ class Registered(_Wire, frozen=True, tag="registered"):
     connectionId: str
     #: Seconds until the connection's token expires (authentication on; issue 13).
     expiresIn: int | None = None
+    #: A resumable session (asked with ``resume``, issue 14): the single-use token of the
+    #: next ``resume``, and for how many seconds after a disconnect it may come.
+    resumeToken: str | None = None
+    resumeWindow: int | None = None
 
 
 class RegisterFailed(_Wire, frozen=True, tag="register_failed"):
@@ -154,9 +199,12 @@ class ChannelOpenFailed(_Wire, frozen=True, tag="channel_open_failed"):
     error: str
 
 
-class ChannelMessage(_Wire, frozen=True, tag="channel_message"):
+class ChannelMessage(_Wire, frozen=True, tag="channel_message", kw_only=True):
     id: int
     channelId: str
+    #: The sender's ``seq``, when its ``message`` had one (before the payload, so that a node
+    #: can read it without parsing the payload).
+    seq: int | None = None
     payload: msgspec.Raw
 
 
@@ -164,6 +212,8 @@ class ChannelMessageSent(_Wire, frozen=True, tag="channel_message_sent"):
     id: int
     replyTo: int
     channelId: str
+    #: The recipient's session is detached: the message is held for it (issue 14).
+    held: bool = False
 
 
 class ChannelMessageFailed(_Wire, frozen=True, tag="channel_message_failed"):
@@ -215,6 +265,53 @@ class RefreshFailed(_Wire, frozen=True, tag="refresh_failed"):
     error: str
 
 
+# --- session resume replies and notices (issue 14) ----------------------------------------
+
+
+class ResumedChannel(msgspec.Struct, frozen=True):
+    channelId: str
+    peerId: str
+
+
+class Resumed(_Wire, frozen=True, tag="resumed", kw_only=True):
+    id: int
+    replyTo: int
+    connectionId: str
+    resumeToken: str
+    resumeWindow: int
+    #: Every frame after the request's ``lastId`` came before this reply. False: the node
+    #: that held the session was lost, and ``channels`` lists the session's open channels.
+    complete: bool
+    #: The highest request ``id`` of this session the broker read, when known.
+    lastRequestId: int | None = None
+    channels: list[ResumedChannel] | None = None
+    #: Seconds until the connection's token expires (authentication on).
+    expiresIn: int | None = None
+
+
+class ResumeFailed(_Wire, frozen=True, tag="resume_failed"):
+    id: int
+    replyTo: int
+    error: str
+
+
+class ChannelAcked(_Wire, frozen=True, tag="channel_acked"):
+    """The peer's SDK processed every message of yours on this channel up to ``seq``."""
+
+    id: int
+    channelId: str
+    seq: int
+
+
+class ChannelResync(_Wire, frozen=True, tag="channel_resync"):
+    """The peer resumed after its node was lost, having processed your messages on this
+    channel up to ``lastSeq``: send the later ones again, in order, with the same ``seq``."""
+
+    id: int
+    channelId: str
+    lastSeq: int
+
+
 BrokerMessage = (
     Registered
     | RegisterFailed
@@ -232,10 +329,16 @@ BrokerMessage = (
     | Error
     | Refreshed
     | RefreshFailed
+    | Resumed
+    | ResumeFailed
+    | ChannelAcked
+    | ChannelResync
 )
 
 #: The name of a request type (its ``type`` tag).
-RequestKind = Literal["register", "list_by_role", "open", "message", "close", "refresh"]
+RequestKind = Literal[
+    "register", "list_by_role", "open", "message", "close", "refresh", "resume", "ack"
+]
 #: A ``*_failed`` reply.
 FailureReply = (
     RegisterFailed
@@ -244,6 +347,8 @@ FailureReply = (
     | ChannelMessageFailed
     | ChannelCloseFailed
     | RefreshFailed
+    | ResumeFailed
+    | Error
 )
 
 
@@ -253,13 +358,14 @@ class RequestSpec:
     failed, and the request field that failure names (``targetId``, ``channelId``, or none)."""
 
     request: type[Request]
-    success: type[BrokerMessage]
+    #: None: the request has no reply when it succeeds (``ack``).
+    success: type[BrokerMessage] | None
     failure: type[FailureReply]
     subject_field: Literal["targetId", "channelId"] | None = None
 
     @property
-    def success_type(self) -> str:
-        return _tag(self.success)
+    def success_type(self) -> str | None:
+        return None if self.success is None else _tag(self.success)
 
     @property
     def failure_type(self) -> str:
@@ -284,6 +390,9 @@ REQUESTS: Final[Mapping[str, RequestSpec]] = {
     "message": RequestSpec(Message, ChannelMessageSent, ChannelMessageFailed, "channelId"),
     "close": RequestSpec(Close, ChannelClosed, ChannelCloseFailed, "channelId"),
     "refresh": RequestSpec(Refresh, Refreshed, RefreshFailed),
+    "resume": RequestSpec(Resume, Resumed, ResumeFailed),
+    # A malformed ack has no typed failure: it gets the ``error`` reply.
+    "ack": RequestSpec(Ack, None, Error),
 }
 
 
@@ -293,3 +402,9 @@ REQUESTS: Final[Mapping[str, RequestSpec]] = {
 CLOSE_TOKEN_EXPIRED: Final = 4001
 #: The token is invalid or revoked: do not retry with it.
 CLOSE_TOKEN_INVALID: Final = 4003
+
+# --- session resume close code (issue 14) -------------------------------------------------
+
+#: The node is draining: a resumable session resumes on another node (any other close of
+#: a resumable session may be resumed too; this one says it at once).
+CLOSE_RESUME_ELSEWHERE: Final = 4100

@@ -29,7 +29,15 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from broker_node.core.records import ChannelRecord, ConnectionRecord
+from broker_node.core.records import (
+    ChannelRecord,
+    ConnectionRecord,
+    Reaped,
+    SessionClaim,
+)
+from broker_node.core.records import (
+    ClaimRefusal as ClaimRefusal,  # defined with the records it is about: pure
+)
 from broker_node.errors import BackendUnavailable
 from shared.ids import ChannelId, ConnectionId, NodeId
 
@@ -112,6 +120,12 @@ class Registry(Protocol):
         reaped it first: of several racing survivors, exactly one gets a list.
         """
 
+    async def reap_adopting(self, node_id: NodeId, adopter: NodeId, now_ms: int) -> Reaped | None:
+        """``reap``, except that the dead node's resumable sessions are not removed: they move
+        to ``adopter``, detached (since ``now_ms`` if they were attached), and so do the
+        channels whose every end on the dead node is such a session. Other channels are
+        removed as by ``reap``. None as for ``reap``."""
+
     async def leave(self, node_id: NodeId) -> None:
         """Graceful stop: remove everything of the node, its heartbeat included; no tombstone."""
 
@@ -122,6 +136,37 @@ class Registry(Protocol):
         channels: Sequence[ChannelRecord],
     ) -> None:
         """Write the node's live connections and channels again (idempotent)."""
+
+    # Resumable sessions (issue 14).
+
+    async def claim_session(
+        self,
+        connection_id: ConnectionId,
+        token_hash: str,
+        new_token_hash: str,
+        node_id: NodeId,
+        now_ms: int,
+    ) -> SessionClaim | ClaimRefusal:
+        """Atomically take a session over for ``node_id``: the token must match and the window
+        must not have passed; the token is replaced (it is single use), the epoch bumped, the
+        session marked attached and indexed under ``node_id``. Of two claims with one token,
+        exactly one succeeds."""
+
+    async def mark_detached(self, connection_id: ConnectionId, node_id: NodeId, at_ms: int) -> None:
+        """The session's client went away at ``at_ms`` (only if ``node_id`` still holds it)."""
+
+    async def end_session(self, record: ConnectionRecord) -> bool:
+        """Remove a session whose window passed, only if ``record.node_id`` still holds it
+        (False: a resume took it over meanwhile)."""
+
+    async def transfer_session(
+        self, connection_id: ConnectionId, from_node: NodeId, to_node: NodeId
+    ) -> bool:
+        """A draining node gives a detached session to ``to_node`` (only if it still holds it:
+        False when a resume took it meanwhile); ``det`` and the token are kept."""
+
+    async def move_channels(self, records: Sequence[ChannelRecord], from_node: NodeId) -> None:
+        """Rewrite channels whose end moved off ``from_node`` (a resumed session's)."""
 
     async def ping(self) -> None:
         """Raise ``BackendUnavailable`` unless the backend answers."""

@@ -15,8 +15,25 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from broker_node.cluster.base import Bus, Deliver, Heartbeat, PublishResult, Registry, Subscription
-from broker_node.core.records import ChannelRecord, ConnectionRecord
+import msgspec
+
+from broker_node.cluster.base import (
+    Bus,
+    ClaimRefusal,
+    Deliver,
+    Heartbeat,
+    PublishResult,
+    Registry,
+    Subscription,
+)
+from broker_node.core.records import (
+    AdoptedSession,
+    ChannelRecord,
+    ConnectionRecord,
+    Reaped,
+    SessionClaim,
+    SessionKey,
+)
 from broker_node.errors import BackendUnavailable
 from shared.ids import ChannelId, ConnectionId, NodeId
 
@@ -46,6 +63,9 @@ class MemoryHub:
     nodes: dict[NodeId, float] = field(default_factory=dict)
     tombstones: set[NodeId] = field(default_factory=set)
     inboxes: dict[NodeId, _MemorySubscription] = field(default_factory=dict)
+    #: Resumable sessions: when each detached one went away (ms), and each one's epoch.
+    detached_at: dict[ConnectionId, int] = field(default_factory=dict)
+    epochs: dict[ConnectionId, int] = field(default_factory=dict)
 
     def wipe(self) -> None:
         """Forget everything, as a Redis restarted empty would (subscriptions survive)."""
@@ -56,9 +76,13 @@ class MemoryHub:
         self.node_channels.clear()
         self.nodes.clear()
         self.tombstones.clear()
+        self.detached_at.clear()
+        self.epochs.clear()
 
     def _drop_connection(self, record: ConnectionRecord) -> None:
         self.connections.pop(record.connection_id, None)
+        self.detached_at.pop(record.connection_id, None)
+        self.epochs.pop(record.connection_id, None)
         members = self.roles.get(record.role)
         if members is not None:
             members.discard(record.connection_id)
@@ -187,7 +211,61 @@ class MemoryRegistry(Registry):
         hub.tombstones.add(node_id)
         return removed
 
+    async def reap_adopting(self, node_id: NodeId, adopter: NodeId, now_ms: int) -> Reaped | None:
+        hub = self._hub
+        deadline = hub.nodes.get(node_id)
+        if deadline is None or deadline > hub.clock():
+            return None
+        adopted: list[AdoptedSession] = []
+        for connection_id in list(hub.node_connections.get(node_id, ())):
+            conn = hub.connections.get(connection_id)
+            if conn is None or conn.session is None:
+                continue
+            moved_conn = ConnectionRecord(connection_id, adopter, conn.role, conn.session)
+            hub.connections[connection_id] = moved_conn
+            hub._discard(hub.node_connections, node_id, connection_id)
+            hub.node_connections[adopter].add(connection_id)
+            detached_at = hub.detached_at.setdefault(connection_id, now_ms)
+            adopted.append(
+                AdoptedSession(moved_conn, detached_at, hub.epochs.get(connection_id, 0))
+            )
+        kept = {session.record.connection_id for session in adopted}
+        moved = await self._keep_channels(node_id, kept, adopter)
+        removed = hub._remove_node_state(node_id)
+        hub.tombstones.add(node_id)
+        return Reaped(removed, adopted, moved)
+
+    async def _keep_channels(
+        self, node_id: NodeId, kept: set[ConnectionId], adopter: NodeId | None
+    ) -> list[ChannelRecord]:
+        """Before a node's state goes: keep (rewritten) each channel of it whose every end on
+        the node was adopted (``kept``, now on ``adopter``) or already resumed elsewhere."""
+        hub = self._hub
+
+        def holder(end: ConnectionId, end_node: NodeId) -> NodeId | None:
+            if end_node != node_id:
+                return end_node
+            if end in kept:
+                return adopter
+            record = hub.connections.get(end)
+            return record.node_id if record is not None and record.node_id != node_id else None
+
+        moved: list[ChannelRecord] = []
+        for channel_id in list(hub.node_channels.get(node_id, ())):
+            chan = hub.channels.get(channel_id)
+            if chan is None:
+                continue
+            opener_at = holder(chan.opener, chan.opener_node)
+            target_at = holder(chan.target, chan.target_node)
+            if opener_at is not None and target_at is not None:
+                hub._drop_channel(chan)
+                new = msgspec.structs.replace(chan, opener_node=opener_at, target_node=target_at)
+                await self.add_channel(new)
+                moved.append(new)
+        return moved
+
     async def leave(self, node_id: NodeId) -> None:
+        await self._keep_channels(node_id, set(), None)
         self._hub._remove_node_state(node_id)
 
     async def restore(
@@ -200,6 +278,63 @@ class MemoryRegistry(Registry):
             await self.add_connection(connection)
         for channel in channels:
             await self.add_channel(channel)
+
+    async def claim_session(
+        self,
+        connection_id: ConnectionId,
+        token_hash: str,
+        new_token_hash: str,
+        node_id: NodeId,
+        now_ms: int,
+    ) -> SessionClaim | ClaimRefusal:
+        hub = self._hub
+        conn = hub.connections.get(connection_id)
+        if conn is None or conn.session is None or conn.session.token_hash != token_hash:
+            return ClaimRefusal.UNKNOWN
+        detached_at = hub.detached_at.get(connection_id)
+        if detached_at is not None and now_ms - detached_at >= conn.session.window * 1000:
+            return ClaimRefusal.EXPIRED
+        epoch = hub.epochs.get(connection_id, 0) + 1
+        hub.epochs[connection_id] = epoch
+        hub.detached_at.pop(connection_id, None)
+        session = SessionKey(new_token_hash, conn.session.window)
+        hub.connections[connection_id] = ConnectionRecord(
+            connection_id, node_id, conn.role, session
+        )
+        hub._discard(hub.node_connections, conn.node_id, connection_id)
+        hub.node_connections[node_id].add(connection_id)
+        return SessionClaim(conn.node_id, conn.role, conn.session.window, epoch)
+
+    async def mark_detached(self, connection_id: ConnectionId, node_id: NodeId, at_ms: int) -> None:
+        conn = self._hub.connections.get(connection_id)
+        if conn is not None and conn.node_id == node_id:
+            self._hub.detached_at[connection_id] = at_ms
+
+    async def end_session(self, record: ConnectionRecord) -> bool:
+        conn = self._hub.connections.get(record.connection_id)
+        if conn is None or conn.node_id != record.node_id:
+            return False
+        self._hub._drop_connection(conn)
+        return True
+
+    async def transfer_session(
+        self, connection_id: ConnectionId, from_node: NodeId, to_node: NodeId
+    ) -> bool:
+        hub = self._hub
+        conn = hub.connections.get(connection_id)
+        if conn is None or conn.node_id != from_node:
+            return False
+        hub.connections[connection_id] = msgspec.structs.replace(conn, node_id=to_node)
+        hub._discard(hub.node_connections, from_node, connection_id)
+        hub.node_connections[to_node].add(connection_id)
+        return True
+
+    async def move_channels(self, records: Sequence[ChannelRecord], from_node: NodeId) -> None:
+        hub = self._hub
+        for record in records:
+            if record.opener_node != from_node and record.target_node != from_node:
+                hub._discard(hub.node_channels, from_node, record.channel_id)
+            await self.add_channel(record)
 
     async def ping(self) -> None:
         return None

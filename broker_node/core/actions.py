@@ -12,6 +12,7 @@ import msgspec
 
 from broker_node.core.envelopes import Envelope
 from broker_node.core.records import ChannelRecord, ConnectionRecord
+from broker_node.core.sessions import SessionLog
 from shared.ids import ChannelId, ConnectionId, NodeId
 
 
@@ -23,6 +24,9 @@ class LocalReceipt(msgspec.Struct, frozen=True, gc=False):
     channel_id: ChannelId
     #: Payload bytes, counted against the sender's unconfirmed bytes.
     size: int
+    #: The message's ``seq``, when its recipient is not a resumable session: written to its
+    #: socket is as far as it can be followed, so the sender hears ``channel_acked`` then.
+    acked_seq: int | None = None
 
 
 class RemoteReceipt(msgspec.Struct, frozen=True, gc=False):
@@ -86,6 +90,75 @@ class ResumeReading(msgspec.Struct, frozen=True, gc=False):
     connection_id: ConnectionId
 
 
+# --- session resume (issue 14) ----------------------------------------------------------
+
+
+class KeepFrames(msgspec.Struct, frozen=True, gc=False):
+    """From now on keep every frame written to this client in ``log`` (a resumable session)."""
+
+    connection_id: ConnectionId
+    log: SessionLog
+
+
+class Replay(msgspec.Struct, frozen=True, gc=False):
+    """Write frames a session kept (already in its log: not kept again)."""
+
+    connection_id: ConnectionId
+    frames: tuple[bytes, ...]
+
+
+class Rebind(msgspec.Struct, frozen=True, gc=False):
+    """The socket of ``from_id`` now serves session ``to_id`` (a resume); a socket that
+    served ``to_id`` until now is closed with ``code`` and will not detach it."""
+
+    from_id: ConnectionId
+    to_id: ConnectionId
+    code: int
+    reason: str
+
+
+class MarkDetached(msgspec.Struct, frozen=True, gc=False):
+    """Record in the registry that the session's client went away at ``at_ms``."""
+
+    record: ConnectionRecord
+    at_ms: int
+
+
+class EndSession(msgspec.Struct, frozen=True, gc=False):
+    """A detached session's window passed: remove it from the registry if this node still
+    holds it, and tell the core (``session_ended``)."""
+
+    record: ConnectionRecord
+
+
+class MoveChannels(msgspec.Struct, frozen=True, gc=False):
+    """Rewrite these channels in the registry: their session end moved off ``from_node``."""
+
+    records: tuple[ChannelRecord, ...]
+    from_node: NodeId
+
+
+class LoadSession(msgspec.Struct, frozen=True, gc=False):
+    """The node that held a resumed session did not hand it over: find its channels in the
+    registry (among ``previous_node``'s) and give them to ``install_lost``."""
+
+    connection_id: ConnectionId
+    previous_node: NodeId
+
+
 Action = (
-    Send | CloseClient | Publish | ForgetChannel | ForgetConnection | PauseReading | ResumeReading
+    Send
+    | CloseClient
+    | Publish
+    | ForgetChannel
+    | ForgetConnection
+    | PauseReading
+    | ResumeReading
+    | KeepFrames
+    | Replay
+    | Rebind
+    | MarkDetached
+    | EndSession
+    | MoveChannels
+    | LoadSession
 )

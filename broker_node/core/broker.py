@@ -35,29 +35,50 @@ from broker_node.auth.policy import Grants, Policy, grants_for, may_list, may_op
 from broker_node.core.actions import (
     Action,
     CloseClient,
+    EndSession,
     ForgetChannel,
     ForgetConnection,
+    KeepFrames,
+    LoadSession,
     LocalReceipt,
+    MarkDetached,
+    MoveChannels,
     PauseReading,
     Publish,
+    Rebind,
     Receipt,
     RemoteReceipt,
+    Replay,
     ResumeReading,
     Send,
 )
 from broker_node.core.envelopes import (
+    Acked,
     Closed,
     CloseRequest,
     CloseResult,
     Confirm,
     Deliver,
     Envelope,
+    Handover,
     Incoming,
+    Moved,
     OpenResult,
+    Resync,
+    Take,
 )
-from broker_node.core.records import ChannelRecord, ConnectionRecord
+from broker_node.core.records import (
+    ChannelRecord,
+    ClaimRefusal,
+    ConnectionRecord,
+    Reaped,
+    SessionClaim,
+    SessionKey,
+)
+from broker_node.core.sessions import Session, SessionLog, new_resume_token, token_hash
 from broker_node.core.stats import NodeStats
 from shared.codec import (
+    CLOSE_POLICY_VIOLATION,
     CLOSE_UNSUPPORTED_DATA,
     CloseConnection,
     ErrorReply,
@@ -67,14 +88,18 @@ from shared.codec import (
 )
 from shared.ids import ChannelId, ConnectionId, NodeId, new_channel_id
 from shared.messages import (
+    CLOSE_RESUME_ELSEWHERE,
     CLOSE_TOKEN_EXPIRED,
     CLOSE_TOKEN_INVALID,
     REQUESTS,
+    Ack,
+    ChannelAcked,
     ChannelClosed,
     ChannelClosedNotification,
     ChannelMessage,
     ChannelMessageSent,
     ChannelOpened,
+    ChannelResync,
     Close,
     Connections,
     Error,
@@ -86,6 +111,9 @@ from shared.messages import (
     Refreshed,
     Register,
     Registered,
+    Resume,
+    Resumed,
+    ResumedChannel,
 )
 
 NOT_REGISTERED: Final = "Connection not registered"
@@ -102,6 +130,12 @@ DELIVERY_UNKNOWN: Final = "Recipient disconnected during delivery; outcome unkno
 TARGET_NODE_SILENT: Final = "Target's node did not answer in time"
 REGISTRY_UNAVAILABLE: Final = "Cluster registry unavailable, try again"
 LATE_DELIVERY: Final = "Delivery arrived out of order and was dropped"
+# Session resume (issue 14).
+RESUME_DISABLED: Final = "Resume is not enabled on this node"
+RESUME_TOKEN_INVALID: Final = "Resume token not valid"
+RESUME_EXPIRED: Final = "Resume window expired"
+#: Close reason of a session's old socket when its client resumed on a new one.
+RESUMED_ELSEWHERE: Final = "Session resumed on another connection"
 # Authentication (issue 13)
 AUTH_REQUIRED: Final = "Authentication required"
 ROLE_NOT_ALLOWED: Final = "Role not allowed for this token"
@@ -164,6 +198,43 @@ class AuthRules:
     grace: float
 
 
+@dataclass(frozen=True, slots=True)
+class ResumeRules:
+    """Session resume is on (issue 14): the window, the bounds of a session's kept frames."""
+
+    #: Seconds a detached session waits for its client.
+    window: int
+    max_frames: int
+    max_bytes: int
+    #: Seconds a channel whose resumable end's node was lost waits to hear (``Moved``) where
+    #: that end went, before it closes as for any lost node.
+    orphan_timeout: float
+    new_token: Callable[[], tuple[str, str]] = new_resume_token
+
+    def new_log(self) -> SessionLog:
+        return SessionLog(self.max_frames, self.max_bytes)
+
+
+class ResumePlan(NamedTuple):
+    """A resume the shell must claim in the registry."""
+
+    session_id: ConnectionId
+    token_hash: str
+    new_token: str
+    new_token_hash: str
+
+
+@dataclass(slots=True)
+class _PendingResume:
+    """A resume claimed in the registry whose session another node holds (or held)."""
+
+    socket_id: ConnectionId
+    request: Resume
+    plan: ResumePlan
+    claim: SessionClaim
+    deadline: float
+
+
 @dataclass(slots=True)
 class LocalConnection:
     """A client connected to this node."""
@@ -189,6 +260,10 @@ class LocalConnection:
     # Authentication (issue 13): who the token says this is, and what it may do.
     identity: Identity | None = None
     grants: Grants | None = None
+    # Session resume (issue 14).
+    session: Session | None = None
+    #: The resume token (and its hash) made for ``registered``, while the registry is written.
+    fresh_token: tuple[str, str] | None = None
 
 
 class _PendingDelivery(msgspec.Struct, frozen=True, gc=False):
@@ -200,6 +275,8 @@ class _PendingDelivery(msgspec.Struct, frozen=True, gc=False):
     node_id: NodeId
     deadline: float
     size: int
+    #: As ``LocalReceipt.acked_seq``.
+    acked_seq: int | None = None
 
 
 @dataclass(slots=True)
@@ -215,6 +292,11 @@ class _PendingOpen(NamedTuple):
     request_id: int
     channel: ChannelRecord
     deadline: float
+
+
+def _session_key(conn: LocalConnection) -> SessionKey | None:
+    session = conn.session
+    return None if session is None else SessionKey(session.token_hash, session.window)
 
 
 def _notification_frame(channel_id: ChannelId, frame_id: int) -> bytes:
@@ -240,6 +322,7 @@ class BrokerCore:
         # --- hostile input and resource limits (issue 15)
         max_channels: int = 1000,
         list_page_size: int = 1000,
+        resume: ResumeRules | None = None,
     ) -> None:
         self.node_id = node_id
         #: Channels one connection may be an end of (opened by it or to it).
@@ -274,6 +357,20 @@ class BrokerCore:
         #: (wall clock); heaps, see ``check_tokens``.
         self._auth_due: list[tuple[float, ConnectionId]] = []
         self._expiry_due: list[tuple[float, ConnectionId]] = []
+        #: None: session resume is off (the original protocol); see ``ResumeRules``.
+        self.resume = resume
+        #: Detached sessions, to when their window ends (clock).
+        self._detached: dict[ConnectionId, float] = {}
+        #: Sessions whose end the registry is asked for (``EndSession``).
+        self._ending: set[ConnectionId] = set()
+        #: Resumes claimed here whose session another node is asked for (``Take``).
+        self._resuming: dict[ConnectionId, _PendingResume] = {}
+        #: Sessions a ``Take`` asked for, handed over once their work in flight settled.
+        self._handing: dict[ConnectionId, tuple[Take, float]] = {}
+        #: Sessions handed over: where to forward what still comes for them, and until when.
+        self._moved: dict[ConnectionId, tuple[NodeId, float]] = {}
+        #: Channels whose resumable end's node was lost, to when they stop waiting for it.
+        self._orphans: dict[ChannelId, float] = {}
 
     # --- connections --------------------------------------------------------------------
 
@@ -355,7 +452,11 @@ class BrokerCore:
         if error is not None:
             return self._fail(conn, "register", request.id, "", error)
         conn.registering = True
-        return ConnectionRecord(connection_id, self.node_id, request.role)
+        session = None
+        if request.resume and self.resume is not None:
+            conn.fresh_token = self.resume.new_token()
+            session = SessionKey(conn.fresh_token[1], self.resume.window)
+        return ConnectionRecord(connection_id, self.node_id, request.role, session)
 
     def finish_register(
         self, connection_id: ConnectionId, request: Register, error: str | None = None
@@ -364,20 +465,33 @@ class BrokerCore:
         if conn is None:
             return []
         conn.registering = False
+        fresh, conn.fresh_token = conn.fresh_token, None
         if error is not None:
             return self._fail(conn, "register", request.id, "", error)
         conn.role = request.role
         if conn.identity is not None:
             conn.grants = grants_for(self._policy(), conn.identity, request.role)
+        actions: list[Action] = []
+        resume_token = window = None
+        if fresh is not None and self.resume is not None:
+            resume_token, hashed = fresh
+            window = self.resume.window
+            conn.session = Session(connection_id, hashed, window, self.resume.new_log())
+            conn.session.log.last_request_id = request.id
+            # From its ``registered`` on, every frame to it is kept until acknowledged.
+            actions.append(KeepFrames(connection_id, conn.session.log))
         frame = encode(
             Registered(
                 id=self._next_id(conn),
                 replyTo=request.id,
                 connectionId=connection_id,
                 expiresIn=self._expires_in(conn),
+                resumeToken=resume_token,
+                resumeWindow=window,
             )
         )
-        return [Send(connection_id, frame)]
+        actions.append(Send(connection_id, frame))
+        return actions
 
     # --- list_by_role -------------------------------------------------------------------
 
@@ -460,6 +574,8 @@ class BrokerCore:
             opener_node=self.node_id,
             target=target.connection_id,
             target_node=target.node_id,
+            opener_resumes=conn.session is not None,
+            target_resumes=target.session is not None,
         )
 
     def fail_open(self, connection_id: ConnectionId, request: Open, error: str) -> list[Action]:
@@ -571,21 +687,36 @@ class BrokerCore:
             frame_id = recipient.next_id  # ``_next_id``, inlined on the hot path
             recipient.next_id = frame_id + 1
             delivery = encode(
-                ChannelMessage(id=frame_id, channelId=channel_id, payload=request.payload)
+                ChannelMessage(
+                    id=frame_id, channelId=channel_id, seq=request.seq, payload=request.payload
+                )
             )
             self.stats.messages_local += 1
             # Confirmed once the recipient's socket took it (see ``written``).
             actions = [
-                Send(peer, delivery, LocalReceipt(connection_id, request.id, channel_id, size))
+                Send(
+                    peer,
+                    delivery,
+                    LocalReceipt(
+                        connection_id,
+                        request.id,
+                        channel_id,
+                        size,
+                        request.seq if recipient.session is None else None,
+                    ),
+                )
             ]
         else:
             self._seq += 1
             deadline = self.clock() + self.request_timeout
+            acked_seq = request.seq if not channel.resumes(peer) else None
             self._deliveries[self._seq] = _PendingDelivery(
-                connection_id, request.id, channel_id, peer_node, deadline, size
+                connection_id, request.id, channel_id, peer_node, deadline, size, acked_seq
             )
             self.stats.messages_cross_node_out += 1
-            envelope = Deliver(self._seq, self.node_id, channel_id, peer, request.payload)
+            envelope = Deliver(
+                self._seq, self.node_id, channel_id, peer, request.payload, request.seq
+            )
             actions = [Publish(peer_node, envelope)]
         conn.unconfirmed += 1
         conn.unconfirmed_bytes += size
@@ -627,8 +758,9 @@ class BrokerCore:
 
     # --- frames written (or not) to a recipient's socket --------------------------------
 
-    def written(self, receipts: Iterable[Receipt]) -> list[Action]:
-        """The kernel accepted these frames: confirm them to their senders."""
+    def written(self, receipts: Iterable[Receipt], *, held: bool = False) -> list[Action]:
+        """The kernel accepted these frames: confirm them to their senders. ``held``: the
+        frames are kept for a detached session instead (the reply says so)."""
         actions: list[Action] = []
         confirmations: dict[NodeId, list[int]] | None = None
         connections = self.connections
@@ -644,10 +776,12 @@ class BrokerCore:
                 channel_id = receipt.channel_id
                 frame = encode(
                     ChannelMessageSent(
-                        id=frame_id, replyTo=receipt.request_id, channelId=channel_id
+                        id=frame_id, replyTo=receipt.request_id, channelId=channel_id, held=held
                     )
                 )
                 actions.append(Send(receipt.sender, frame))
+                if receipt.acked_seq is not None and not held:
+                    self._tell_acked(receipt.sender, channel_id, receipt.acked_seq, actions)
                 pending = sender.pending
                 left = pending[channel_id] - 1
                 sender.unconfirmed -= 1
@@ -670,7 +804,8 @@ class BrokerCore:
                     seqs.append(receipt.seq)
         if confirmations is not None:
             for node_id, seqs in confirmations.items():
-                actions.append(Publish(node_id, Confirm(seqs, [])))
+                confirm = Confirm([], [], seqs) if held else Confirm(seqs, [])
+                actions.append(Publish(node_id, confirm))
         return actions
 
     def unwritten(self, receipts: Iterable[Receipt], *, handed: bool) -> list[Action]:
@@ -844,11 +979,15 @@ class BrokerCore:
         # written is confirmed once the kernel took it, see ``written``).
         refusals: dict[NodeId, list[tuple[int, str]]] = {}
         for envelope in envelopes:
+            if self._moved and self._forward(envelope, actions):
+                continue
             match envelope:
                 case Deliver():
                     self._on_deliver(envelope, actions, refusals)
-                case Confirm(written=written, refused=refused):
+                case Confirm(written=written, refused=refused, held=held):
                     self._on_confirm(written, refused, actions)
+                    if held:
+                        self._on_held(held, actions)
                 case Incoming(seq=seq, channel=channel):
                     self._on_incoming(seq, channel, actions)
                 case OpenResult(seq=seq, error=error):
@@ -859,6 +998,16 @@ class BrokerCore:
                     self._on_close_request(envelope, actions)
                 case CloseResult(seq=seq, applied=applied):
                     self._on_close_result(seq, applied, actions)
+                case Take():
+                    self._on_take(envelope, actions)
+                case Handover():
+                    self._on_handover(envelope, actions)
+                case Moved():
+                    self._on_moved(envelope)
+                case Acked(channel_id=channel_id, recipient=recipient, seq=seq):
+                    self._tell_acked(recipient, channel_id, seq, actions)
+                case Resync(channel_id=channel_id, recipient=recipient, last_seq=last_seq):
+                    self._tell_resync(recipient, channel_id, last_seq, actions)
         for node_id, refused in refusals.items():
             actions.append(Publish(node_id, Confirm([], refused)))
         return actions
@@ -889,6 +1038,7 @@ class BrokerCore:
                     ChannelMessage(
                         id=self._next_id(recipient),
                         channelId=envelope.channel_id,
+                        seq=envelope.message_seq,
                         payload=envelope.payload,
                     )
                 )
@@ -915,7 +1065,20 @@ class BrokerCore:
             if pending is not None:
                 self._settle(pending, error, actions)
 
-    def _settle(self, pending: _PendingDelivery, error: str | None, actions: list[Action]) -> None:
+    def _on_held(self, held: list[int], actions: list[Action]) -> None:
+        for seq in held:
+            pending = self._deliveries.pop(seq, None)
+            if pending is not None:
+                self._settle(pending, None, actions, held=True)
+
+    def _settle(
+        self,
+        pending: _PendingDelivery,
+        error: str | None,
+        actions: list[Action],
+        *,
+        held: bool = False,
+    ) -> None:
         conn = self.connections.get(pending.sender)
         if conn is None:
             return
@@ -923,10 +1086,15 @@ class BrokerCore:
             self.stats.confirmations_sent += 1
             frame = encode(
                 ChannelMessageSent(
-                    id=self._next_id(conn), replyTo=pending.request_id, channelId=pending.channel_id
+                    id=self._next_id(conn),
+                    replyTo=pending.request_id,
+                    channelId=pending.channel_id,
+                    held=held,
                 )
             )
             actions.append(Send(conn.connection_id, frame))
+            if pending.acked_seq is not None and not held:
+                self._tell_acked(conn.connection_id, pending.channel_id, pending.acked_seq, actions)
         else:
             actions += self._fail(conn, "message", pending.request_id, pending.channel_id, error)
         self._unhold(conn, pending.channel_id, pending.size, actions)
@@ -992,7 +1160,21 @@ class BrokerCore:
                     # The other end's node is gone: the channel is closed here, and the shell
                     # keeps telling that node (as for ``Closed``) in case it comes back.
                     self._on_close_result(seq, True, actions)
-                case Closed() | Confirm() | OpenResult() | CloseResult():
+                case Take(connection_id=session_id):
+                    # The node that held the session is gone: what the registry knows will do.
+                    resuming = self._resuming.get(session_id)
+                    if resuming is not None:
+                        actions.append(LoadSession(session_id, resuming.claim.previous_node))
+                case (
+                    Closed()
+                    | Confirm()
+                    | OpenResult()
+                    | CloseResult()
+                    | Handover()
+                    | Moved()
+                    | Acked()
+                    | Resync()
+                ):
                     # The other node is unreachable; its own cleanup (or the reaper) settles it.
                     pass
         return actions
@@ -1007,7 +1189,15 @@ class BrokerCore:
         actions: list[Action] = []
         self._last_delivery.pop(node_id, None)
         lost = [c for c in self.channels.values() if node_id in (c.opener_node, c.target_node)]
+        orphan_deadline = self.clock() + (self.resume.orphan_timeout if self.resume else 0.0)
         for channel in lost:
+            if self.resume is not None and all(
+                channel.resumes(end) for end, end_node in channel.ends() if end_node == node_id
+            ):
+                # Its end there is a session: the reaper adopts it (or its client resumes), and
+                # its new node says so (``Moved``). It waits for that instead of closing.
+                self._orphans[channel.channel_id] = orphan_deadline
+                continue
             own_seq = self._closing.get(channel.channel_id)
             if own_seq is not None:
                 # This end's close stands: the other end's node is gone.
@@ -1062,12 +1252,14 @@ class BrokerCore:
             assert peer is not None
             actions.append(Publish(peer[1], Closed(channel.channel_id, peer[0])))
             self._settle_close(seq, pending_close, True, actions)
+        if self.resume is not None:
+            self._expire_sessions(now, actions)
         return actions
 
     def records(self) -> tuple[list[ConnectionRecord], list[ChannelRecord]]:
         """Everything of this node that belongs in the registry (to restore it)."""
         connections = [
-            ConnectionRecord(conn.connection_id, self.node_id, conn.role)
+            ConnectionRecord(conn.connection_id, self.node_id, conn.role, _session_key(conn))
             for conn in self.connections.values()
             if conn.role is not None
         ]
@@ -1083,6 +1275,620 @@ class BrokerCore:
         nodes.update(c.target_node for c in self.channels.values())
         nodes.discard(self.node_id)
         return nodes
+
+    # --- session resume (issue 14) ------------------------------------------------------
+    #
+    # A resumable session lives on one node at a time (its holder). Its socket may go and come
+    # back (``client_gone`` then a resume), on this node or another: the holder keeps the
+    # frames its client has not acknowledged (the shell writes them to its ``SessionLog``, see
+    # ``KeepFrames``), holds new ones while it is detached, and hands all of it to the node
+    # that claimed the session in the registry (``Take`` -> ``Handover``). Peers are told only
+    # where the session's end of each channel went (``Moved``), never that it was away.
+
+    def client_gone(self, connection_id: ConnectionId, *, said_bye: bool = False) -> list[Action]:
+        """The client's socket is going or gone: a resumable session waits for its client
+        (detached); any other connection ends (``disconnect``), and so does a session whose
+        client closed with 1000 (``said_bye``: it ended the session on purpose)."""
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            return []
+        session = conn.session
+        if session is None or conn.role is None or said_bye:
+            if session is not None:
+                self._forget_session(conn)
+            return self.disconnect(connection_id)
+        if session.detached_at is not None:
+            return []
+        return self._detach(conn, session)
+
+    def _detach(self, conn: LocalConnection, session: Session) -> list[Action]:
+        session.detached_at = self.clock()
+        self._detached[conn.connection_id] = session.detached_at + session.window
+        assert conn.role is not None
+        record = ConnectionRecord(conn.connection_id, self.node_id, conn.role, _session_key(conn))
+        return [MarkDetached(record, int(self.wall_clock() * 1000))]
+
+    def unwritten_to(
+        self, recipient: ConnectionId, receipts: Iterable[Receipt], *, handed: bool
+    ) -> list[Action]:
+        """``unwritten`` for frames to ``recipient``, whose socket ended: a session keeps them
+        (they were written to its log), so their senders hear they are held."""
+        conn = self.connections.get(recipient)
+        if (conn is not None and conn.session is not None) or recipient in self._moved:
+            return self.written(receipts, held=True)
+        return self.unwritten(receipts, handed=handed)
+
+    def hold(
+        self, connection_id: ConnectionId, frame: bytes, receipt: Receipt | None
+    ) -> list[Action]:
+        """A frame for a client with no socket here: kept if it is a detached session."""
+        conn = self.connections.get(connection_id)
+        session = conn.session if conn is not None else None
+        if session is None:
+            return [] if receipt is None else self.unwritten([receipt], handed=False)
+        actions = [] if receipt is None else self.written([receipt], held=True)
+        if not session.log.append(frame):
+            actions += self.session_overflow(connection_id)
+        return actions
+
+    def session_overflow(self, connection_id: ConnectionId) -> list[Action]:
+        """A session's kept frames passed a bound: it ends, as a slow consumer does."""
+        conn = self.connections.get(connection_id)
+        if conn is None or conn.session is None:
+            return []
+        self.stats.slow_consumers += 1
+        self.stats.sessions_overflowed += 1
+        detached = conn.session.detached_at is not None
+        self._forget_session(conn)
+        if detached:
+            return self.disconnect(connection_id)
+        # Closing its socket ends it (``client_gone``: no session any more).
+        return [CloseClient(connection_id, CLOSE_POLICY_VIOLATION, "slow consumer")]
+
+    def _forget_session(self, conn: LocalConnection) -> None:
+        conn.session = None
+        self._detached.pop(conn.connection_id, None)
+        self._ending.discard(conn.connection_id)
+        self._handing.pop(conn.connection_id, None)
+
+    def ack(self, connection_id: ConnectionId, request: Ack) -> list[Action]:
+        """The client processed every frame up to ``lastId`` (no reply)."""
+        conn = self.connections[connection_id]
+        if conn.session is None:
+            return []
+        conn.session.log.ack(min(request.lastId, conn.next_id - 1))
+        return self._acked(conn, request.channels)
+
+    def _acked(self, conn: LocalConnection, processed: dict[str, int] | None) -> list[Action]:
+        """Tell the senders up to which ``seq`` the client processed their messages (its own
+        count: it drops a message that came after a gap, which its frame ack would cover)."""
+        actions: list[Action] = []
+        for channel_key, seq in (processed or {}).items():
+            channel_id = ChannelId(channel_key)
+            channel = self.channels.get(channel_id)
+            peer = channel.peer_of(conn.connection_id) if channel is not None else None
+            if peer is None:
+                continue
+            peer_id, peer_node = peer
+            if peer_node == self.node_id:
+                self._tell_acked(peer_id, channel_id, seq, actions)
+            else:
+                actions.append(Publish(peer_node, Acked(channel_id, peer_id, seq)))
+        return actions
+
+    def _tell_acked(
+        self, recipient: ConnectionId, channel_id: ChannelId, seq: int, actions: list[Action]
+    ) -> None:
+        conn = self.connections.get(recipient)
+        if conn is not None and channel_id in conn.channels:
+            frame = ChannelAcked(id=self._next_id(conn), channelId=channel_id, seq=seq)
+            actions.append(Send(recipient, encode(frame)))
+
+    def _tell_resync(
+        self, recipient: ConnectionId, channel_id: ChannelId, last_seq: int, actions: list[Action]
+    ) -> None:
+        conn = self.connections.get(recipient)
+        if conn is not None and channel_id in conn.channels:
+            frame = ChannelResync(id=self._next_id(conn), channelId=channel_id, lastSeq=last_seq)
+            actions.append(Send(recipient, encode(frame)))
+
+    def begin_resume(
+        self,
+        connection_id: ConnectionId,
+        request: Resume,
+        token: Identity | TokenRefusal | None = None,
+    ) -> list[Action] | ResumePlan:
+        """Refuse the request, or return the claim the shell must make in the registry."""
+        conn = self.connections[connection_id]
+        error: str | None = None
+        if conn.role is not None or conn.registering:
+            error = ALREADY_REGISTERED
+        elif self.resume is None:
+            error = RESUME_DISABLED
+        elif self.auth is not None:
+            error = self._authorize_resume(conn, token)
+        if error is not None:
+            return self._fail(conn, "resume", request.id, "", error)
+        assert self.resume is not None
+        conn.registering = True
+        new_token, new_hash = self.resume.new_token()
+        return ResumePlan(
+            ConnectionId(request.connectionId), token_hash(request.resumeToken), new_token, new_hash
+        )
+
+    def _authorize_resume(
+        self, conn: LocalConnection, token: Identity | TokenRefusal | None
+    ) -> str | None:
+        if isinstance(token, TokenRefusal):
+            self.stats.token_refusals[token.reason] += 1
+            return token.error
+        identity = token if token is not None else conn.identity
+        if identity is None:
+            return AUTH_REQUIRED
+        if conn.identity is not identity:
+            self._set_identity(conn, identity)
+        return None
+
+    def claimed(
+        self,
+        connection_id: ConnectionId,
+        request: Resume,
+        plan: ResumePlan,
+        claim: SessionClaim | ClaimRefusal | None,
+    ) -> list[Action]:
+        """The registry's answer to a resume's claim (None: it could not be asked)."""
+        conn = self.connections.get(connection_id)
+        if not isinstance(claim, SessionClaim):
+            if conn is None:
+                return []
+            conn.registering = False
+            self.stats.resumes_refused += 1
+            error = (
+                REGISTRY_UNAVAILABLE
+                if claim is None
+                else RESUME_EXPIRED
+                if claim is ClaimRefusal.EXPIRED
+                else RESUME_TOKEN_INVALID
+            )
+            return self._fail(conn, "resume", request.id, "", error)
+        # Ours now in the registry, whatever happens to the new socket: it is taken over
+        # (detached, if the socket went meanwhile).
+        deadline = self.clock() + 2 * self.request_timeout
+        pending = _PendingResume(connection_id, request, plan, claim, deadline)
+        held = self.connections.get(plan.session_id)
+        if claim.previous_node == self.node_id and held is not None and held.session is not None:
+            return self._resume_here(pending, held, held.session)
+        self._resuming[plan.session_id] = pending
+        if claim.previous_node == self.node_id:
+            # The registry says this node holds it, but it does not (it restarted, or ended
+            # the session in the same instant): take what the registry knows.
+            return [LoadSession(plan.session_id, claim.previous_node)]
+        take = Take(plan.session_id, claim.epoch, self.node_id, request.lastId)
+        return [Publish(claim.previous_node, take)]
+
+    def _resume_here(
+        self, pending: _PendingResume, conn: LocalConnection, session: Session
+    ) -> list[Action]:
+        """The session is held here: its new socket takes the old one's place."""
+        actions: list[Action] = []
+        self._detached.pop(conn.connection_id, None)
+        self._ending.discard(conn.connection_id)
+        session.token_hash = pending.plan.new_token_hash
+        session.epoch = pending.claim.epoch
+        self._attach(pending, conn, session, actions)
+        return actions
+
+    def _attach(
+        self,
+        pending: _PendingResume,
+        conn: LocalConnection,
+        session: Session,
+        actions: list[Action],
+    ) -> None:
+        """Bind the resume's socket to the session, replay what its client has not
+        processed, and answer ``resumed`` (or, if the socket left, keep it detached)."""
+        session_id, request = conn.connection_id, pending.request
+        socket = self.connections.get(pending.socket_id)
+        if socket is None:
+            if session.detached_at is None:
+                actions += self._detach(conn, session)
+            return
+        del self.connections[pending.socket_id]
+        actions.append(
+            Rebind(pending.socket_id, session_id, CLOSE_RESUME_ELSEWHERE, RESUMED_ELSEWHERE)
+        )
+        if socket.identity is not None:
+            self._set_identity(conn, socket.identity)
+            if conn.role is not None:
+                conn.grants = grants_for(self._policy(), socket.identity, conn.role)
+        conn.legacy_errors = socket.legacy_errors
+        session.detached_at = None
+        log = session.log
+        complete = not session.lost
+        if session.lost:
+            # The frames kept here were numbered by a node that did not know the client's
+            # ids: number them after what it processed.
+            conn.next_id = log.renumber(max(conn.next_id, request.lastId + 1, log.acked_id + 1))
+            session.lost = False
+        else:
+            log.ack(request.lastId)
+            actions += self._acked(conn, request.channels)
+        actions.append(KeepFrames(session_id, log))
+        actions.append(Replay(session_id, tuple(log.after(request.lastId))))
+        channels = None
+        if not complete:
+            channels = [
+                ResumedChannel(channel_id, peer[0])
+                for channel_id in sorted(conn.channels)
+                if (record := self.channels.get(channel_id)) is not None
+                and (peer := record.peer_of(session_id)) is not None
+            ]
+            seen = request.channels or {}
+            for channel_id in sorted(conn.channels):
+                self._resync(conn, ChannelId(channel_id), seen.get(channel_id, 0), actions)
+        frame = Resumed(
+            id=self._next_id(conn),
+            replyTo=request.id,
+            connectionId=session_id,
+            resumeToken=pending.plan.new_token,
+            resumeWindow=session.window,
+            complete=complete,
+            lastRequestId=log.last_request_id if complete else None,
+            channels=channels,
+            expiresIn=self._expires_in(conn),
+        )
+        actions.append(Send(session_id, encode(frame)))
+        if conn.flow_paused:
+            actions.append(PauseReading(session_id))
+        self.stats.resumes += 1
+
+    def _resync(
+        self, conn: LocalConnection, channel_id: ChannelId, last_seq: int, actions: list[Action]
+    ) -> None:
+        """Ask the peer to send again what the session may have missed on the channel."""
+        channel = self.channels.get(channel_id)
+        peer = channel.peer_of(conn.connection_id) if channel is not None else None
+        if peer is None:
+            return
+        peer_id, peer_node = peer
+        if peer_node == self.node_id:
+            self._tell_resync(peer_id, channel_id, last_seq, actions)
+        else:
+            actions.append(Publish(peer_node, Resync(channel_id, peer_id, last_seq)))
+
+    def _on_take(self, take: Take, actions: list[Action]) -> None:
+        """A resume on another node claimed a session: hand it over once its work in flight
+        here (messages awaiting confirmation, opens, closes) has settled."""
+        conn = self.connections.get(take.connection_id)
+        session = conn.session if conn is not None else None
+        if conn is None or session is None:
+            actions.append(Publish(take.node, Handover(take.connection_id, take.epoch, False)))
+            return
+        if session.detached_at is None:
+            actions.append(
+                CloseClient(take.connection_id, CLOSE_RESUME_ELSEWHERE, RESUMED_ELSEWHERE)
+            )
+            session.detached_at = self.clock()
+        self._detached.pop(take.connection_id, None)
+        self._ending.discard(take.connection_id)
+        self._handing[take.connection_id] = (take, self.clock() + self.request_timeout)
+        self._hand_over_if_settled(conn, self.clock(), actions)
+
+    def _hand_over_if_settled(
+        self,
+        conn: LocalConnection,
+        now: float,
+        actions: list[Action],
+        *,
+        detached_at_ms: int | None = None,
+    ) -> None:
+        take, deadline = self._handing[conn.connection_id]
+        cid = conn.connection_id
+        busy = (
+            conn.unconfirmed
+            or conn.registering
+            or any(pending.opener == cid for pending in self._opens.values())
+            or any(pending.closer == cid for pending in self._closes.values())
+        )
+        if busy and now < deadline:
+            return
+        del self._handing[cid]
+        session = conn.session
+        assert session is not None and conn.role is not None
+        session.log.ack(take.last_id)
+        moved: list[ChannelRecord] = []
+        for channel_id in conn.channels:
+            record = self.channels.pop(channel_id, None)
+            if record is None:
+                continue
+            record = record.moved(cid, take.node)
+            moved.append(record)
+            peer_id, peer_node = record.peer_of(cid) or (cid, take.node)
+            if peer_node == self.node_id and peer_id != cid:
+                self.channels[channel_id] = record  # its other end stays here
+        del self.connections[cid]
+        self._moved[cid] = (take.node, self.clock() + session.window)
+        self.stats.sessions_handed_over += 1
+        identity = conn.identity
+        handover = Handover(
+            cid,
+            take.epoch,
+            True,
+            role=conn.role,
+            legacy_errors=conn.legacy_errors,
+            next_id=conn.next_id,
+            frames=[msgspec.Raw(frame) for frame in session.log.after(take.last_id)],
+            channels=moved,
+            last_request_id=session.log.last_request_id,
+            lost=session.lost,
+            subject=identity.subject if identity is not None else None,
+            detached_at_ms=detached_at_ms,
+            window=session.window,
+            token_hash=session.token_hash,
+        )
+        actions.append(Publish(take.node, handover))
+
+    def _forward(self, envelope: Envelope, actions: list[Action]) -> bool:
+        """Forward what comes for a session handed over to another node; True if it did."""
+        match envelope:
+            case (
+                Deliver(recipient=target)
+                | Closed(recipient=target)
+                | CloseRequest(recipient=target)
+                | Acked(recipient=target)
+                | Resync(recipient=target)
+            ):
+                pass
+            case Incoming(channel=channel):
+                target = channel.target
+            case _:
+                return False
+        moved = self._moved.get(target)
+        if moved is None or target in self.connections:
+            return False
+        actions.append(Publish(moved[0], envelope))
+        return True
+
+    def _on_handover(self, state: Handover, actions: list[Action]) -> None:
+        session_id = state.connection_id
+        pending = self._resuming.pop(session_id, None)
+        if pending is None:
+            if state.found and state.detached_at_ms is not None:
+                self._install(state, None, actions)  # a draining node's hand-off
+            return
+        if not state.found:
+            self._resuming[session_id] = pending
+            actions.append(LoadSession(session_id, pending.claim.previous_node))
+            return
+        self._install(state, pending, actions, previous=pending.claim.previous_node)
+
+    def install_lost(
+        self, session_id: ConnectionId, channels: list[ChannelRecord] | None
+    ) -> list[Action]:
+        """``LoadSession``'s answer: the session's channels per the registry (None: it could
+        not be asked). The session resumes with no frames kept ("not complete")."""
+        pending = self._resuming.pop(session_id, None)
+        if pending is None or session_id in self.connections:
+            return []
+        claim = pending.claim
+        if channels is None:
+            actions: list[Action] = []
+            socket = self.connections.get(pending.socket_id)
+            if socket is not None:
+                socket.registering = False
+                actions += self._fail(
+                    socket, "resume", pending.request.id, "", REGISTRY_UNAVAILABLE
+                )
+            record = ConnectionRecord(session_id, self.node_id, claim.role)
+            actions.append(ForgetConnection(record))
+            return actions
+        state = Handover(
+            session_id,
+            claim.epoch,
+            True,
+            role=claim.role,
+            next_id=pending.request.lastId + 1,
+            channels=[c for c in channels if c.peer_of(session_id) is not None],
+            last_request_id=None,
+            lost=True,
+            window=claim.window,
+            token_hash=pending.plan.new_token_hash,
+        )
+        actions = []
+        self._install(state, pending, actions, previous=claim.previous_node)
+        return actions
+
+    def _install(
+        self,
+        state: Handover,
+        pending: _PendingResume | None,
+        actions: list[Action],
+        *,
+        previous: NodeId | None = None,
+        registry_moved: bool = False,
+    ) -> None:
+        """Take over a session handed over (or adopted): it is held here from now on."""
+        assert self.resume is not None
+        session_id = state.connection_id
+        conn = LocalConnection(
+            session_id, state.legacy_errors, role=state.role, next_id=state.next_id
+        )
+        log = self.resume.new_log()
+        for frame in state.frames:
+            log.append(bytes(frame))
+        if state.last_request_id is not None:
+            log.last_request_id = state.last_request_id
+        token = pending.plan.new_token_hash if pending is not None else state.token_hash
+        session = Session(session_id, token, state.window, log, lost=state.lost)
+        if pending is not None:
+            session.epoch = pending.claim.epoch
+        conn.session = session
+        moved: list[ChannelRecord] = []
+        for record in state.channels:
+            if record.peer_of(session_id) is None:
+                continue
+            record = record.moved(session_id, self.node_id)
+            moved.append(record)
+            self.channels[record.channel_id] = record
+            self._orphans.pop(record.channel_id, None)
+            conn.channels.add(record.channel_id)
+            _, peer_node = record.peer_of(session_id) or (session_id, self.node_id)
+            if peer_node != self.node_id:
+                actions.append(
+                    Publish(peer_node, Moved(record.channel_id, session_id, self.node_id))
+                )
+        self.connections[session_id] = conn
+        self._moved.pop(session_id, None)
+        if moved and not registry_moved and previous is not None:
+            actions.append(MoveChannels(tuple(moved), previous))
+        if pending is None:
+            session.detached_at = self.clock()
+            if state.detached_at_ms is not None:
+                away = max(0.0, self.wall_clock() - state.detached_at_ms / 1000)
+                session.detached_at -= away
+            self._detached[session_id] = session.detached_at + session.window
+            return
+        self._attach(pending, conn, session, actions)
+
+    def _on_moved(self, moved: Moved) -> None:
+        record = self.channels.get(moved.channel_id)
+        if record is None or record.peer_of(moved.connection_id) is None:
+            return
+        self.channels[moved.channel_id] = record.moved(moved.connection_id, moved.node)
+        self._orphans.pop(moved.channel_id, None)
+
+    def adopt(self, reaped: Reaped, lost_node: NodeId) -> list[Action]:
+        """This node reaped ``lost_node`` and adopted its sessions (``reap_adopting``): hold
+        them, detached, with whatever frames they had lost, until their clients resume."""
+        actions: list[Action] = []
+        if self.resume is None:
+            return actions
+        for adopted in reaped.adopted:
+            record = adopted.record
+            session_id = record.connection_id
+            if session_id in self.connections or record.session is None:
+                continue
+            channels = [c for c in reaped.moved if c.peer_of(session_id) is not None]
+            state = Handover(
+                session_id,
+                adopted.epoch,
+                True,
+                role=record.role,
+                channels=channels,
+                last_request_id=None,
+                lost=True,
+                detached_at_ms=adopted.detached_at_ms,
+                window=record.session.window,
+                token_hash=record.session.token_hash,
+            )
+            self._install(state, None, actions, previous=lost_node, registry_moved=True)
+            self.stats.sessions_adopted += 1
+        return actions
+
+    def session_ended(self, connection_id: ConnectionId, ended: bool) -> list[Action]:
+        """``EndSession``'s answer: ``ended`` (its window passed here): it ends as a
+        disconnect does; else a resume elsewhere claimed it first, and its ``Take`` comes."""
+        self._ending.discard(connection_id)
+        conn = self.connections.get(connection_id)
+        if conn is None or conn.session is None or conn.session.detached_at is None:
+            return []
+        if not ended:
+            # Kept until the Take comes; if it never does (the claimer died, and its reaper
+            # adopted the session from the registry), dropped quietly then.
+            self._detached[connection_id] = self.clock() + 2 * self.request_timeout
+            conn.session.lost = True
+            return []
+        self.stats.sessions_expired += 1
+        self._forget_session(conn)
+        return self.disconnect(connection_id)
+
+    def session_retry(self, connection_id: ConnectionId) -> list[Action]:
+        """``EndSession`` could not reach the registry: the next expiry check tries again."""
+        self._ending.discard(connection_id)
+        return []
+
+    def _expire_sessions(self, now: float, actions: list[Action]) -> None:
+        for session_id in list(self._handing):
+            conn = self.connections.get(session_id)
+            if conn is None:
+                del self._handing[session_id]
+            else:
+                self._hand_over_if_settled(conn, now, actions)
+        for session_id, deadline in list(self._detached.items()):
+            if deadline > now or session_id in self._ending:
+                continue
+            conn = self.connections.get(session_id)
+            if conn is None or conn.session is None or conn.role is None:
+                del self._detached[session_id]
+                continue
+            self._ending.add(session_id)
+            record = ConnectionRecord(session_id, self.node_id, conn.role, _session_key(conn))
+            actions.append(EndSession(record))
+        for session_id, pending in list(self._resuming.items()):
+            if pending.deadline <= now:
+                pending.deadline = now + self.request_timeout
+                actions.append(LoadSession(session_id, pending.claim.previous_node))
+        for session_id, (_, until) in list(self._moved.items()):
+            if until <= now:
+                del self._moved[session_id]
+        for channel_id, deadline in list(self._orphans.items()):
+            if deadline <= now:
+                del self._orphans[channel_id]
+                channel = self.channels.get(channel_id)
+                if channel is not None:
+                    self._close_orphan(channel, actions)
+
+    def _close_orphan(self, channel: ChannelRecord, actions: list[Action]) -> None:
+        """Nobody said where a lost node's session end went: close as for a lost node."""
+        self._drop_channel(channel)
+        for end, end_node in channel.ends():
+            if end_node == self.node_id:
+                conn = self.connections.get(end)
+                if conn is not None:
+                    self._closed_notification(conn, channel.channel_id, actions)
+        actions.append(ForgetChannel(channel))
+
+    def drain_sessions(self) -> list[Action]:
+        """A drain: every attached session's client is told to resume on another node (its
+        socket closes with 4100), and the session waits here, detached, to be handed over."""
+        actions: list[Action] = []
+        for conn in list(self.connections.values()):
+            session = conn.session
+            if session is not None and conn.role is not None and session.detached_at is None:
+                actions.append(
+                    CloseClient(
+                        conn.connection_id,
+                        CLOSE_RESUME_ELSEWHERE,
+                        "Node draining: resume on another node",
+                    )
+                )
+                actions += self._detach(conn, session)
+        return actions
+
+    def detached_sessions(self) -> list[ConnectionId]:
+        """Sessions held here with no socket (what a drain still has to hand off)."""
+        return [
+            cid
+            for cid, conn in self.connections.items()
+            if conn.session is not None and conn.session.detached_at is not None
+        ]
+
+    def hand_off(self, session_id: ConnectionId, node_id: NodeId) -> list[Action]:
+        """A draining node gives a detached session (already transferred to ``node_id`` in the
+        registry) to that node, which holds it until its client resumes."""
+        conn = self.connections.get(session_id)
+        session = conn.session if conn is not None else None
+        if conn is None or session is None or session.detached_at is None:
+            return []
+        take = Take(session_id, session.epoch, node_id, session.log.acked_id)
+        # Whatever is still in flight for it is settled by now (the drain answered it all).
+        self._handing[session_id] = (take, self.clock())
+        away = self.clock() - session.detached_at
+        actions: list[Action] = []
+        self._hand_over_if_settled(
+            conn, self.clock(), actions, detached_at_ms=int((self.wall_clock() - away) * 1000)
+        )
+        return actions
 
     # --- authentication (issue 13) ------------------------------------------------------
 

@@ -33,13 +33,17 @@ class Deliver(_Envelope, frozen=True, tag="d"):
     channel_id: ChannelId
     recipient: ConnectionId
     payload: msgspec.Raw
+    #: The sender's ``seq`` of the message (issue 14), copied into the ``channel_message``.
+    message_seq: int | None = None
 
 
 class Confirm(_Envelope, frozen=True, tag="c"):
-    """Deliveries written (``written``) or refused (``refused``: seq and reason)."""
+    """Deliveries written (``written``) or refused (``refused``: seq and reason), or kept for
+    a detached session (``held``)."""
 
     written: list[int]
     refused: list[tuple[int, str]]
+    held: list[int] = []
 
 
 class Incoming(_Envelope, frozen=True, tag="i"):
@@ -83,7 +87,79 @@ class CloseResult(_Envelope, frozen=True, tag="r"):
     applied: bool
 
 
-Envelope = Deliver | Confirm | Incoming | OpenResult | Closed | CloseRequest | CloseResult
+# --- session resume (issue 14) ----------------------------------------------------------
+
+
+class Take(_Envelope, frozen=True, tag="t"):
+    """A resume on ``node`` claimed session ``connection_id`` (epoch ``epoch``) in the
+    registry: hand it over, with the frames after ``last_id``."""
+
+    connection_id: ConnectionId
+    epoch: int
+    node: NodeId
+    last_id: int
+
+
+class Handover(_Envelope, frozen=True, tag="h"):
+    """A session's state, for the node that took it over (``found`` False: not held here)."""
+
+    connection_id: ConnectionId
+    epoch: int
+    found: bool
+    role: str = ""
+    legacy_errors: bool = False
+    #: The id of the session's next frame, and the frames not yet acknowledged, in order.
+    next_id: int = 1
+    frames: list[msgspec.Raw] = []
+    channels: list[ChannelRecord] = []
+    last_request_id: int | None = None
+    #: The frames may be incomplete (a node that held the session was lost).
+    lost: bool = False
+    #: Set when the session is handed off detached (a draining node's), with when it left.
+    detached_at_ms: int | None = None
+    subject: str | None = None
+    window: int = 0
+    token_hash: str = ""
+
+
+class Moved(_Envelope, frozen=True, tag="m"):
+    """The end ``connection_id`` of channel ``channel_id`` is now held by ``node``."""
+
+    channel_id: ChannelId
+    connection_id: ConnectionId
+    node: NodeId
+
+
+class Acked(_Envelope, frozen=True, tag="a"):
+    """Tell ``recipient``: the peer processed its messages on the channel up to ``seq``."""
+
+    channel_id: ChannelId
+    recipient: ConnectionId
+    seq: int
+
+
+class Resync(_Envelope, frozen=True, tag="y"):
+    """Tell ``recipient``: the peer resumed having processed its messages up to ``last_seq``."""
+
+    channel_id: ChannelId
+    recipient: ConnectionId
+    last_seq: int
+
+
+Envelope = (
+    Deliver
+    | Confirm
+    | Incoming
+    | OpenResult
+    | Closed
+    | CloseRequest
+    | CloseResult
+    | Take
+    | Handover
+    | Moved
+    | Acked
+    | Resync
+)
 
 _batch_decoder: Final[msgspec.json.Decoder[list[Envelope]]] = msgspec.json.Decoder(list[Envelope])
 _envelope_decoder: Final[msgspec.json.Decoder[Envelope]] = msgspec.json.Decoder(Envelope)

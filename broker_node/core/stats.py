@@ -46,6 +46,16 @@ class NodeStats:
     #: Connections closed by authentication: timeout, expired, revoked, invalid_token.
     auth_closes: Counter[str] = field(default_factory=Counter)
 
+    # Session resume (issue 14).
+    #: Sessions resumed here, resumes refused, sessions handed over to another node, adopted
+    #: from a lost node, ended by their window, ended by passing a bound of kept frames.
+    resumes: int = 0
+    resumes_refused: int = 0
+    sessions_handed_over: int = 0
+    sessions_adopted: int = 0
+    sessions_expired: int = 0
+    sessions_overflowed: int = 0
+
     def registry_call(self, operation: str, seconds: float, failed: bool) -> None:
         entry = self.registry_calls.setdefault(operation, [0, 0.0, 0])
         entry[0] += 1

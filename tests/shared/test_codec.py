@@ -95,6 +95,8 @@ def test_one_table_names_every_request_and_its_replies() -> None:
         "message": ("message", "channel_message_sent", "channel_message_failed"),
         "close": ("close", "channel_closed", "channel_close_failed"),
         "refresh": ("refresh", "refreshed", "refresh_failed"),
+        "resume": ("resume", "resumed", "resume_failed"),
+        "ack": ("ack", None, "error"),
     }
     assert set(REQUESTS) == set(get_args(RequestKind))
     assert failure_type("open") == "channel_open_failed"
