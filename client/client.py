@@ -364,11 +364,12 @@ class _PausableTimeout:
         self._seconds = seconds
         self._timeout = asyncio.timeout(seconds)
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> asyncio.Timeout:
         await self._timeout.__aenter__()
         self._link._timeouts[self._timeout] = self._seconds
         if self._link.session.detached:
             self._timeout.reschedule(None)
+        return self._timeout
 
     async def __aexit__(
         self,
@@ -399,6 +400,8 @@ class _Link:
         self._loop = asyncio.get_running_loop()
         #: Running request timeouts, with their length (see ``_PausableTimeout``).
         self._timeouts: dict[asyncio.Timeout, float] = {}
+        #: The timeout of each request waited for, by request id.
+        self._request_timeouts: dict[int, asyncio.Timeout] = {}
         self._closing = False
         self._detached_at = 0.0
         self._resumer: asyncio.Task[None] | None = None
@@ -425,7 +428,8 @@ class _Link:
     ) -> ReplyValue | Channel:
         timeout = self.client.request_timeout
         try:
-            async with self.timeout(timeout):
+            async with self.timeout(timeout) as running:
+                self._request_timeouts[request_id] = running
                 return await future
         except BaseException as exc:
             if future.done() and not future.cancelled() and future.exception() is None:
@@ -437,6 +441,7 @@ class _Link:
             raise
         finally:
             del self.futures[request_id]
+            self._request_timeouts.pop(request_id, None)
             if not future.done():
                 self.session.abandon(request_id)
                 future.cancel()
@@ -448,10 +453,15 @@ class _Link:
         return _PausableTimeout(self, seconds)
 
     def flush(self) -> None:
-        """Hand every frame the session made to the writer."""
+        """Hand every frame the session made to the writer; a request sent again (a message
+        after a failure it may survive, say) waits for its new answer a full timeout."""
         frames = self.session.frames_to_send()
         if frames and self.socket is not None:
             self.socket.write(frames)
+        for request_id in self.session.take_resent():
+            timeout = self._request_timeouts.get(request_id)
+            if timeout is not None and not timeout.expired():
+                timeout.reschedule(self._loop.time() + self.client.request_timeout)
 
     def forget(self, channel_id: ChannelId) -> None:
         self.channels.pop(channel_id, None)
