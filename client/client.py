@@ -316,29 +316,61 @@ class Channel:
 
 
 class _Socket:
-    """One WebSocket of a session: a reader feeding the session, the writer sending for it."""
+    """One WebSocket of a session: a reader feeding the session, and one sequence of writes.
+
+    Frames leave in the order the session made them, even when a batch (a resume's requests
+    sent again) meets backpressure halfway: a caller that may wait writes at once when
+    nothing is queued or being written (no task switch on the common path); frames from
+    code that cannot wait (the reader, timers), or that come while a write is under way,
+    queue for the writer task.
+    """
 
     def __init__(self, link: _Link, ws: ClientConnection) -> None:
         self.ws = ws
         self._frames: collections.deque[bytes] = collections.deque()
         self._more = asyncio.Event()
+        self._writing = False
         url = link.client.url
         self.reader = asyncio.create_task(link._read(self), name=f"broker-client-reader {url}")
         self.writer = asyncio.create_task(self._write(), name=f"broker-client-writer {url}")
 
     def write(self, frames: list[bytes]) -> None:
+        """Queue ``frames`` for the writer task."""
         self._frames.extend(frames)
         self._more.set()
 
+    async def write_now(self, frames: list[bytes]) -> None:
+        """Write ``frames`` from this task, unless others go first (then queue them)."""
+        if self._frames or self._writing:
+            self.write(frames)
+            return
+        self._writing = True
+        unwritten = collections.deque(frames)
+        try:
+            while unwritten:
+                # websockets writes a frame before it waits for the buffer to drain.
+                await self.ws.send(unwritten.popleft(), text=True)
+        except ConnectionClosed:
+            unwritten.clear()  # the reader reports the end
+        finally:
+            self._writing = False
+            self._frames.extendleft(reversed(unwritten))  # cancelled halfway: the writer goes on
+            if self._frames:
+                self._more.set()
+
     async def _write(self) -> None:
-        # The socket's only writer: frames leave in the order the session made them, even
-        # when a batch (a resume's requests sent again) meets backpressure halfway.
         try:
             while True:
-                while self._frames:
-                    await self.ws.send(self._frames.popleft(), text=True)
-                self._more.clear()
                 await self._more.wait()
+                self._more.clear()
+                if self._writing:
+                    continue  # write_now() is under way; it wakes us again when done
+                self._writing = True
+                try:
+                    while self._frames:
+                        await self.ws.send(self._frames.popleft(), text=True)
+                finally:
+                    self._writing = False
         except ConnectionClosed:
             pass  # the reader reports the end
 
@@ -414,13 +446,21 @@ class _Link:
     # --- requests -------------------------------------------------------------------------
 
     async def request(self, request: OutgoingRequest, operation: str) -> ReplyValue | Channel:
-        return await self.wait(request.request_id, self.expect(request), operation)
+        future = self._future(request)
+        frames = self._frames_out()
+        if frames and self.socket is not None:
+            await self.socket.write_now(frames)  # call order is wire order
+        return await self.wait(request.request_id, future, operation)
 
     def expect(self, request: OutgoingRequest) -> asyncio.Future[ReplyValue | Channel]:
-        """Register the reply's future and hand the request to the writer (call order)."""
+        """Register the reply's future and hand the request to the writer task."""
+        future = self._future(request)
+        self.flush()
+        return future
+
+    def _future(self, request: OutgoingRequest) -> asyncio.Future[ReplyValue | Channel]:
         future: asyncio.Future[ReplyValue | Channel] = self._loop.create_future()
         self.futures[request.request_id] = future
-        self.flush()
         return future
 
     async def wait(
@@ -453,15 +493,19 @@ class _Link:
         return _PausableTimeout(self, seconds)
 
     def flush(self) -> None:
-        """Hand every frame the session made to the writer; a request sent again (a message
-        after a failure it may survive, say) waits for its new answer a full timeout."""
-        frames = self.session.frames_to_send()
+        """Hand every frame the session made to the writer task."""
+        frames = self._frames_out()
         if frames and self.socket is not None:
             self.socket.write(frames)
+
+    def _frames_out(self) -> list[bytes]:
+        # A request sent again (a message after a failure it may survive, say) waits for
+        # its new answer a full timeout.
         for request_id in self.session.take_resent():
             timeout = self._request_timeouts.get(request_id)
             if timeout is not None and not timeout.expired():
                 timeout.reschedule(self._loop.time() + self.client.request_timeout)
+        return self.session.frames_to_send()
 
     def forget(self, channel_id: ChannelId) -> None:
         self.channels.pop(channel_id, None)
