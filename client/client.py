@@ -8,8 +8,9 @@ Theory of operation
 * **One session, one socket at a time.** A ``_Link`` holds one broker session (its
   ``Session``, channels and pending calls) and its current WebSocket (``_Socket``): a reader
   task that feeds every frame to the session and acts on the events it returns (it resolves
-  request futures, creates ``Channel`` objects, delivers payloads), and a writer task, the
-  socket's only writer, that sends what the session hands out, in order.
+  request futures, creates ``Channel`` objects, delivers payloads), and one sequence of
+  writes: what the session hands out leaves in order (written by the caller that made it
+  when nothing waits before it, else by a writer task).
 * **The end.** However a connection of a session that cannot resume ends (the socket closed,
   ``close()``, cancellation, a bug), the reader's ``finally`` fails every pending request with
   ``ConnectionLost`` at once and reports every channel closed.
@@ -22,8 +23,9 @@ Theory of operation
   help), ``on_session_lost(reason)`` runs and the session ends as above. Acknowledgements
   (``ack``, after ``ScheduleAck``) and the per-channel safety net (``resend_stalled``, every
   ``TICK`` seconds) run on timers of the event loop.
-* **Requests** are handed to the writer in call order (before the first ``await``), so sends
-  from one task arrive in order, and concurrent tasks interleave whole frames. Each request
+* **Requests** are written in call order (the frame reaches the socket's buffer, or the
+  queue before it, before the first ``await``), so sends from one task arrive in order, and
+  concurrent tasks interleave whole frames. Each request
   waits for its reply at most ``request_timeout`` seconds of attached time. In a resumable
   session a ``send()`` first waits while its channel holds ``max_unacked_messages``
   unacknowledged messages (flow control).
