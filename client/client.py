@@ -8,8 +8,9 @@ Theory of operation
 * **One session, one socket at a time.** A ``_Link`` holds one broker session (its
   ``Session``, channels and pending calls) and its current WebSocket (``_Socket``): a reader
   task that feeds every frame to the session and acts on the events it returns (it resolves
-  request futures, creates ``Channel`` objects, delivers payloads), and a writer task, the
-  socket's only writer, that sends what the session hands out, in order.
+  request futures, creates ``Channel`` objects, delivers payloads), and one sequence of
+  writes: what the session hands out leaves in order (written by the caller that made it
+  when nothing waits before it, else by a writer task).
 * **The end.** However a connection of a session that cannot resume ends (the socket closed,
   ``close()``, cancellation, a bug), the reader's ``finally`` fails every pending request with
   ``ConnectionLost`` at once and reports every channel closed.
@@ -22,8 +23,9 @@ Theory of operation
   help), ``on_session_lost(reason)`` runs and the session ends as above. Acknowledgements
   (``ack``, after ``ScheduleAck``) and the per-channel safety net (``resend_stalled``, every
   ``TICK`` seconds) run on timers of the event loop.
-* **Requests** are handed to the writer in call order (before the first ``await``), so sends
-  from one task arrive in order, and concurrent tasks interleave whole frames. Each request
+* **Requests** are written in call order (the frame reaches the socket's buffer, or the
+  queue before it, before the first ``await``), so sends from one task arrive in order, and
+  concurrent tasks interleave whole frames. Each request
   waits for its reply at most ``request_timeout`` seconds of attached time. In a resumable
   session a ``send()`` first waits while its channel holds ``max_unacked_messages``
   unacknowledged messages (flow control).
@@ -316,29 +318,61 @@ class Channel:
 
 
 class _Socket:
-    """One WebSocket of a session: a reader feeding the session, the writer sending for it."""
+    """One WebSocket of a session: a reader feeding the session, and one sequence of writes.
+
+    Frames leave in the order the session made them, even when a batch (a resume's requests
+    sent again) meets backpressure halfway: a caller that may wait writes at once when
+    nothing is queued or being written (no task switch on the common path); frames from
+    code that cannot wait (the reader, timers), or that come while a write is under way,
+    queue for the writer task.
+    """
 
     def __init__(self, link: _Link, ws: ClientConnection) -> None:
         self.ws = ws
         self._frames: collections.deque[bytes] = collections.deque()
         self._more = asyncio.Event()
+        self._writing = False
         url = link.client.url
         self.reader = asyncio.create_task(link._read(self), name=f"broker-client-reader {url}")
         self.writer = asyncio.create_task(self._write(), name=f"broker-client-writer {url}")
 
     def write(self, frames: list[bytes]) -> None:
+        """Queue ``frames`` for the writer task."""
         self._frames.extend(frames)
         self._more.set()
 
+    async def write_now(self, frames: list[bytes]) -> None:
+        """Write ``frames`` from this task, unless others go first (then queue them)."""
+        if self._frames or self._writing:
+            self.write(frames)
+            return
+        self._writing = True
+        unwritten = collections.deque(frames)
+        try:
+            while unwritten:
+                # websockets writes a frame before it waits for the buffer to drain.
+                await self.ws.send(unwritten.popleft(), text=True)
+        except ConnectionClosed:
+            unwritten.clear()  # the reader reports the end
+        finally:
+            self._writing = False
+            self._frames.extendleft(reversed(unwritten))  # cancelled halfway: the writer goes on
+            if self._frames:
+                self._more.set()
+
     async def _write(self) -> None:
-        # The socket's only writer: frames leave in the order the session made them, even
-        # when a batch (a resume's requests sent again) meets backpressure halfway.
         try:
             while True:
-                while self._frames:
-                    await self.ws.send(self._frames.popleft(), text=True)
-                self._more.clear()
                 await self._more.wait()
+                self._more.clear()
+                if self._writing:
+                    continue  # write_now() is under way; it wakes us again when done
+                self._writing = True
+                try:
+                    while self._frames:
+                        await self.ws.send(self._frames.popleft(), text=True)
+                finally:
+                    self._writing = False
         except ConnectionClosed:
             pass  # the reader reports the end
 
@@ -364,11 +398,12 @@ class _PausableTimeout:
         self._seconds = seconds
         self._timeout = asyncio.timeout(seconds)
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> asyncio.Timeout:
         await self._timeout.__aenter__()
         self._link._timeouts[self._timeout] = self._seconds
         if self._link.session.detached:
             self._timeout.reschedule(None)
+        return self._timeout
 
     async def __aexit__(
         self,
@@ -399,6 +434,8 @@ class _Link:
         self._loop = asyncio.get_running_loop()
         #: Running request timeouts, with their length (see ``_PausableTimeout``).
         self._timeouts: dict[asyncio.Timeout, float] = {}
+        #: The timeout of each request waited for, by request id.
+        self._request_timeouts: dict[int, asyncio.Timeout] = {}
         self._closing = False
         self._detached_at = 0.0
         self._resumer: asyncio.Task[None] | None = None
@@ -411,13 +448,21 @@ class _Link:
     # --- requests -------------------------------------------------------------------------
 
     async def request(self, request: OutgoingRequest, operation: str) -> ReplyValue | Channel:
-        return await self.wait(request.request_id, self.expect(request), operation)
+        future = self._future(request)
+        frames = self._frames_out()
+        if frames and self.socket is not None:
+            await self.socket.write_now(frames)  # call order is wire order
+        return await self.wait(request.request_id, future, operation)
 
     def expect(self, request: OutgoingRequest) -> asyncio.Future[ReplyValue | Channel]:
-        """Register the reply's future and hand the request to the writer (call order)."""
+        """Register the reply's future and hand the request to the writer task."""
+        future = self._future(request)
+        self.flush()
+        return future
+
+    def _future(self, request: OutgoingRequest) -> asyncio.Future[ReplyValue | Channel]:
         future: asyncio.Future[ReplyValue | Channel] = self._loop.create_future()
         self.futures[request.request_id] = future
-        self.flush()
         return future
 
     async def wait(
@@ -425,7 +470,8 @@ class _Link:
     ) -> ReplyValue | Channel:
         timeout = self.client.request_timeout
         try:
-            async with self.timeout(timeout):
+            async with self.timeout(timeout) as running:
+                self._request_timeouts[request_id] = running
                 return await future
         except BaseException as exc:
             if future.done() and not future.cancelled() and future.exception() is None:
@@ -437,6 +483,7 @@ class _Link:
             raise
         finally:
             del self.futures[request_id]
+            self._request_timeouts.pop(request_id, None)
             if not future.done():
                 self.session.abandon(request_id)
                 future.cancel()
@@ -448,10 +495,19 @@ class _Link:
         return _PausableTimeout(self, seconds)
 
     def flush(self) -> None:
-        """Hand every frame the session made to the writer."""
-        frames = self.session.frames_to_send()
+        """Hand every frame the session made to the writer task."""
+        frames = self._frames_out()
         if frames and self.socket is not None:
             self.socket.write(frames)
+
+    def _frames_out(self) -> list[bytes]:
+        # A request sent again (a message after a failure it may survive, say) waits for
+        # its new answer a full timeout.
+        for request_id in self.session.take_resent():
+            timeout = self._request_timeouts.get(request_id)
+            if timeout is not None and not timeout.expired():
+                timeout.reschedule(self._loop.time() + self.client.request_timeout)
+        return self.session.frames_to_send()
 
     def forget(self, channel_id: ChannelId) -> None:
         self.channels.pop(channel_id, None)

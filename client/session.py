@@ -378,6 +378,8 @@ class Session:
     _unacked_frames: int = 0
     #: Channels whose ``received`` moved since the last ``ack``.
     _dirty: set[ChannelId] = field(default_factory=set)
+    #: Calls still waited for that went out again since ``take_resent()``.
+    _resent: list[int] = field(default_factory=list)
     _resume_id: int | None = None
 
     # --- requests -------------------------------------------------------------------------
@@ -547,6 +549,12 @@ class Session:
         """Every frame to write since the last call, in order (the shell writes them all)."""
         frames, self._outbox = self._outbox, []
         return frames
+
+    def take_resent(self) -> list[int]:
+        """The calls (``request_id``) still waited for that were sent again since the last
+        call: the wait for their answer starts over."""
+        resent, self._resent = self._resent, []
+        return resent
 
     # --- inspection -----------------------------------------------------------------------
 
@@ -1012,6 +1020,8 @@ class Session:
         wire_id = self._take_id()
         call.wire_id = wire_id
         self._pending[wire_id] = call
+        if not (call.answered or call.abandoned):
+            self._resent.append(call.ticket)
         changes: dict[str, int] = {"id": wire_id}
         if call.seq:
             changes["seq"] = call.seq
@@ -1049,6 +1059,7 @@ class Session:
         self._channels.clear()
         self._streams.clear()
         self._dirty.clear()
+        self._resent.clear()
         self._outbox.clear()
         self._early.clear()
         self._early_count = 0

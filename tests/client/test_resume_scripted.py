@@ -295,6 +295,28 @@ async def test_resync_and_retryable_failures_resend_and_send_does_not_fail(
         assert (resync["seq"], resync["payload"]) == (1, "a")
 
 
+async def test_a_message_sent_again_waits_a_full_timeout_for_its_new_answer(
+    broker: ResumableBroker,
+) -> None:
+    async with quick(broker.url, request_timeout=0.5) as client:
+        channel = await broker.open_channel_to_client(client, CHANNEL)
+        sending = asyncio.create_task(channel.send("slow"))
+        first = await broker.expect("message")
+        # The scenario itself: each answer comes late, but within a timeout of its sending.
+        await asyncio.sleep(0.35)
+        await broker.send(
+            type="channel_message_failed",
+            replyTo=first["id"],
+            channelId=CHANNEL,
+            error="Delivery not confirmed in time",
+        )
+        again = await broker.expect("message")
+        await asyncio.sleep(0.35)
+        await broker.send(type="channel_message_sent", replyTo=again["id"], channelId=CHANNEL)
+        async with asyncio.timeout(5):
+            await sending  # no RequestTimeout: 0.7 s in all, 0.35 s per transmission
+
+
 async def test_the_safety_net_resends_what_the_peer_never_acknowledged(
     broker: ResumableBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

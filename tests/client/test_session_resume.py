@@ -291,6 +291,18 @@ def test_a_retryable_failure_goes_back_to_that_message_and_the_send_carries_on()
     assert broker.sent_messages() == []
 
 
+def test_calls_sent_again_are_reported_so_that_their_wait_starts_over() -> None:
+    session, broker = start()
+    open_to_peer(session, broker)
+    waited = session.send(CH, "a")
+    abandoned = session.send(CH, "b")
+    session.abandon(abandoned.request_id)
+    assert session.take_resent() == []
+    broker.fail(waited.request_id)
+    assert session.take_resent() == [waited.request_id]  # not the abandoned one
+    assert session.take_resent() == []
+
+
 def test_a_window_failing_message_after_message_is_resent_once_then_at_a_slowing_pace() -> None:
     session, broker = start()
     open_to_peer(session, broker)
