@@ -18,10 +18,10 @@ from tests.cluster.harness import (
     Harness,
     channel,
     connection,
-    eventually,
     listen,
     receive,
 )
+from tests.support.polling import wait_until
 
 
 async def lapse(harness: Harness, node_id: NodeId) -> None:
@@ -33,7 +33,7 @@ async def lapse(harness: Harness, node_id: NodeId) -> None:
     async def lapsed() -> bool:
         return node_id in await registry.lapsed_nodes()
 
-    await eventually(lapsed)
+    await wait_until(lapsed, timeout=3, message=f"{node_id} lapsed")
 
 
 # Connections
@@ -426,7 +426,7 @@ async def test_send_reports_later_in_call_order(bus_harness: Harness) -> None:
         async def all_reported() -> bool:
             return len(outcomes) == 4
 
-        await eventually(all_reported)
+        await wait_until(all_reported, timeout=3, message="four outcomes reported")
     assert outcomes == [
         ("first", [1, 0]),
         ("second", [1, 0]),
@@ -453,5 +453,5 @@ async def test_a_failing_deliver_callback_does_not_end_the_subscription(
         async def all_seen() -> bool:
             return len(seen) == 3
 
-        await eventually(all_seen)
+        await wait_until(all_seen, timeout=3, message="three payloads delivered")
     assert seen == [b"bad", b"good", b"later"]

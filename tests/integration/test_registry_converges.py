@@ -18,20 +18,10 @@ import broker_node.node as node_module
 from broker_node.config import Settings
 from broker_node.node import BrokerNode
 from shared.ids import ConnectionId, NodeId
-from tests.integration.helpers import (
-    HEARTBEAT,
-    KEYS,
-    REQUEST_TIMEOUT,
-    TTL,
-    Cluster,
-    RedisInspector,
-    eventually,
-    fast_args,
-    list_role,
-    node_keys,
-    status,
-)
-from tests.support.nodes import NodeProcess
+from tests.integration.helpers import KEYS, RedisInspector, list_role, node_keys
+from tests.support.cluster import HEARTBEAT, REQUEST_TIMEOUT, TTL, Cluster, fast_args
+from tests.support.nodes import NodeProcess, status
+from tests.support.polling import wait_until
 from tests.support.raw_ws import RawClient, text
 from tests.support.redis_server import RedisServer
 from tests.support.wire import WireClient
@@ -87,15 +77,7 @@ async def test_clients_that_vanish_mid_register_leave_no_ghosts(cluster: Cluster
     redis = RedisInspector(cluster.redis.url)
     try:
         expected = await _expected_keys(node, [watcher], "watcher")
-
-        async def clean() -> bool:
-            return await redis.keys() == expected
-
-        try:
-            await eventually(clean, timeout=SETTLE)
-        except TimeoutError:
-            left = await redis.keys() - expected
-            pytest.fail(f"{len(left)} keys of vanished clients left, e.g. {sorted(left)[:5]}")
+        await redis.wait_for_keys(expected, timeout=SETTLE)
         assert await list_role(watcher, "ghost") == set()
     finally:
         await redis.aclose()
@@ -109,15 +91,7 @@ async def test_clients_that_vanish_mid_open_leave_no_channels(cluster: Cluster) 
     redis = RedisInspector(cluster.redis.url)
     try:
         expected = await _expected_keys(node, [target], "target")
-
-        async def clean() -> bool:
-            return await redis.keys() == expected
-
-        try:
-            await eventually(clean, timeout=SETTLE)
-        except TimeoutError:
-            left = await redis.keys() - expected
-            pytest.fail(f"{len(left)} keys of vanished clients left, e.g. {sorted(left)[:5]}")
+        await redis.wait_for_keys(expected, timeout=SETTLE)
         # The target was told of channels whose opener left: each was closed again.
         assert await list_role(target, "opener") == set()
     finally:
@@ -139,20 +113,14 @@ async def test_vanishing_clients_during_a_redis_pause_leave_no_ghosts(cluster: C
         await _storm(node, "ghost", 100, [])
         # The writes are in the stalled Redis's socket buffers and time out on the node's side:
         # their outcome is unknown there; Redis runs them once it resumes.
-        await eventually(lambda: _unready(node), timeout=SETTLE)
+        await wait_until(
+            lambda: _unready(node), timeout=SETTLE, message="the node to report not ready"
+        )
     finally:
         cluster.redis.resume()
     try:
         expected = await _expected_keys(node, [watcher], "watcher")
-
-        async def clean() -> bool:
-            return await redis.keys() == expected
-
-        try:
-            await eventually(clean, timeout=SETTLE)
-        except TimeoutError:
-            left = await redis.keys() - expected
-            pytest.fail(f"{len(left)} keys of vanished clients left, e.g. {sorted(left)[:5]}")
+        await redis.wait_for_keys(expected, timeout=SETTLE)
         assert "resynchronising" in node.output()
         events = []
         while (event := await pubsub.get_message(timeout=0.01)) is not None:
@@ -160,7 +128,7 @@ async def test_vanishing_clients_during_a_redis_pause_leave_no_ghosts(cluster: C
                 events.append(event["data"])
         assert "del" not in events
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
         await redis.aclose()
 
 
@@ -218,10 +186,7 @@ async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
             expected = node_keys(node.node_id, connections=[str(c) for c in live_ids])
             expected |= {KEYS.nodes, KEYS.role("bystander"), KEYS.role("target")}
 
-            async def clean() -> bool:
-                return await redis.keys() == expected
-
-            await eventually(clean, timeout=SETTLE)
+            await redis.wait_for_keys(expected, timeout=SETTLE)
             # Long enough for a liveness round (which would rewrite a "dirty" registry) to run.
             rounds = node.stats.registry_calls.get("heartbeat", [0])[0]
 
@@ -229,7 +194,7 @@ async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
                 calls = node.stats.registry_calls.get("heartbeat", [0])[0]
                 return bool(calls >= rounds + 2)
 
-            await eventually(two_more_rounds, timeout=SETTLE)
+            await wait_until(two_more_rounds, timeout=SETTLE, message="two more liveness rounds")
             assert await redis.keys() == expected
             assert await list_role(target, "bystander") == {c.connection_id for c in bystanders}
             events = []
@@ -237,7 +202,7 @@ async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
                 if event["type"] == "pmessage":
                     events.append((event["channel"], event["data"]))
             assert [e for e in events if e[1] == "del"] == []
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
     await redis.aclose()
 
 
@@ -297,14 +262,7 @@ async def test_a_client_with_many_channels_leaving_real_nodes(cluster: Cluster) 
             | {KEYS.nodes, KEYS.role("bystander"), KEYS.role("target")}
         )
 
-        async def clean() -> bool:
-            return await redis.keys() == expected
-
-        try:
-            await eventually(clean, timeout=60, interval=0.5)
-        except TimeoutError:
-            found = await redis.keys()
-            pytest.fail(f"{len(found - expected)} extra keys, missing {expected - found}")
+        await redis.wait_for_keys(expected, timeout=60, interval=0.5)
         async with asyncio.timeout(SETTLE):
             await asyncio.gather(*told)
         assert await list_role(targets[-1], "bystander") == {c.connection_id for c in bystanders}
@@ -316,5 +274,5 @@ async def test_a_client_with_many_channels_leaving_real_nodes(cluster: Cluster) 
     finally:
         for task in told:
             task.cancel()
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
         await redis.aclose()

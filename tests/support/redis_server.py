@@ -12,9 +12,9 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from types import TracebackType
 
+from tests.support.polling import wait_until_sync
 from tests.support.ports import free_port
 
 
@@ -58,15 +58,15 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password]
         args += self.extra_args
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-            if self._answers():
-                return
-            time.sleep(0.02)
-        raise TimeoutError(f"redis-server on port {self.port} did not start")
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = process
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {process.returncode}")
+            return self._answers()
+
+        wait_until_sync(answers, timeout=timeout, message=f"redis-server on port {self.port}")
 
     def _answers(self) -> bool:
         try:
