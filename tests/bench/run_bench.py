@@ -41,7 +41,7 @@ from typing import Any
 
 from tests.support.cluster import Cluster
 from tests.support.nodes import BROKER_NODE, NodeProcess
-from tests.support.polling import wait_until_sync
+from tests.support.polling import wait_until_serving
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 
@@ -79,15 +79,15 @@ def npm_install(directory: Path) -> Path:
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     def listening() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"the broker exited with {process.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), 0.2):
                 return True
         except OSError:
             return False
 
-    wait_until_sync(listening, timeout=timeout, message=f"the broker to listen on {port}")
+    wait_until_serving(
+        process, listening, timeout=timeout, message=f"the broker to listen on {port}"
+    )
 
 
 @contextlib.contextmanager

@@ -197,7 +197,7 @@ async def _all_working(
 ) -> None:
     """Wait until every requester completed and every responder answered since ``since``."""
 
-    def lagging() -> list[str]:
+    async def lagging() -> list[str]:
         late = [
             f"requester {r.index}" for r in requesters if r.round_trips_since(since) < round_trips
         ]

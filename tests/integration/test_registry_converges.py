@@ -20,7 +20,7 @@ from broker_node.node import BrokerNode
 from shared.ids import ConnectionId, NodeId
 from tests.integration.helpers import KEYS, RedisInspector, list_role, node_keys
 from tests.support.cluster import HEARTBEAT, REQUEST_TIMEOUT, TTL, Cluster, fast_args
-from tests.support.nodes import NodeProcess, status
+from tests.support.nodes import NodeProcess, metric, status
 from tests.support.polling import wait_until
 from tests.support.raw_ws import RawClient, text
 from tests.support.redis_server import RedisServer
@@ -59,6 +59,10 @@ async def _expected_keys(node: NodeProcess, live: list[WireClient], role: str) -
 
 async def _unready(node: NodeProcess) -> bool:
     return await status(node) == 503
+
+
+async def _resynchronised(node: NodeProcess) -> bool:
+    return await metric(node, "broker_registry_calls_total", operation="node_index") >= 1
 
 
 async def _storm(node: NodeProcess, role: str, count: int, extra: list[dict[str, object]]) -> None:
@@ -119,9 +123,14 @@ async def test_vanishing_clients_during_a_redis_pause_leave_no_ghosts(cluster: C
     finally:
         cluster.redis.resume()
     try:
+        # Once Redis answers, the node's next heartbeat finds its entries dirty and reads back
+        # what the registry indexes under it (node_index) to resynchronise.
+        await wait_until(
+            lambda: _resynchronised(node), timeout=SETTLE, message="the node to resynchronise"
+        )
+        assert "resynchronising" in node.output()
         expected = await _expected_keys(node, [watcher], "watcher")
         await redis.wait_for_keys(expected, timeout=SETTLE)
-        assert "resynchronising" in node.output()
         events = []
         while (event := await pubsub.get_message(timeout=0.01)) is not None:
             if event["type"] == "message":

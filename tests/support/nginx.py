@@ -37,10 +37,9 @@ import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 
 from tests.support.nodes import http_get
-from tests.support.polling import WaitTimedOut, wait_until_sync
+from tests.support.polling import wait_until_serving
 from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -181,21 +180,16 @@ class NginxProcess:
             backend_ports=self.backend_ports, listen_port=self.port, workdir=self.workdir
         )
         with (self.workdir / "nginx.out").open("ab") as out:
-            process = subprocess.Popen(
+            self.process = subprocess.Popen(
                 nginx_command(self.binary, conf), stdout=out, stderr=subprocess.STDOUT
             )
-        self.process = process
-
-        def answers() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"nginx exited with {process.returncode}:\n{self.log()}")
-            return http_get(self.http + "/lb-health", timeout=0.5)[0] == 200
-
-        try:
-            wait_until_sync(answers, timeout=timeout, message=f"nginx on {self.port} /lb-health")
-        except WaitTimedOut as exc:
-            exc.add_note(self.log())
-            raise
+        wait_until_serving(
+            self.process,
+            lambda: http_get(self.http + "/lb-health", timeout=0.5)[0] == 200,
+            timeout=timeout,
+            message=f"nginx on port {self.port} to answer /lb-health",
+            output=self.log,
+        )
         return self
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -223,12 +217,7 @@ class NginxProcess:
     def __enter__(self) -> NginxProcess:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 

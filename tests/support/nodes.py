@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.support.polling import WaitTimedOut, wait_until, wait_until_sync
+from tests.support.polling import wait_until, wait_until_serving
 from tests.support.ports import free_port
 
 BROKER_NODE = str(Path(sys.executable).parent / "broker-node")
@@ -136,20 +136,13 @@ class NodeProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         path = "/readyz" if wait_ready else "/healthz"
-        process = self.process
-
-        def answers() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"broker-node exited with {process.returncode}:\n{self.output()}"
-                )
-            return http_get(self.http + path, timeout=0.5)[0] == 200
-
-        try:
-            wait_until_sync(answers, timeout=timeout, message=f"broker-node on {self.port} {path}")
-        except WaitTimedOut as exc:
-            exc.add_note(self.output())
-            raise
+        wait_until_serving(
+            self.process,
+            lambda: http_get(self.http + path, timeout=0.5)[0] == 200,
+            timeout=timeout,
+            message=f"broker-node on port {self.port} to answer {path}",
+            output=self.output,
+        )
         return self
 
     def effective_id(self) -> str:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Final, TypeVar, overload
+from typing import Final, TypeVar
 
 T = TypeVar("T")
 
@@ -41,32 +42,8 @@ def _delays(interval: float | None) -> Iterator[float]:
     return (min(FIRST_DELAY * 2**n, LONGEST_DELAY) for n in itertools.count())
 
 
-@overload
 async def wait_for_value(
     probe: Callable[[], Awaitable[T]],
-    accept: Callable[[T], bool],
-    *,
-    timeout: float,
-    message: str,
-    interval: float | None = None,
-    describe: Callable[[T], str] = repr,
-) -> T: ...
-
-
-@overload
-async def wait_for_value(
-    probe: Callable[[], T],
-    accept: Callable[[T], bool],
-    *,
-    timeout: float,
-    message: str,
-    interval: float | None = None,
-    describe: Callable[[T], str] = repr,
-) -> T: ...
-
-
-async def wait_for_value(
-    probe: Callable[[], T | Awaitable[T]],
     accept: Callable[[T], bool],
     *,
     timeout: float,
@@ -84,8 +61,7 @@ async def wait_for_value(
     try:
         async with asyncio.timeout(timeout) as scope:
             while True:
-                answer = probe()
-                value = await answer if inspect.isawaitable(answer) else answer
+                value = await probe()
                 seen[:] = [value]
                 if accept(value):
                     return value
@@ -104,8 +80,14 @@ async def wait_until(
     message: str,
     interval: float | None = None,
 ) -> None:
-    """Ask ``predicate`` until it holds; :class:`WaitTimedOut` after ``timeout`` seconds."""
-    await wait_for_value(predicate, bool, timeout=timeout, message=message, interval=interval)
+    """Ask ``predicate`` (a function or a coroutine function) until it holds;
+    :class:`WaitTimedOut` after ``timeout`` seconds."""
+
+    async def ask() -> bool:
+        answer = predicate()
+        return bool(await answer) if inspect.isawaitable(answer) else answer
+
+    await wait_for_value(ask, bool, timeout=timeout, message=message, interval=interval)
 
 
 def wait_until_sync(
@@ -127,3 +109,27 @@ def wait_until_sync(
         if left <= 0:
             raise WaitTimedOut(message, timeout=timeout, last="False")
         time.sleep(min(delay, left))
+
+
+def wait_until_serving(
+    process: subprocess.Popen[bytes],
+    answers: Callable[[], bool],
+    *,
+    timeout: float,
+    message: str,
+    output: Callable[[], str] = lambda: "",
+) -> None:
+    """:func:`wait_until_sync` for a child process just started, until ``answers`` holds:
+    ``RuntimeError`` at once if the process exits first, :class:`WaitTimedOut` after
+    ``timeout``; both carry what the process wrote (``output``)."""
+
+    def serving() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"{message}: it exited with {process.returncode}\n{output()}")
+        return answers()
+
+    try:
+        wait_until_sync(serving, timeout=timeout, message=message)
+    except WaitTimedOut as exc:
+        exc.add_note(output())
+        raise

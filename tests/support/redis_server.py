@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from types import TracebackType
 
-from tests.support.polling import wait_until_sync
+from tests.support.polling import wait_until_serving
 from tests.support.ports import free_port
 
 
@@ -58,15 +58,13 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password]
         args += self.extra_args
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.process = process
-
-        def answers() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {process.returncode}")
-            return self._answers()
-
-        wait_until_sync(answers, timeout=timeout, message=f"redis-server on port {self.port}")
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until_serving(
+            self.process,
+            self._answers,
+            timeout=timeout,
+            message=f"redis-server on port {self.port} to answer PING",
+        )
 
     def _answers(self) -> bool:
         try:

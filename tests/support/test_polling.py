@@ -3,28 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
-from tests.support.polling import WaitTimedOut, wait_for_value, wait_until, wait_until_sync
+from tests.support.polling import (
+    WaitTimedOut,
+    wait_for_value,
+    wait_until,
+    wait_until_serving,
+    wait_until_sync,
+)
 
 
-async def test_returns_the_first_accepted_answer_of_a_sync_or_async_probe() -> None:
+async def test_returns_the_first_accepted_answer() -> None:
     answers = iter(range(10))
-    assert (
-        await wait_for_value(lambda: next(answers), lambda n: n >= 3, timeout=5, message="3") == 3
-    )
 
-    async def later() -> int:
+    async def next_answer() -> int:
         await asyncio.sleep(0)
         return next(answers)
 
-    assert await wait_for_value(later, lambda n: n % 2 == 1, timeout=5, message="odd") == 5
+    assert await wait_for_value(next_answer, lambda n: n >= 3, timeout=5, message="3") == 3
+    assert await wait_for_value(next_answer, lambda n: n % 2 == 1, timeout=5, message="odd") == 5
+
+
+async def test_a_predicate_may_be_a_function_or_a_coroutine_function() -> None:
+    flags = iter([False, True])
+    await wait_until(lambda: next(flags), timeout=5, message="a function")
+
+    async def holds() -> bool:
+        return True
+
+    await wait_until(holds, timeout=5, message="a coroutine function")
 
 
 async def test_a_condition_that_never_holds_fails_with_the_last_answer() -> None:
+    async def no() -> str:
+        return "no"
+
     with pytest.raises(WaitTimedOut, match=r"waited 0.05 s for the answer; last seen: 'no'"):
-        await wait_for_value(lambda: "no", lambda s: s == "yes", timeout=0.05, message="the answer")
+        await wait_for_value(no, lambda s: s == "yes", timeout=0.05, message="the answer")
     with pytest.raises(WaitTimedOut, match="the flag"):
         await wait_until(lambda: False, timeout=0.05, message="the flag", interval=0.01)
 
@@ -51,3 +70,24 @@ def test_the_sync_variant_waits_and_fails_alike() -> None:
     wait_until_sync(lambda: next(answers), timeout=5, message="the third answer")
     with pytest.raises(WaitTimedOut, match=r"waited 0\.03 s for nothing"):
         wait_until_sync(lambda: False, timeout=0.03, message="nothing")
+
+
+def test_a_process_that_exits_before_it_serves_fails_at_once_with_its_output() -> None:
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match="it exited with 3\nwhat it said"):
+        wait_until_serving(
+            process, lambda: False, timeout=30, message="a server", output=lambda: "what it said"
+        )
+
+
+def test_a_process_that_does_not_serve_in_time_fails_with_its_output() -> None:
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(WaitTimedOut) as caught:
+            wait_until_serving(
+                process, lambda: False, timeout=0.05, message="a server", output=lambda: "so far"
+            )
+        assert caught.value.__notes__ == ["so far"]
+    finally:
+        process.kill()
+        process.wait()
