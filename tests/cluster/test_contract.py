@@ -388,6 +388,21 @@ async def test_publish_routes_to_the_addressed_node_only(bus_harness: Harness) -
             assert await receive(to_b, 1) == [b"for b"]
 
 
+async def test_a_publish_given_up_before_its_outcome_leaves_the_bus_working(
+    bus_harness: Harness,
+) -> None:
+    bus = bus_harness.backend.bus
+    async with listen(bus, A) as to_a:
+        given_up = asyncio.ensure_future(publish(bus, [(A, b"given up")]))
+        await asyncio.sleep(0)  # one turn: the payload is sent, its outcome not back yet
+        given_up.cancel()
+        # Its outcome comes after all, for a caller who is gone: nothing breaks.
+        assert await publish(bus, [(A, b"after")]) == [1]
+        async with asyncio.timeout(5):
+            assert await receive(to_a, 2) == [b"given up", b"after"]
+    assert given_up.cancelled()
+
+
 async def test_publish_without_subscriber_returns_zero(bus_harness: Harness) -> None:
     bus = bus_harness.backend.bus
     assert await publish(bus, []) == []
