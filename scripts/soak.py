@@ -33,7 +33,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from tests.support.nodes import NodeProcess, http_get
+from tests.support.cluster import Cluster
+from tests.support.nodes import NodeProcess, metric
 from tests.support.raw_ws import RawClient, client_frame, handshake_request, text
 from tests.support.redis_server import RedisServer
 from tests.support.wire import WireClient
@@ -76,16 +77,8 @@ def proc_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def gauge(body: str, name: str) -> int:
-    match = re.search(rf"^{name} (\S+)$", body, re.MULTILINE)
-    return int(float(match.group(1))) if match else -1
-
-
 async def sample(nodes: list[NodeProcess], redis: Redis) -> Sample:
-    tasks = []
-    for node in nodes:
-        _, body = await asyncio.to_thread(http_get, node.http + "/metrics", 5.0)
-        tasks.append(gauge(body, "broker_asyncio_tasks"))
+    tasks = [int(await metric(node, "broker_asyncio_tasks")) for node in nodes]
     return Sample(
         rss_kib=[proc_rss_kib(node.pid) for node in nodes],
         fds=[proc_fds(node.pid) for node in nodes],
@@ -233,12 +226,8 @@ async def abuse(nodes: list[NodeProcess], stop: asyncio.Event, counts: Counts) -
 async def soak(
     minutes: float, node_count: int, pairs: int, churners: int, abusers: int
 ) -> dict[str, object]:
-    with RedisServer() as redis_server:
-        nodes = [
-            NodeProcess(redis_url=redis_server.url, node_id=f"soak-{n}", extra_args=ABUSE_NODE_ARGS)
-            for n in range(node_count)
-        ]
-        await asyncio.gather(*(asyncio.to_thread(node.start) for node in nodes))
+    with RedisServer() as redis_server, Cluster(redis_server, args=ABUSE_NODE_ARGS) as cluster:
+        nodes = await cluster.start(node_count)
         redis = Redis.from_url(redis_server.url)
         counts = Counts()
         try:
@@ -299,8 +288,6 @@ async def soak(
             }
         finally:
             await redis.aclose()
-            for node in nodes:
-                node.__exit__(None, None, None)
 
 
 def main() -> int:

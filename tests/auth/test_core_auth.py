@@ -297,3 +297,34 @@ def test_expiry_heap_stays_bounded_by_the_live_connections(core: BrokerCore, wal
     assert len(core._expiry_due) <= 2 * len(core.connections) + 1025
     wall.now = 1_000_600.0 + 2999 + 25
     assert core.check_tokens() == [CloseClient(A, CLOSE_TOKEN_EXPIRED, "Token expired")]
+
+
+def test_a_handshake_token_for_a_client_gone_or_a_node_without_auth_does_nothing(
+    core: BrokerCore, mono: Clock
+) -> None:
+    assert core.authenticated(A, who()) == []  # never connected, or gone already
+    plain = BrokerCore(HERE, max_role_length=8, max_unconfirmed=2, request_timeout=1, clock=mono)
+    plain.connect(A)
+    assert plain.authenticated(A, TokenRefusal("expired")) == []
+
+
+def test_refresh_before_register_is_refused(core: BrokerCore) -> None:
+    core.connect(A)
+    core.authenticated(A, who())
+    [reply] = frames(core.refresh(A, Refresh(id=3, token="t"), who()))
+    assert reply["type"] == "refresh_failed" and reply["error"] == "Connection not registered"
+
+
+def test_a_token_without_expiry_never_expires(core: BrokerCore, wall: Clock) -> None:
+    reply = register(core, A, "server", who(expires_at=None))
+    assert "expiresIn" not in reply
+    wall.now += 10**9
+    assert core.check_tokens() == []
+
+
+def test_the_expiry_of_a_client_gone_is_dropped(core: BrokerCore, wall: Clock) -> None:
+    register(core, A, "server", who())
+    core.disconnect(A)
+    wall.now = 1_000_600.0 + 25.0
+    assert core.check_tokens() == []
+    assert core.identity_of(A) is None

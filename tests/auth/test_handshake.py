@@ -9,7 +9,12 @@ from websockets.datastructures import Headers
 from websockets.server import ServerProtocol
 
 import broker_node.connection  # noqa: F401 - installs the redacting filter on websockets' logger
-from broker_node.auth.handshake import handshake_token, redact, select_subprotocol
+from broker_node.auth.handshake import (
+    RedactTokens,
+    handshake_token,
+    redact,
+    select_subprotocol,
+)
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl"
 
@@ -59,3 +64,22 @@ def test_websockets_debug_log_of_a_handshake_shows_no_token(
     text = "\n".join(record.getMessage() for record in caplog.records)
     assert "token=[redacted]" in text and "broker.bearer.[redacted]" in text
     assert TOKEN not in text
+
+
+def test_the_log_filter_redacts_messages_and_their_arguments() -> None:
+    record = logging.LogRecord(
+        "websockets.server", logging.DEBUG, __file__, 1, f"GET /?token={TOKEN}", None, None
+    )
+    assert RedactTokens().filter(record)
+    assert record.getMessage() == "GET /?token=[redacted]"
+    record = logging.LogRecord(
+        "websockets.server",
+        logging.DEBUG,
+        __file__,
+        1,
+        "< %s %d",
+        (f"broker.bearer.{TOKEN}", 7),
+        None,
+    )
+    assert RedactTokens().filter(record)
+    assert record.getMessage() == "< broker.bearer.[redacted] 7"

@@ -90,6 +90,7 @@ def test_without_a_file_claims_alone_grant_and_absence_denies() -> None:
     "text",
     [
         "roles = 1",
+        "[roles]\na = 1",
         "[roles.a]\nlist = 'b'",
         "[roles.a]\nopen = [1]",
         "[roles.a]\nwrite = []",

@@ -8,6 +8,7 @@ import hmac
 import json
 import time
 
+import jwt
 import pytest
 
 from broker_node.auth.identity import Identity, TokenRefusal
@@ -143,6 +144,23 @@ def test_exp_and_sub_are_required() -> None:
 def test_ill_typed_claims_are_refused() -> None:
     assert "roles" in refusal(secret_verifier().verify(hs256(claims(roles="a"))))  # type: ignore[arg-type]
     assert "list" in refusal(secret_verifier().verify(hs256(claims(list=[1]))))
+    assert "open" in refusal(secret_verifier().verify(hs256(claims(open=[1]))))
+    assert refusal(secret_verifier().verify(hs256(claims(sub="")))) == (
+        "claim sub must be a non-empty string"
+    )
+
+
+def test_a_key_made_for_one_algorithm_refuses_a_token_of_another() -> None:
+    # A key source may hand out PyJWK keys, which know the algorithm they are for.
+    pair = rsa_pair()
+    published = json.loads(jwt.get_algorithm_by_name("RS256").to_jwk(pair.private.public_key()))
+    verifier = TokenVerifier(
+        StaticKey(jwt.PyJWK({**published, "alg": "RS256"})), algorithms=["RS256", "RS384"]
+    )
+    assert isinstance(verifier.verify(jwt.encode(claims(), pair.private, "RS256")), Identity)
+    assert refusal(verifier.verify(jwt.encode(claims(), pair.private, "RS384"))) == (
+        "algorithm not allowed"
+    )
 
 
 def test_garbage_is_malformed() -> None:

@@ -15,35 +15,11 @@ with cross-node pairs, both paced (5,000 msg/s by default).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.bench.run_bench import Running, Settings, throughput
-from tests.support.nodes import NodeProcess
-from tests.support.redis_server import RedisServer
-
-QUIET = ["--log-level", "warning"]
-
-
-@contextlib.contextmanager
-def standalone(binary: str) -> Iterator[Running]:
-    with NodeProcess(extra_args=QUIET, binary=binary) as node:
-        yield Running(urls=[node.url], pids=[node.pid])
-
-
-@contextlib.contextmanager
-def cluster(binary: str) -> Iterator[Running]:
-    with (
-        RedisServer() as redis,
-        NodeProcess(redis_url=redis.url, extra_args=QUIET, binary=binary) as first,
-        NodeProcess(redis_url=redis.url, extra_args=QUIET, binary=binary) as second,
-    ):
-        yield Running(
-            urls=[first.url, second.url], pids=[first.pid, second.pid], redis_url=redis.url
-        )
+from tests.bench.run_bench import Settings, cluster, standalone, throughput
 
 
 def measure(binary: str, scenario: str, settings: Settings) -> dict[str, Any]:

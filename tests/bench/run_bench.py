@@ -33,20 +33,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from tests.support.nodes import NodeProcess
+from tests.support.cluster import Cluster
+from tests.support.nodes import BROKER_NODE, NodeProcess
+from tests.support.polling import wait_until_serving
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 
 PACKAGE = "@sitnikov/connection-broker@1.0.0"
 BIN = Path(sys.executable).parent
 BROKER_BENCH = str(BIN / "broker-bench")
+#: The nodes log warnings only: per-frame debug lines would cost CPU that the figures count.
+QUIET = ["--log-level", "warning"]
 
 # --- the systems ---------------------------------------------------------------------------
 
@@ -75,14 +78,16 @@ def npm_install(directory: Path) -> Path:
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the broker exited with {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port} after {timeout} s")
+    def listening() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_until_serving(
+        process, listening, timeout=timeout, message=f"the broker to listen on {port}"
+    )
 
 
 @contextlib.contextmanager
@@ -108,20 +113,20 @@ def original(broker_js: Path) -> Iterator[Running]:
 
 
 @contextlib.contextmanager
-def standalone() -> Iterator[Running]:
-    with NodeProcess(extra_args=["--log-level", "warning"]) as node:
+def standalone(binary: str = BROKER_NODE) -> Iterator[Running]:
+    with NodeProcess(extra_args=QUIET, binary=binary) as node:
         yield Running(urls=[node.url], pids=[node.pid])
 
 
 @contextlib.contextmanager
-def cluster() -> Iterator[Running]:
-    with (
-        RedisServer() as redis,
-        NodeProcess(redis_url=redis.url, extra_args=["--log-level", "warning"]) as first,
-        NodeProcess(redis_url=redis.url, extra_args=["--log-level", "warning"]) as second,
-    ):
+def cluster(binary: str = BROKER_NODE) -> Iterator[Running]:
+    """Two nodes (default settings) on a redis-server of their own."""
+    with RedisServer() as redis, Cluster(redis, args=QUIET, binary=binary) as nodes:
+        started = nodes.launch(2)
         yield Running(
-            urls=[first.url, second.url], pids=[first.pid, second.pid], redis_url=redis.url
+            urls=[node.url for node in started],
+            pids=[node.pid for node in started],
+            redis_url=redis.url,
         )
 
 
@@ -473,11 +478,12 @@ def main(argv: list[str] | None = None) -> None:
             results: dict[str, dict[str, Any]] = {}
             for name in systems:
                 print(f"round {number}/{args.rounds}: {name}", file=sys.stderr)
-                starter = {
+                starters: dict[str, Callable[[], contextlib.AbstractContextManager[Running]]] = {
                     "original": lambda: original(broker_js),
                     "standalone": standalone,
                     "cluster": cluster,
-                }[name]
+                }
+                starter = starters[name]
                 with starter() as system:
                     results.update(measure_system(name, system, settings))
             rounds.append(results)

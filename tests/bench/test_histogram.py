@@ -31,6 +31,13 @@ def test_bucket_indexes_are_monotonic() -> None:
         previous = index
 
 
+def test_max_total_and_count() -> None:
+    histogram = Histogram()
+    for value in (30, 0, 10):
+        histogram.record(value)
+    assert (histogram.max, histogram.total, histogram.count) == (30, 40, 3)
+
+
 def test_percentiles_of_exact_values_nearest_rank() -> None:
     histogram = Histogram()
     for value in range(1, 101):  # 1..100 µs: exact buckets

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
-
-async def eventually(check: Callable[[], bool], *, timeout: float = 10.0) -> None:
-    """Poll a condition every 10 ms until it holds; fail after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not check():  # noqa: ASYNC110 - the condition belongs to code under test
-            await asyncio.sleep(0.01)
+from client import Channel
 
 
 def client_tasks() -> set[str]:
@@ -22,10 +16,10 @@ def client_tasks() -> set[str]:
     }
 
 
-async def eventually_async(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, interval: float = 0.1
-) -> None:
-    """``eventually`` for a condition that has to ask the broker."""
-    async with asyncio.timeout(timeout):
-        while not await check():  # noqa: ASYNC110 - the condition lives on the broker
-            await asyncio.sleep(interval)
+def closed_event(channel: Channel) -> asyncio.Event:
+    """An event set once ``channel`` closes (its ``on_closed``, which this takes over)."""
+    closed = asyncio.Event()
+    if channel.closed:
+        closed.set()
+    channel.on_closed = closed.set
+    return closed

@@ -8,8 +8,9 @@ import pytest
 
 from client import BrokerClient
 from client.errors import RequestFailed
-from tests.client.helpers import client_tasks, eventually
+from tests.client.helpers import client_tasks
 from tests.support.nodes import NodeProcess
+from tests.support.polling import wait_until
 from tests.support.ports import free_port
 from tests.support.tokens import SECRET, claims, hs256
 
@@ -37,7 +38,9 @@ async def test_callback_refreshes_before_expiry_on_the_same_connection() -> None
             first_id = client.connection_id
             # Refreshed at 80 % of each 3-4 s lifetime: two refreshes outlive the first
             # token's exp + grace on the same connection.
-            await eventually(lambda: len(tokens.issued) >= 3, timeout=15)
+            await wait_until(
+                lambda: len(tokens.issued) >= 3, timeout=15, message="two token refreshes"
+            )
             assert client.connected and client.connection_id == first_id
             assert await client.list_by_role("nobody") == []
     assert client_tasks() == set()

@@ -21,8 +21,9 @@ from client import (
     RequestFailed,
     RequestTimeout,
 )
-from tests.client.helpers import client_tasks, eventually
+from tests.client.helpers import client_tasks, closed_event
 from tests.support.nodes import NodeProcess
+from tests.support.polling import wait_until
 from tests.support.ports import free_port
 
 PAYLOADS: list[Any] = [
@@ -154,7 +155,7 @@ async def test_on_incoming_channel_callback_and_buffered_handover(
     bob.on_incoming_channel = seen.append
     assert bob.on_incoming_channel is not None
     second = await alice.open_channel(bob.connection_id)
-    await eventually(lambda: len(seen) == 2)
+    await wait_until(lambda: len(seen) == 2, timeout=10, message="both channels handed over")
     assert [c.channel_id for c in seen] == [first.channel_id, second.channel_id]
 
 
@@ -180,12 +181,12 @@ async def test_on_message_sync_and_async_callbacks(
     alice, bob = pair
     channel, incoming = await open_pair(alice, bob)
     await channel.send("early")  # buffered until a callback is set
-    await eventually(lambda: len(incoming._inbox) == 1)
+    await wait_until(lambda: len(incoming._inbox) == 1, timeout=10, message="the message buffered")
     got: list[Any] = []
     incoming.on_message = got.append
     assert got == ["early"]
     await channel.send("sync")
-    await eventually(lambda: got == ["early", "sync"])
+    await wait_until(lambda: got == ["early", "sync"], timeout=10, message="both messages")
 
     # An async callback may answer on the channel; the client runs it as a task.
     async def echo(payload: Any) -> None:
@@ -206,7 +207,7 @@ async def test_a_failing_callback_does_not_break_the_connection(
 
     incoming.on_message = boom
     await channel.send(1)
-    await eventually(lambda: "user bug" in caplog.text)
+    await wait_until(lambda: "user bug" in caplog.text, timeout=10, message="the error logged")
     assert await alice.list_by_role("bob") == [bob.connection_id]
 
 
@@ -311,6 +312,7 @@ async def test_client_close_closes_every_channel_locally_and_the_peer_hears(
         alice = BrokerClient(standalone, "alice")
         await alice.connect()
         channel, incoming = await open_pair(alice, bob)
+        incoming_closed = closed_event(incoming)
         consumer = asyncio.create_task(_collect(channel))
         incoming_iterator = asyncio.create_task(_collect_channels(alice))
         await alice.close()
@@ -318,7 +320,7 @@ async def test_client_close_closes_every_channel_locally_and_the_peer_hears(
         async with asyncio.timeout(5):
             assert await consumer == []
             assert await incoming_iterator == []
-        await eventually(lambda: incoming.closed)
+            await incoming_closed.wait()
         assert incoming.close_reason is CloseReason.PEER
         with pytest.raises(NotConnected):
             await alice.open_channel(str(bob.connection_id))
@@ -363,7 +365,8 @@ async def test_unread_incoming_channels_are_refused_beyond_the_buffer(standalone
         assert bob.connection_id is not None
         kept = await alice.open_channel(bob.connection_id)
         refused = await alice.open_channel(bob.connection_id)
-        await eventually(lambda: refused.closed)
+        async with asyncio.timeout(10):
+            await closed_event(refused).wait()
         assert refused.close_reason is CloseReason.PEER
         assert not kept.closed
         async with asyncio.timeout(5):
@@ -384,13 +387,17 @@ async def test_pending_requests_fail_at_once_when_the_node_dies(
         channel, _ = await open_pair(alice, bob)
         lost = asyncio.Event()
         channel.on_closed = lost.set
+        disconnected = asyncio.Event()
+        alice.on_disconnected = disconnected.set
         node_process.pause()  # the node stops answering, the sockets stay open
         requests = [
             asyncio.create_task(alice.list_by_role("bob")),
             asyncio.create_task(channel.send("into the void")),
             asyncio.create_task(channel.request("anyone?")),
         ]
-        await eventually(lambda: alice.pending_requests == 3)
+        await wait_until(
+            lambda: alice.pending_requests == 3, timeout=10, message="three requests pending"
+        )
         started = time.monotonic()
         node_process.kill()
         results = await asyncio.wait_for(
@@ -402,7 +409,9 @@ async def test_pending_requests_fail_at_once_when_the_node_dies(
         assert isinstance(results[2], ConnectionLost | ChannelClosed), results
         assert lost.is_set()
         assert channel.close_reason is CloseReason.CONNECTION
-        await eventually(lambda: not alice.connected)
+        async with asyncio.timeout(10):
+            await disconnected.wait()
+        assert not alice.connected
         with pytest.raises(NotConnected):
             await alice.list_by_role("bob")
     assert client_tasks() == set()
@@ -470,10 +479,13 @@ async def test_graceful_node_stop_closes_with_going_away_and_the_client_returns(
         backoff_cap=0.2,
         on_connected=connected.set,
     )
+    disconnected = asyncio.Event()
+    client.on_disconnected = disconnected.set
     async with client:
         connected.clear()
         assert node_process.terminate() == 0
-        await eventually(lambda: not client.connected)
+        async with asyncio.timeout(10):
+            await disconnected.wait()
         node_process.start()
         async with asyncio.timeout(10):
             await connected.wait()

@@ -21,9 +21,10 @@ from client import (
     NotConnected,
     RequestFailed,
 )
-from tests.client.helpers import client_tasks, eventually, eventually_async
+from tests.client.helpers import client_tasks, closed_event
 from tests.client.proxy import FailoverProxy
-from tests.support.nodes import NodeProcess
+from tests.support.cluster import Cluster
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +34,8 @@ async def first_incoming(client: BrokerClient) -> Channel:
         return await anext(aiter(client.incoming_channels()))
 
 
-async def test_every_method_across_nodes(cluster: list[NodeProcess]) -> None:
-    n0, n1, n2 = cluster
+async def test_every_method_across_nodes(cluster: Cluster) -> None:
+    n0, n1, n2 = await cluster.start(3)
     async with (
         BrokerClient(n0.url, "alice") as alice,
         BrokerClient(n1.url, "bob") as bob,
@@ -75,10 +76,8 @@ async def test_every_method_across_nodes(cluster: list[NodeProcess]) -> None:
     assert client_tasks() == set()
 
 
-async def test_iterators_end_when_a_peer_on_another_node_leaves(
-    cluster: list[NodeProcess],
-) -> None:
-    n0, n1, _ = cluster
+async def test_iterators_end_when_a_peer_on_another_node_leaves(cluster: Cluster) -> None:
+    n0, n1 = await cluster.start(2)
     async with BrokerClient(n0.url, "alice") as alice:
         bob = BrokerClient(n1.url, "bob")
         await bob.connect()
@@ -96,8 +95,8 @@ async def _collect(channel: Channel) -> list[Any]:
     return [payload async for payload in channel]
 
 
-async def test_reconnect_lands_on_another_node_after_a_kill(cluster: list[NodeProcess]) -> None:
-    n0, n1, n2 = cluster
+async def test_reconnect_lands_on_another_node_after_a_kill(cluster: Cluster) -> None:
+    n0, n1, n2 = await cluster.start(3)
     connects: list[str | None] = []
     disconnects: list[float] = []
     async with FailoverProxy([n0.port, n1.port]) as balancer:
@@ -119,10 +118,13 @@ async def test_reconnect_lands_on_another_node_after_a_kill(cluster: list[NodePr
             # A channel from a client on a surviving node to the roamer.
             assert first_id is not None
             watched = await watcher.open_channel(first_id)
+            watched_closed = closed_event(watched)
             roamer_end = await first_incoming(roamer)
             n0.pause()  # requests hang, then the node dies under them
             pending = asyncio.create_task(roamer.list_by_role("watcher"))
-            await eventually(lambda: roamer.pending_requests == 1)
+            await wait_until(
+                lambda: roamer.pending_requests == 1, timeout=10, message="the request pending"
+            )
             killed_at = time.monotonic()
             n0.kill()
             with pytest.raises(ConnectionLost):
@@ -142,9 +144,12 @@ async def test_reconnect_lands_on_another_node_after_a_kill(cluster: list[NodePr
             async def only_the_new_id_is_listed() -> bool:
                 return await watcher.list_by_role("roamer") == [second_id]
 
-            await eventually_async(only_the_new_id_is_listed, timeout=15)
+            await wait_until(
+                only_the_new_id_is_listed, timeout=15, message="only the new id listed"
+            )
             # The survivor that reaped node-0 told the watcher its channel is gone.
-            await eventually(lambda: watched.closed, timeout=15)
+            async with asyncio.timeout(15):
+                await watched_closed.wait()
             assert watched.close_reason is CloseReason.PEER
 
             # And the roamer works on its new node.

@@ -10,7 +10,7 @@ import pytest
 
 from client import BrokerClient, Channel
 from tests.client.helpers import client_tasks
-from tests.support.nodes import NodeProcess
+from tests.support.cluster import Cluster
 
 CHANNELS = 100
 MESSAGES = 30
@@ -66,5 +66,6 @@ async def test_standalone(standalone: str) -> None:
 
 
 @pytest.mark.slow
-async def test_across_nodes(cluster: list[NodeProcess]) -> None:
-    await exercise(cluster[0].url, cluster[1].url)
+async def test_across_nodes(cluster: Cluster) -> None:
+    first, second = await cluster.start(2)
+    await exercise(first.url, second.url)

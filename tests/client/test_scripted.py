@@ -17,7 +17,8 @@ import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from client import BrokerClient, CloseReason, ProtocolViolation, RequestFailed, RequestTimeout
-from tests.client.helpers import client_tasks, eventually
+from tests.client.helpers import client_tasks
+from tests.support.polling import wait_until
 
 ME = "11111111-1111-4111-8111-111111111111"
 PEER = "22222222-2222-4222-8222-222222222222"
@@ -146,7 +147,9 @@ async def test_error_frames(
         await broker.send(type="error", error="Message must be a JSON object")
         assert broker.ws is not None
         await broker.ws.send("this is not JSON")
-        await eventually(lambda: "this is not JSON" in caplog.text)
+        await wait_until(
+            lambda: "this is not JSON" in caplog.text, timeout=10, message="the frame logged"
+        )
     assert "Message must be a JSON object" in caplog.text
     assert client.connected
 

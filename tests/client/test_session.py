@@ -25,6 +25,7 @@ from client.session import (
     Sent,
     Session,
     SessionState,
+    TokenRefreshed,
     Violation,
     encode_payload,
 )
@@ -484,6 +485,13 @@ def test_untyped_success_replies_are_read_by_request_kind() -> None:
         frame(type="error", error="Target connection not found", replyTo=failing.request_id, id=6)
     ) == [RequestRejected(failing.request_id, "open", "error", "Target connection not found")]
     assert isinstance(session.receive(frame(replyTo=999, id=7))[0], Violation)
+
+
+def test_an_untyped_reply_to_a_refresh_succeeds(ready: Session) -> None:
+    refreshing = ready.refresh("new-token")
+    assert ready.receive(frame(replyTo=refreshing.request_id, id=2)) == [
+        RequestSucceeded(refreshing.request_id, TokenRefreshed(None))
+    ]
 
 
 def test_an_untyped_reply_without_the_expected_field_rejects() -> None:

@@ -1,12 +1,12 @@
 """Fixtures of the cluster tests: the contract ``harness`` over every backend, and Redis servers.
 
-The real redis-server is started by the tests on a free port (never the one on 6379), once per
-session, and flushed before each test.
+The real redis-server is the session's shared one (``shared_redis_server``), flushed before
+each test.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import fakeredis
 import pytest
@@ -22,12 +22,6 @@ from tests.cluster.harness import (
     settings_for,
 )
 from tests.support.redis_server import RedisServer
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 def fakeredis_harness() -> Harness:
@@ -64,7 +58,7 @@ async def made_harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]
     elif kind == "fakeredis":
         made = fakeredis_harness()
     else:
-        made = real_redis_harness(request.getfixturevalue("redis_server"))
+        made = real_redis_harness(request.getfixturevalue("shared_redis_server"))
     await made.wipe()
     try:
         yield made

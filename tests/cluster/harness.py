@@ -151,18 +151,6 @@ def redis_harness(name: str, make_backend: Callable[[], Backend], admin: Redis) 
     )
 
 
-async def eventually(condition: Callable[[], Awaitable[bool]], within: float = 3.0) -> None:
-    """Wait, bounded by ``within`` seconds, until ``condition`` holds.
-
-    For effects of time inside Redis (a key's TTL), which signals nothing: poll a cheap query.
-    """
-    async with asyncio.timeout(within):
-        while True:
-            if await condition():
-                return
-            await asyncio.sleep(0.01)
-
-
 @dataclass
 class Listener:
     """A live subscription and the payloads it has delivered so far."""

@@ -18,10 +18,10 @@ from tests.cluster.harness import (
     Harness,
     channel,
     connection,
-    eventually,
     listen,
     receive,
 )
+from tests.support.polling import wait_until
 
 
 async def lapse(harness: Harness, node_id: NodeId) -> None:
@@ -33,7 +33,7 @@ async def lapse(harness: Harness, node_id: NodeId) -> None:
     async def lapsed() -> bool:
         return node_id in await registry.lapsed_nodes()
 
-    await eventually(lapsed)
+    await wait_until(lapsed, timeout=3, message=f"{node_id} lapsed")
 
 
 # Connections
@@ -388,6 +388,21 @@ async def test_publish_routes_to_the_addressed_node_only(bus_harness: Harness) -
             assert await receive(to_b, 1) == [b"for b"]
 
 
+async def test_a_publish_given_up_before_its_outcome_leaves_the_bus_working(
+    bus_harness: Harness,
+) -> None:
+    bus = bus_harness.backend.bus
+    async with listen(bus, A) as to_a:
+        given_up = asyncio.ensure_future(publish(bus, [(A, b"given up")]))
+        await asyncio.sleep(0)  # one turn: the payload is sent, its outcome not back yet
+        given_up.cancel()
+        # Its outcome comes after all, for a caller who is gone: nothing breaks.
+        assert await publish(bus, [(A, b"after")]) == [1]
+        async with asyncio.timeout(5):
+            assert await receive(to_a, 2) == [b"given up", b"after"]
+    assert given_up.cancelled()
+
+
 async def test_publish_without_subscriber_returns_zero(bus_harness: Harness) -> None:
     bus = bus_harness.backend.bus
     assert await publish(bus, []) == []
@@ -426,7 +441,7 @@ async def test_send_reports_later_in_call_order(bus_harness: Harness) -> None:
         async def all_reported() -> bool:
             return len(outcomes) == 4
 
-        await eventually(all_reported)
+        await wait_until(all_reported, timeout=3, message="four outcomes reported")
     assert outcomes == [
         ("first", [1, 0]),
         ("second", [1, 0]),
@@ -453,5 +468,5 @@ async def test_a_failing_deliver_callback_does_not_end_the_subscription(
         async def all_seen() -> bool:
             return len(seen) == 3
 
-        await eventually(all_seen)
+        await wait_until(all_seen, timeout=3, message="three payloads delivered")
     assert seen == [b"bad", b"good", b"later"]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ssl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from broker_node.cluster.endpoint import RedisEndpoint
 from broker_node.cluster.keys import RedisKeys
@@ -56,6 +61,54 @@ def test_tls_url_verifies_by_default_and_can_be_told_not_to() -> None:
 def test_resp3_is_refused() -> None:
     with pytest.raises(ConfigurationError):
         RedisEndpoint.from_url("redis://redis?protocol=3")
+
+
+@pytest.mark.parametrize("url", ["http://redis", "rediss://redis?ssl_cert_reqs=maybe"])
+def test_a_url_the_bus_cannot_use_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        RedisEndpoint.from_url(url)
+
+
+def test_a_client_certificate_from_the_url_is_loaded(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bus")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "bus.crt", tmp_path / "bus.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    endpoint = RedisEndpoint.from_url(
+        f"rediss://redis.example?ssl_certfile={cert_file}&ssl_keyfile={key_file}"
+    )
+    assert endpoint.tls is not None
+    # A wrong key for the certificate is refused while loading: the pair was loaded.
+    other = tmp_path / "other.key"
+    other.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(ssl.SSLError):
+        RedisEndpoint.from_url(
+            f"rediss://redis.example?ssl_certfile={cert_file}&ssl_keyfile={other}"
+        )
 
 
 @pytest.fixture(scope="module")

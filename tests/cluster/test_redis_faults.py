@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -24,11 +24,11 @@ from tests.cluster.harness import (
     B,
     channel,
     connection,
-    eventually,
     listen,
     receive,
     settings_for,
 )
+from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
 
 TIMEOUT = 0.3
@@ -37,14 +37,8 @@ BOUND = 2 * TIMEOUT + 0.5
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as running:
-        yield running
-
-
-@pytest.fixture
-async def backend(server: RedisServer) -> AsyncIterator[Backend]:
-    made = RedisBackend(settings_for(server.url, request_timeout=TIMEOUT))
+async def backend(redis_server: RedisServer) -> AsyncIterator[Backend]:
+    made = RedisBackend(settings_for(redis_server.url, request_timeout=TIMEOUT))
     try:
         yield made
     finally:
@@ -105,43 +99,43 @@ async def assert_every_call_works(backend: Backend) -> None:
 
 
 async def test_every_call_fails_fast_while_killed_and_works_after_restart(
-    server: RedisServer, backend: Backend
+    redis_server: RedisServer, backend: Backend
 ) -> None:
     await assert_every_call_works(backend)  # the pools hold connections that are about to die
-    server.kill()
+    redis_server.kill()
     await assert_every_call_fails_fast(backend)
     await assert_every_call_fails_fast(backend)  # and again, with no connection left
 
-    server.start()  # same port, empty, no scripts loaded
+    redis_server.start()  # same port, empty, no scripts loaded
     await assert_every_call_works(backend)
     assert await backend.registry.heartbeat(B, LONG_TTL_MS) is Heartbeat.REJOINED
 
 
 async def test_every_call_fails_within_the_timeout_while_paused(
-    server: RedisServer, backend: Backend
+    redis_server: RedisServer, backend: Backend
 ) -> None:
     await assert_every_call_works(backend)
-    server.pause()
+    redis_server.pause()
     try:
         await assert_every_call_fails_fast(backend)
     finally:
-        server.resume()
+        redis_server.resume()
     await assert_every_call_works(backend)
 
 
 async def test_subscription_raises_when_the_server_is_killed(
-    server: RedisServer, backend: Backend
+    redis_server: RedisServer, backend: Backend
 ) -> None:
     async with listen(backend.bus, A) as subscription:
         assert await publish(backend.bus, [(A, b"before")]) == [1]
         async with asyncio.timeout(BOUND):
             assert await receive(subscription, 1) == [b"before"]
-        server.kill()
+        redis_server.kill()
         with pytest.raises(BackendUnavailable):
             async with asyncio.timeout(BOUND):
                 await subscription.subscription.wait_lost()
 
-    server.start()
+    redis_server.start()
     async with listen(backend.bus, A) as subscription:  # what a supervisor does next
         assert await publish(backend.bus, [(A, b"after")]) == [1]
         async with asyncio.timeout(BOUND):
@@ -149,10 +143,10 @@ async def test_subscription_raises_when_the_server_is_killed(
 
 
 async def test_idle_subscription_notices_a_paused_server(
-    server: RedisServer, backend: Backend
+    redis_server: RedisServer, backend: Backend
 ) -> None:
     async with listen(backend.bus, A) as subscription:
-        server.pause()
+        redis_server.pause()
         try:
             started = time.monotonic()
             with pytest.raises(BackendUnavailable):
@@ -161,7 +155,7 @@ async def test_idle_subscription_notices_a_paused_server(
             # An idle read waits one timeout, then its PING another.
             assert time.monotonic() - started < 2 * TIMEOUT + BOUND
         finally:
-            server.resume()
+            redis_server.resume()
 
 
 async def test_closing_the_backend_ends_a_live_subscription(backend: Backend) -> None:
@@ -174,10 +168,10 @@ async def test_closing_the_backend_ends_a_live_subscription(backend: Backend) ->
 
 
 async def test_password_from_the_url() -> None:
-    with RedisServer(password="s3cret") as server:
-        good = RedisBackend(settings_for(server.url, request_timeout=TIMEOUT))
+    with RedisServer(password="s3cret") as redis_server:
+        good = RedisBackend(settings_for(redis_server.url, request_timeout=TIMEOUT))
         wrong = RedisBackend(
-            settings_for(server.url.replace("s3cret", "wrong"), request_timeout=TIMEOUT)
+            settings_for(redis_server.url.replace("s3cret", "wrong"), request_timeout=TIMEOUT)
         )
         try:
             await good.registry.ping()
@@ -195,9 +189,9 @@ async def test_password_from_the_url() -> None:
 
 
 async def test_publisher_reconnects_after_redis_drops_its_connection(
-    server: RedisServer, backend: Backend
+    redis_server: RedisServer, backend: Backend
 ) -> None:
-    admin = Redis.from_url(server.url)
+    admin = Redis.from_url(redis_server.url)
     try:
         async with listen(backend.bus, A) as subscription:
             assert await publish(backend.bus, [(A, b"before")]) == [1]
@@ -211,7 +205,7 @@ async def test_publisher_reconnects_after_redis_drops_its_connection(
 
 
 async def test_sends_in_flight_to_a_hung_redis_fail_in_order_after_one_timeout(
-    server: RedisServer, backend: Backend
+    redis_server: RedisServer, backend: Backend
 ) -> None:
     assert await publish(backend.bus, [(B, b"warm")]) == [0]  # the connection is up
     outcomes: list[tuple[int, object]] = []
@@ -219,7 +213,7 @@ async def test_sends_in_flight_to_a_hung_redis_fail_in_order_after_one_timeout(
     def record(n: int) -> PublishResult:
         return lambda result: outcomes.append((n, result))
 
-    server.pause()
+    redis_server.pause()
     try:
         started = time.monotonic()
         for n in range(3):
@@ -228,10 +222,10 @@ async def test_sends_in_flight_to_a_hung_redis_fail_in_order_after_one_timeout(
         async def all_reported() -> bool:
             return len(outcomes) == 3
 
-        await eventually(all_reported, within=3 * BOUND)
+        await wait_until(all_reported, timeout=3 * BOUND, message="three outcomes reported")
         assert time.monotonic() - started < BOUND
     finally:
-        server.resume()
+        redis_server.resume()
     assert [n for n, _ in outcomes] == [0, 1, 2]
     assert all(isinstance(result, BackendUnavailable) for _, result in outcomes)
     # A fresh connection serves the next send.
@@ -246,15 +240,15 @@ async def test_sends_after_the_backend_closed_fail(backend: Backend) -> None:
 
 
 async def test_a_first_send_to_a_hung_redis_fails_within_the_timeout(
-    server: RedisServer, backend: Backend
+    redis_server: RedisServer, backend: Backend
 ) -> None:
     # No publisher connection yet: the handshake itself gets no answer.
-    server.pause()
+    redis_server.pause()
     try:
         started = time.monotonic()
         with pytest.raises(BackendUnavailable):
             await publish(backend.bus, [(B, b"x")])
         assert time.monotonic() - started < BOUND
     finally:
-        server.resume()
+        redis_server.resume()
     assert await publish(backend.bus, [(B, b"y")]) == [0]

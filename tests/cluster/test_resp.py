@@ -112,3 +112,53 @@ async def test_an_unreachable_redis_is_backend_unavailable() -> None:
     with pytest.raises(BackendUnavailable):
         async with asyncio.timeout(5):
             await open_link(RedisEndpoint(host="127.0.0.1", port=free_port()), link)
+
+
+async def test_a_link_closed_before_it_connected_is_lost() -> None:
+    link = RespLink("test link", lambda reply: None)
+    link.close()
+    assert not link.open
+    assert "closed" in str(await link.lost)
+
+
+async def test_replies_after_the_callback_dropped_the_link_are_not_delivered() -> None:
+    replies: list[Reply] = []
+
+    def first_only(reply: Reply) -> None:
+        replies.append(reply)
+        link.abort("enough")
+
+    link = RespLink("test link", first_only)
+    transport = FakeTransport()
+    link.connection_made(transport)  # type: ignore[arg-type]
+    link.data_received(b":1\r\n:2\r\n")
+    assert replies == [1] and transport.aborted
+    assert "enough" in str(await link.lost)
+
+
+async def test_unparsable_data_before_the_transport_is_known_still_loses_the_link() -> None:
+    link = RespLink("test link", lambda reply: None)
+    link.data_received(b"?what\r\n")
+    assert "protocol error" in str(await link.lost)
+
+
+async def test_a_handshake_cut_short_aborts_the_link() -> None:
+    # A server that accepts and never answers: the AUTH reply never comes.
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    link = RespLink("test link", lambda reply: None)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await open_link(RedisEndpoint(host="127.0.0.1", port=port, password="pw"), link)
+        assert "handshake cut short" in str(await link.lost)
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()

@@ -15,12 +15,12 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from tests.deploy.nginx_local import (
+from tests.support.nginx import (
     LOCAL_UPSTREAM,
     NGINX_CONF,
+    NginxProcess,
     NginxUnavailable,
     ensure_nginx,
-    nginx_command,
     render_local_nginx_conf,
     write_local_nginx_conf,
 )
@@ -198,53 +198,28 @@ def _get(url: str) -> tuple[int, str]:
         return response.status, response.read().decode()
 
 
-async def _wait_for(url: str, process: asyncio.subprocess.Process) -> None:
-    """Poll ``url`` until it answers; bound it with ``asyncio.timeout`` at the call site."""
-    while True:
-        if process.returncode is not None:
-            raise RuntimeError(f"nginx exited with {process.returncode}")
-        try:
-            await asyncio.to_thread(_get, url)
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-
-
 async def test_rendered_conf_spreads_and_upgrades(
     nginx: Path, backends: list[int], tmp_path: Path
 ) -> None:
-    listen = free_port()
     # A node that is gone (nothing listens on its port) costs nothing: nginx moves on.
     gone = free_port()
-    conf = write_local_nginx_conf(
-        backend_ports=[gone, *backends], listen_port=listen, workdir=tmp_path
-    )
-    process = await asyncio.create_subprocess_exec(
-        *nginx_command(nginx, conf),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    lb = NginxProcess(nginx, backend_ports=[gone, *backends], workdir=tmp_path)
+    await asyncio.to_thread(lb.start, 10.0)
     try:
-        base = f"http://127.0.0.1:{listen}"
-        async with asyncio.timeout(10):
-            await _wait_for(f"{base}/lb-health", process)
-        assert await asyncio.to_thread(_get, f"{base}/lb-health") == (200, "ok\n")
+        assert await asyncio.to_thread(_get, f"{lb.http}/lb-health") == (200, "ok\n")
 
         # Plain requests go round-robin over every live backend.
-        served = {int((await asyncio.to_thread(_get, f"{base}/whoami"))[1]) for _ in range(6)}
+        served = {int((await asyncio.to_thread(_get, f"{lb.http}/whoami"))[1]) for _ in range(6)}
         assert served == set(backends)
 
         # WebSocket upgrades pass through, and land on different backends too.
         landed: set[int] = set()
         for _ in range(6):
-            async with asyncio.timeout(5), connect(f"ws://127.0.0.1:{listen}/") as ws:
+            async with asyncio.timeout(5), connect(lb.url + "/") as ws:
                 await ws.send("ping")
                 port, _, echoed = str(await ws.recv()).partition(":")
                 assert echoed == "ping"
                 landed.add(int(port))
         assert landed == set(backends)
-
     finally:
-        process.terminate()
-        async with asyncio.timeout(10):
-            await process.wait()
+        await asyncio.to_thread(lb.stop, 10.0)

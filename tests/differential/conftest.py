@@ -1,18 +1,16 @@
 """Real processes for the differential tests, started once per module and reused by every
-example: one standalone node, and three nodes on a redis-server of the test's own (never the
-Redis on 6379). The examples run on one event loop of their own, since Hypothesis drives a
-state machine from synchronous code."""
+example: one standalone node, and three nodes on the session's redis-server. The examples run
+on one event loop of their own, since Hypothesis drives a state machine from synchronous code."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import pytest
 
-from tests.integration.helpers import fast_args
+from tests.support.cluster import Cluster, fast_args
 from tests.support.nodes import NodeProcess
 from tests.support.redis_server import RedisServer
 
@@ -65,21 +63,10 @@ def standalone() -> Iterator[NodeProcess]:
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def cluster_nodes(redis_server: RedisServer) -> Iterator[list[NodeProcess]]:
-    nodes = [
-        NodeProcess(redis_url=redis_server.url, node_id=f"node-{n}", extra_args=NODE_ARGS)
-        for n in range(CLUSTER_SIZE)
-    ]
-    try:
-        with ThreadPoolExecutor(CLUSTER_SIZE) as pool:
-            list(pool.map(lambda node: node.start(), nodes))
-        yield nodes
-    finally:
-        with ThreadPoolExecutor(CLUSTER_SIZE) as pool:
-            list(pool.map(lambda node: node.__exit__(None, None, None), nodes))
+def three_nodes(shared_redis_server: RedisServer) -> Iterator[Cluster]:
+    """Three nodes on the session's Redis, emptied first: the checks count its keys. The fault
+    tests replace nodes and restart Redis."""
+    shared_redis_server.restart()
+    with Cluster(shared_redis_server, args=NODE_ARGS) as made:
+        made.launch(CLUSTER_SIZE)
+        yield made

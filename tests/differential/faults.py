@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 from redis.asyncio import Redis
 
-from tests.differential.conftest import NODE_ARGS
-from tests.differential.harness import OBSERVER_ROLE, Divergence, System
+from tests.differential.harness import OBSERVER_ROLE, System
 from tests.differential.model import (
     Action,
     Disconnect,
@@ -36,8 +35,8 @@ from tests.differential.model import (
 )
 from tests.differential.workload import ROLES, Workload
 from tests.integration.helpers import KEYS
-from tests.support.nodes import NodeProcess
-from tests.support.redis_server import RedisServer
+from tests.support.cluster import Cluster
+from tests.support.polling import wait_for_value
 
 #: Nodes that faults may hit; node 0 holds the observer connection that waits for cleanups.
 FAULTY_NODES = (1, 2)
@@ -45,12 +44,15 @@ FAULTY_NODES = (1, 2)
 FAULT_TIMEOUT = 20.0
 
 
+#: What Redis holds: connection ids, channel ids, and the members of each role.
+Stored = tuple[set[str], set[str], dict[str, set[str]]]
+
+
 class Faults(Workload):
     """The single-client rules of :class:`Workload`, plus faults (see the module docstring)."""
 
     faults: ClassVar[frozenset[str]] = frozenset()
-    nodes: ClassVar[list[NodeProcess]]
-    redis_server: ClassVar[RedisServer]
+    nodes: ClassVar[Cluster]
     generation: ClassVar[int] = 0
 
     @property
@@ -78,23 +80,20 @@ class Faults(Workload):
         cluster = self.cluster
         affected = [c for c in range(len(cluster.clients)) if cluster.homes[c] == node]
         legal = self._all_leave(affected)
-        old = self.nodes[node]
+        old = self.nodes.nodes[node]
         if kill:
             old.kill()
         else:
             old.terminate()
-        refuge = next(n for n in range(len(self.nodes)) if n != node and n not in FAULTY_NODES)
+        refuge = next(
+            n for n in range(len(self.nodes.nodes)) if n != node and n not in FAULTY_NODES
+        )
         outcome = self.loop.run(self._after_loss(affected, refuge, legal), timeout=60)
         self.model = outcome.after
         self.loop.run(self._registry_matches(), timeout=60)
-        old.__exit__(None, None, None)
         Faults.generation += 1
         # A killed node was reaped and fenced: it comes back under a new id, as a replaced pod.
-        node_id = f"node-{node}-{Faults.generation}" if kill else old.node_id
-        fresh = NodeProcess(
-            redis_url=self.redis_server.url, port=old.port, node_id=node_id, extra_args=NODE_ARGS
-        )
-        self.nodes[node] = fresh.start()
+        self.nodes.replace(old, node_id=f"node-{node}-{Faults.generation}" if kill else None)
         self.probe_every_channel()
 
     def _all_leave(self, affected: Sequence[int]) -> list[Outcome]:
@@ -128,7 +127,7 @@ class Faults(Workload):
     @precondition(lambda self: "redis" in self.faults)
     @rule()
     def restart_redis_empty(self) -> None:
-        self.redis_server.restart()
+        self.nodes.redis.restart()
         self.probe_every_channel()
         self.loop.run(self._registry_matches(), timeout=60)
 
@@ -140,7 +139,7 @@ class Faults(Workload):
         self.loop.run(self._registry_matches(), timeout=60)
 
     async def _kill_pubsub(self) -> None:
-        redis: Redis = Redis.from_url(self.redis_server.url)
+        redis: Redis = Redis.from_url(self.nodes.redis.url)
         try:
             await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
         finally:
@@ -167,34 +166,32 @@ class Faults(Workload):
         connections = {cluster.raw_id(name) for name in self.model.roles}
         channels = {cluster.raw_id(name) for name in self.model.channels}
         assert cluster.observer is not None
-        redis: Redis = Redis.from_url(self.redis_server.url, decode_responses=True)
-        stored: tuple[set[str], set[str], dict[str, set[str]]] = (set(), set(), {})
+        expected_roles = {
+            role: {cluster.raw_id(n) for n, r in self.model.roles.items() if r == role}
+            for role in ROLES
+        }
+
+        def live(stored: Stored) -> bool:
+            conns, chans, roles = stored
+            return (
+                conns - {cluster.observer_id} == connections
+                and chans == channels
+                and all(roles.get(r, set()) == expected_roles[r] for r in ROLES)
+            )
+
+        redis: Redis = Redis.from_url(self.nodes.redis.url, decode_responses=True)
         try:
-            async with asyncio.timeout(FAULT_TIMEOUT):
-                while True:
-                    stored = await _stored(redis)
-                    conns, chans, roles = stored
-                    expected_roles = {
-                        role: {cluster.raw_id(n) for n, r in self.model.roles.items() if r == role}
-                        for role in ROLES
-                    }
-                    if (
-                        conns - {cluster.observer_id} == connections
-                        and chans == channels
-                        and all(roles.get(r, set()) == expected_roles[r] for r in ROLES)
-                    ):
-                        return
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            raise Divergence(
-                f"Redis holds {stored}, the live connections are {connections} and "
-                f"channels {channels}"
-            ) from None
+            await wait_for_value(
+                lambda: _stored(redis),
+                live,
+                timeout=FAULT_TIMEOUT,
+                message=f"Redis to hold the live connections {connections} and channels {channels}",
+            )
         finally:
             await redis.aclose()
 
 
-async def _stored(redis: Redis) -> tuple[set[str], set[str], dict[str, set[str]]]:
+async def _stored(redis: Redis) -> Stored:
     conns: set[str] = set()
     chans: set[str] = set()
     roles: dict[str, set[str]] = {}

@@ -10,14 +10,15 @@ from tests.differential import profiles
 from tests.differential.conftest import Loop
 from tests.differential.harness import System
 from tests.differential.workload import Workload
+from tests.support.cluster import Cluster
 from tests.support.nodes import NodeProcess
 
 
 def test_cluster_and_one_node_answer_alike(
-    loop: Loop, standalone: NodeProcess, cluster_nodes: list[NodeProcess]
+    loop: Loop, standalone: NodeProcess, three_nodes: Cluster
 ) -> None:
     one_node = System("standalone", [standalone.url])
-    cluster = System("cluster", [node.url for node in cluster_nodes])
+    cluster = System("cluster", [node.url for node in three_nodes.nodes])
 
     class OnBoth(Workload):
         pass

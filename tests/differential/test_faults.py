@@ -11,17 +11,11 @@ from tests.differential import profiles
 from tests.differential.conftest import Loop
 from tests.differential.faults import Faults
 from tests.differential.harness import System
-from tests.support.nodes import NodeProcess
-from tests.support.redis_server import RedisServer
+from tests.support.cluster import Cluster
 
 
-def _run(
-    faults: frozenset[str],
-    loop: Loop,
-    redis_server: RedisServer,
-    cluster_nodes: list[NodeProcess],
-) -> None:
-    cluster = System("cluster", [node.url for node in cluster_nodes])
+def _run(faults: frozenset[str], loop: Loop, nodes: Cluster) -> None:
+    cluster = System("cluster", [node.url for node in nodes.nodes])
 
     class WithFaults(Faults):
         pass
@@ -29,8 +23,7 @@ def _run(
     WithFaults.faults = faults
     WithFaults.loop = loop
     WithFaults.systems = (cluster,)
-    WithFaults.nodes = cluster_nodes
-    WithFaults.redis_server = redis_server
+    WithFaults.nodes = nodes
     # A fault costs seconds (a drain, a lapsed heartbeat, a node start): fewer examples.
     current = profiles.chosen()
     fewer = settings(
@@ -46,13 +39,11 @@ def _run(
             loop.run(cluster.observer.close())
 
 
-def test_nodes_stopped_or_killed_between_steps(
-    loop: Loop, redis_server: RedisServer, cluster_nodes: list[NodeProcess]
-) -> None:
-    _run(frozenset({"stop", "kill"}), loop, redis_server, cluster_nodes)
+def test_nodes_stopped_or_killed_between_steps(loop: Loop, three_nodes: Cluster) -> None:
+    _run(frozenset({"stop", "kill"}), loop, three_nodes)
 
 
 def test_redis_restarted_empty_or_pubsub_killed_between_steps(
-    loop: Loop, redis_server: RedisServer, cluster_nodes: list[NodeProcess]
+    loop: Loop, three_nodes: Cluster
 ) -> None:
-    _run(frozenset({"redis", "pubsub"}), loop, redis_server, cluster_nodes)
+    _run(frozenset({"redis", "pubsub"}), loop, three_nodes)

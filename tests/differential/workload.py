@@ -31,6 +31,7 @@ from tests.differential.model import (
     Register,
     outcomes,
 )
+from tests.support.polling import wait_until
 
 CLIENTS = 4
 ROLES = ("r0", "r1")
@@ -101,11 +102,15 @@ class Workload(RuleBasedStateMachine):
         """A disconnect has no reply: wait until every system stopped listing the connection."""
 
         async def one(system: System) -> None:
-            async with asyncio.timeout(STEP_TIMEOUT):
-                for name, role in gone:
-                    raw = system.raw_id(name)
-                    while raw in await system.listed(role):  # noqa: ASYNC110 - another process
-                        await asyncio.sleep(0.02)
+            for name, role in gone:
+                raw = system.raw_id(name)
+
+                async def unlisted() -> bool:
+                    return raw not in await system.listed(role)  # noqa: B023 - awaited at once
+
+                await wait_until(
+                    unlisted, timeout=STEP_TIMEOUT, message=f"{system.name}: {name} unlisted"
+                )
             raise_if_late = [c for c in system.clients if c.errors]
             if raise_if_late:
                 raise Divergence(f"{system.name}: {[c.errors for c in raise_if_late]}")
@@ -119,10 +124,14 @@ class Workload(RuleBasedStateMachine):
         await asyncio.gather(*(s.disconnect_all() for s in self.systems))
 
         async def empty(system: System) -> None:
-            async with asyncio.timeout(STEP_TIMEOUT):
-                for role in ROLES:
-                    while await system.listed(role):  # noqa: ASYNC110 - another process
-                        await asyncio.sleep(0.02)
+            for role in ROLES:
+
+                async def nobody() -> bool:
+                    return not await system.listed(role)  # noqa: B023 - awaited at once
+
+                await wait_until(
+                    nobody, timeout=STEP_TIMEOUT, message=f"{system.name}: nobody in {role}"
+                )
 
         await asyncio.gather(*(empty(s) for s in self.systems))
 

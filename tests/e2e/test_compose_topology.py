@@ -16,9 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,11 +26,12 @@ import pytest
 from broker_node.cluster.keys import RedisKeys
 from client import BrokerClient
 from tests.client.helpers import client_tasks
-from tests.deploy.nginx_local import NginxUnavailable, ensure_nginx
 from tests.e2e.registry import leftovers, snapshot
 from tests.e2e.topology import ComposeTopology
 from tests.e2e.workload import ECHO_ROLE, REQUEST_TIMEOUT, Requester, Responder, sdk_client
-from tests.support.nodes import http_get
+from tests.support.nginx import NginxUnavailable, ensure_nginx
+from tests.support.nodes import http_get, metric_sample
+from tests.support.polling import wait_for_value
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -63,16 +63,15 @@ def nginx() -> Path:
 
 
 @pytest.fixture
-def topology(nginx: Path, tmp_path: Path) -> Iterator[ComposeTopology]:
-    with RedisServer() as redis:
-        topology = ComposeTopology(
-            redis=redis, nginx=nginx, workdir=tmp_path, replicas=3, node_args=NODE_ARGS
-        )
-        try:
-            topology.start()
-            yield topology
-        finally:
-            topology.stop()
+def topology(nginx: Path, tmp_path: Path, redis_server: RedisServer) -> Iterator[ComposeTopology]:
+    topology = ComposeTopology(
+        redis=redis_server, nginx=nginx, workdir=tmp_path, replicas=3, node_args=NODE_ARGS
+    )
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
 
 
 async def test_clients_spread_over_nodes_and_survive_a_rolling_restart(
@@ -91,10 +90,11 @@ async def test_clients_spread_over_nodes_and_survive_a_rolling_restart(
                     await client.connect()
 
             # (a) Every node got clients: each node's own gauge, and the registry agrees.
-            gauges = await _poll(
+            gauges = await wait_for_value(
                 lambda: asyncio.to_thread(_connection_gauges, topology),
                 lambda counts: sum(counts) == len(clients),
-                what="the nodes' broker_connections gauges to add up to 20",
+                timeout=SETTLE,
+                message="the nodes' broker_connections gauges to add up to 20",
             )
             assert all(count > 0 for count in gauges), f"clients per node: {gauges}"
             await _check_channels_across_every_pair_of_nodes(topology, responders, clients)
@@ -124,12 +124,12 @@ async def test_clients_spread_over_nodes_and_survive_a_rolling_restart(
             assert len({r.node_id for r in topology.retired} | set(node_ids)) == 6
             connection_ids = [c.connection_id for c in clients]
             assert None not in connection_ids
-            problems = await _poll(
+            await wait_for_value(
                 lambda: _leftovers(topology, node_ids, connection_ids),
                 lambda found: found == [],
-                what="Redis to hold only the current nodes' state",
+                timeout=SETTLE,
+                message="Redis to hold only the current nodes' state",
             )
-            assert problems == []
             _report(topology, requesters, responders, gauges)
     finally:
         stop.set()
@@ -157,9 +157,7 @@ def _connection_gauges(topology: ComposeTopology) -> list[int]:
     for node in topology.nodes:
         status, body = http_get(node.http + "/metrics", timeout=2.0)
         assert status == 200, body
-        match = re.search(r"^broker_connections (\S+)$", body, re.MULTILINE)
-        assert match is not None, body
-        counts.append(int(float(match.group(1))))
+        counts.append(int(metric_sample(body, "broker_connections")))
     return counts
 
 
@@ -199,7 +197,7 @@ async def _all_working(
 ) -> None:
     """Wait until every requester completed and every responder answered since ``since``."""
 
-    def lagging() -> list[str]:
+    async def lagging() -> list[str]:
         late = [
             f"requester {r.index}" for r in requesters if r.round_trips_since(since) < round_trips
         ]
@@ -208,10 +206,9 @@ async def _all_working(
         ]
         return late
 
-    async def check() -> list[str]:
-        return lagging()
-
-    await _poll(check, lambda late: late == [], what="every client to work", interval=0.05)
+    await wait_for_value(
+        lagging, lambda late: late == [], timeout=SETTLE, message="every client to work"
+    )
 
 
 async def _check_every_responder_answers(
@@ -249,25 +246,3 @@ def _report(
     print(f"clients per node before the roll: {gauges}")
     print(f"round trips: {trips}; tolerated during the roll: {tolerated}")
     print(f"nodes: {[r.node_id for r in topology.retired]} -> {topology.node_ids()}")
-
-
-# --- waiting ----------------------------------------------------------------------------------
-
-
-async def _poll(
-    probe: Callable[[], Awaitable[T]],
-    done: Callable[[T], bool],
-    *,
-    what: str,
-    timeout: float = SETTLE,
-    interval: float = 0.1,
-) -> T:
-    """Ask ``probe`` until ``done`` holds for its answer; fail with the last answer."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}; last: {value!r}")
-        await asyncio.sleep(interval)

@@ -100,7 +100,7 @@ class Requester:
                     await self.client.wait_connected()
                 echoes = sorted(await self.client.list_by_role(ECHO_ROLE))
                 if not echoes:
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.1)  # a client's pause before it asks again
                     continue
                 target = echoes[turn % len(echoes)]
                 turn += 1
@@ -117,10 +117,10 @@ class Requester:
                     self.round_trips.append(time.monotonic())
             except TOLERATED as exc:
                 self.tolerated[_describe(exc)] += 1
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # a client's pause before it tries again
             except (BrokerError, TimeoutError) as exc:
                 self.unexpected.append(f"requester {self.index}: {exc!r}")
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # a client's pause before it tries again
             finally:
                 if channel is not None:
                     with contextlib.suppress(BrokerError):

@@ -1,111 +1,22 @@
-"""Helpers of the node-level cluster tests: node processes, bounded waits, Redis inspection."""
+"""Helpers of the node-level cluster tests: what clients saw, and what Redis holds.
+
+The cluster itself is built by :class:`tests.support.cluster.Cluster` (the ``cluster`` fixture).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Final
 
 from redis.asyncio import Redis
 
 from broker_node.cluster.keys import RedisKeys
 from shared.ids import ChannelId, ConnectionId, NodeId
-from tests.support.nodes import NodeProcess, http_get
-from tests.support.redis_server import RedisServer
+from tests.support.polling import wait_for_value
 from tests.support.wire import Frame, WireClient
 
-#: Failure detection in a second or so (the defaults are 5 s / 15 s / 2.5 s).
-HEARTBEAT: Final = 0.2
-TTL: Final = 1.0
-REQUEST_TIMEOUT: Final = 1.0
-DRAIN_TIMEOUT: Final = 5.0
-#: Scheduling noise on a busy two-core CI machine running Redis, nodes and the test.
-SLACK: Final = 1.0
-
 KEYS: Final = RedisKeys()
-
-
-def fast_args(
-    *,
-    heartbeat: float = HEARTBEAT,
-    ttl: float = TTL,
-    request_timeout: float = REQUEST_TIMEOUT,
-    drain_timeout: float = DRAIN_TIMEOUT,
-) -> list[str]:
-    return [
-        "--heartbeat-interval", str(heartbeat),
-        "--node-ttl", str(ttl),
-        "--request-timeout", str(request_timeout),
-        "--drain-timeout", str(drain_timeout),
-    ]  # fmt: skip
-
-
-@dataclass
-class Cluster:
-    """``broker-node`` processes on one redis-server, and the clients the test connects."""
-
-    redis: RedisServer
-    nodes: list[NodeProcess] = field(default_factory=list)
-    clients: list[WireClient] = field(default_factory=list)
-
-    async def start(self, count: int, *, args: list[str] | None = None) -> list[NodeProcess]:
-        """Start ``count`` nodes (ids ``node-<n>``) in parallel and wait until they are ready."""
-        made = [
-            NodeProcess(
-                redis_url=self.redis.url,
-                node_id=f"node-{len(self.nodes) + n}",
-                extra_args=fast_args() if args is None else args,
-            )
-            for n in range(count)
-        ]
-        self.nodes += made
-        await asyncio.gather(*(asyncio.to_thread(node.start) for node in made))
-        return made
-
-    async def client(self, node: NodeProcess, role: str | None = None) -> WireClient:
-        """A connected client of ``node``, registered with ``role`` unless it is None."""
-        client = await WireClient(node.url).__aenter__()
-        self.clients.append(client)
-        if role is not None:
-            await client.register(role)
-        return client
-
-    async def aclose(self) -> None:
-        for client in self.clients:
-            try:
-                async with asyncio.timeout(2):
-                    await client.close()
-            except (TimeoutError, OSError):
-                pass
-        await asyncio.gather(
-            *(asyncio.to_thread(node.__exit__, None, None, None) for node in self.nodes)
-        )
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float, interval: float = 0.05
-) -> None:
-    """Poll an external state until ``check`` holds; TimeoutError after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not await check():  # noqa: ASYNC110 - the state lives in another process
-            await asyncio.sleep(interval)
-
-
-async def status(node: NodeProcess, path: str = "/readyz") -> int:
-    """The HTTP status of ``path`` on the node (0 when nothing answers)."""
-    code, _ = await asyncio.to_thread(http_get, node.http + path, 0.5)
-    return code
-
-
-async def metric(node: NodeProcess, name: str) -> float:
-    """One unlabelled sample of the node's /metrics."""
-    _, body = await asyncio.to_thread(http_get, node.http + "/metrics", 1.0)
-    match = re.search(rf"^{re.escape(name)} (\S+)$", body, re.MULTILINE)
-    assert match is not None, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 async def frames_for(client: WireClient, seconds: float) -> list[Frame]:
@@ -157,6 +68,24 @@ class RedisInspector:
         async for key in self.client.scan_iter(match=KEYS.pattern, count=1000):
             found.add(key)
         return found
+
+    async def wait_for_keys(
+        self, expected: set[str], *, timeout: float, interval: float | None = None
+    ) -> None:
+        """Until Redis holds exactly ``expected``; fails naming the extra and missing keys."""
+
+        def difference(found: set[str]) -> str:
+            extra, missing = sorted(found - expected), sorted(expected - found)
+            return f"{len(extra)} extra, e.g. {extra[:5]}; missing {missing}"
+
+        await wait_for_value(
+            self.keys,
+            lambda found: found == expected,
+            timeout=timeout,
+            interval=interval,
+            message="Redis to hold exactly the live entries",
+            describe=difference,
+        )
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import Cluster, eventually, fast_args, metric
-from tests.support.nodes import NodeProcess
+from tests.support.cluster import Cluster, fast_args
+from tests.support.nodes import NodeProcess, metric
+from tests.support.polling import wait_until
 from tests.support.raw_ws import OP_CLOSE, OP_PING, OP_TEXT, RawClient, text
 from tests.support.wire import WireClient
 
@@ -140,7 +141,7 @@ async def test_a_slow_reader_gets_every_confirmed_message(cluster: Cluster) -> N
                 continue
             assert opcode == OP_TEXT
             received.append(json.loads(payload)["payload"]["n"])
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # reading slowly is the behaviour under test
 
     reading = asyncio.create_task(read_slowly())
     replies = await windowed_sender(sender, channel, sizes, window=64)
@@ -164,7 +165,11 @@ async def test_a_reader_that_stops_is_closed_and_told_so(cluster: Cluster) -> No
     # Much more than the socket buffers hold; the reader reads nothing meanwhile.
     sizes = [100 * 1024] * 60
     sending = asyncio.create_task(windowed_sender(sender, channel, sizes, window=64))
-    await eventually(lambda: has_metric(node, "broker_slow_consumer_closes_total", 1.0), timeout=15)
+    await wait_until(
+        lambda: has_metric(node, "broker_slow_consumer_closes_total", 1.0),
+        timeout=15,
+        message="the reader closed as a slow consumer",
+    )
     # It reads again, within the closing handshake's time: the frames the kernel took, then
     # the 1008 close frame.
     received: list[int] = []

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.support.nodes import NodeProcess, http_get
+from tests.support.nodes import NodeProcess, http_get, metric
+from tests.support.polling import wait_until
 from tests.support.wire import WireClient, pair
 
 UPGRADE = (
     "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
 )
-
-
-async def counter(node: NodeProcess, name: str, **labels: str) -> float:
-    _, body = await asyncio.to_thread(http_get, node.http + "/metrics")
-    shown = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    match = re.search(rf"^{re.escape(name)}{{{re.escape(shown)}}} (\S+)$", body, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 async def refused_status(url: str, **kwargs: object) -> int | None:
@@ -54,7 +47,7 @@ async def test_half_open_connections_are_dropped_after_the_handshake_timeout() -
         async def dripping() -> None:
             for byte in UPGRADE.encode():
                 drip[1].write(bytes([byte]))
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # a byte at a time, slowly: the behaviour under test
 
         dripper = asyncio.create_task(dripping())
         for reader, _ in (silent, half, drip):
@@ -63,7 +56,7 @@ async def test_half_open_connections_are_dropped_after_the_handshake_timeout() -
         dripper.cancel()
         for _, writer in (silent, half, drip):
             writer.close()
-        assert await counter(node, "broker_limit_refusals_total", limit="handshake_timeout") == 3
+        assert await metric(node, "broker_limit_refusals_total", limit="handshake_timeout") == 3
         # A client that completes its handshake in time is not affected.
         a, b, _ = await pair(node.url)
         await a.close()
@@ -80,7 +73,7 @@ async def test_headers_past_the_bound_get_431() -> None:
         # Headers within the bound, and frames sent right behind them, are fine.
         async with WireClient(node.url, additional_headers={"X-Pad": "b" * 1500}) as client:
             await client.register("ok")
-        assert await counter(node, "broker_limit_refusals_total", limit="header_bytes") == 1
+        assert await metric(node, "broker_limit_refusals_total", limit="header_bytes") == 1
         assert_no_traceback(node)
 
 
@@ -96,12 +89,9 @@ async def test_connections_per_node_are_capped_with_503_and_healthz_still_answer
         async def admitted() -> bool:
             return await refused_status(node.url) is None
 
-        deadline = time.monotonic() + 10
-        while not await admitted():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await wait_until(admitted, timeout=10, message="a new connection admitted")
         await second.close()
-        assert await counter(node, "broker_limit_refusals_total", limit="connections") >= 1
+        assert await metric(node, "broker_limit_refusals_total", limit="connections") >= 1
 
 
 async def test_connections_per_ip_use_forwarded_addresses_from_trusted_proxies_only() -> None:
@@ -114,7 +104,7 @@ async def test_connections_per_ip_use_forwarded_addresses_from_trusted_proxies_o
         assert await refused_status(node.url, **bob) is None
         for client in held:
             await client.close()
-        assert await counter(node, "broker_limit_refusals_total", limit="connections_per_ip") == 1
+        assert await metric(node, "broker_limit_refusals_total", limit="connections_per_ip") == 1
 
     # Without --trusted-proxies the headers are ignored: every client is 127.0.0.1.
     with NodeProcess(extra_args=["--max-connections-per-ip", "2"]) as node:
@@ -143,7 +133,7 @@ async def test_short_of_file_descriptors_the_node_sheds_half_open_sockets() -> N
         await b.close()
         for _, writer in silent:
             writer.close()
-        assert await counter(node, "broker_limit_refusals_total", limit="file_descriptors") > 0
+        assert await metric(node, "broker_limit_refusals_total", limit="file_descriptors") > 0
         # Logged, but at most once per interval however often it happened.
         assert 1 <= node.output().count("limit file_descriptors reached") <= 2
         assert_no_traceback(node)
@@ -169,7 +159,7 @@ async def test_over_the_request_rate_reading_pauses_and_every_request_succeeds()
         # A burst of 400, then 200 per second: 800 requests take about 2 s (a lower bound
         # only: a slower machine makes it longer, never shorter).
         assert elapsed >= 1.0
-        assert await counter(node, "broker_limit_refusals_total", limit="requests_rate") > 0
+        assert await metric(node, "broker_limit_refusals_total", limit="requests_rate") > 0
         # Every message arrived, in order (read before closing: a client with unread frames
         # is slow to finish its closing handshake).
         received = [(await b.notification("channel_message"))["payload"] for _ in range(800)]
@@ -189,7 +179,7 @@ async def test_over_the_byte_rate_reading_pauses() -> None:
             assert (await a.reply_to(100 + n, timeout=30))["type"] == "channel_message_sent"
         # A burst of 400 kB, then 200 kB/s: 800 kB take about 2 s.
         assert time.monotonic() - started >= 1.0
-        assert await counter(node, "broker_limit_refusals_total", limit="bytes_rate") > 0
+        assert await metric(node, "broker_limit_refusals_total", limit="bytes_rate") > 0
         for _ in range(16):
             assert (await b.notification("channel_message"))["payload"] == body
         await a.close()
@@ -252,7 +242,7 @@ async def test_origins_outside_the_allow_list_get_403() -> None:
         assert await refused_status(node.url, origin="https://app.example.com") is None
         # Not a browser: no Origin header, no check.
         assert await refused_status(node.url) is None
-        assert await counter(node, "broker_limit_refusals_total", limit="origin") == 1
+        assert await metric(node, "broker_limit_refusals_total", limit="origin") == 1
 
     with NodeProcess() as node:
         # Off by default.

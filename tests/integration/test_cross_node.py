@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from tests.integration.helpers import Cluster, fast_args, list_role, send_confirmed
+from tests.integration.helpers import list_role, send_confirmed
+from tests.support.cluster import Cluster, fast_args
 from tests.support.wire import WireClient
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.integration.helpers import Cluster
+from tests.support.cluster import Cluster
 
 pytestmark = pytest.mark.slow
 

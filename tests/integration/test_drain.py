@@ -8,16 +8,9 @@ import time
 
 import pytest
 
-from tests.integration.helpers import (
-    DRAIN_TIMEOUT,
-    KEYS,
-    Cluster,
-    RedisInspector,
-    list_role,
-    node_keys,
-    send_confirmed,
-    status,
-)
+from tests.integration.helpers import KEYS, RedisInspector, list_role, node_keys, send_confirmed
+from tests.support.cluster import DRAIN_TIMEOUT, Cluster
+from tests.support.nodes import status
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ import signal
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.integration.helpers import DRAIN_TIMEOUT, Cluster, frames_for
+from tests.integration.helpers import frames_for
+from tests.support.cluster import DRAIN_TIMEOUT, Cluster
 from tests.support.wire import WireClient
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ async def _send_steadily(
             if len(sent) >= RATE:
                 busy.set()
             next_tick += TICK
-            await asyncio.sleep(max(0.0, next_tick - loop.time()))
+            await asyncio.sleep(max(0.0, next_tick - loop.time()))  # paced load: the behaviour
     except ConnectionClosed:
         pass
     return sent

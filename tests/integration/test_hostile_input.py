@@ -16,8 +16,10 @@ from redis.asyncio import Redis
 
 from broker_node.core.envelopes import Deliver, encode_batch
 from shared.ids import ChannelId, ConnectionId, NodeId
-from tests.integration.helpers import KEYS, Cluster, eventually, metric
-from tests.support.nodes import NodeProcess, http_get
+from tests.integration.helpers import KEYS
+from tests.support.cluster import Cluster
+from tests.support.nodes import NodeProcess, http_get, metric
+from tests.support.polling import wait_until
 from tests.support.wire import WireClient, pair
 
 
@@ -204,6 +206,6 @@ async def test_a_poisoned_envelope_fails_alone_among_healthy_traffic(cluster: Cl
     async def dropped_counted() -> bool:
         return await metric(node1, "broker_bus_envelopes_dropped_total") == 3
 
-    await eventually(dropped_counted, timeout=10)
+    await wait_until(dropped_counted, timeout=10, message="three dropped envelopes counted")
     assert_no_traceback(node1)
     await redis.aclose()

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from tests.integration.helpers import Cluster, eventually, fast_args, frames_for, send_confirmed
+from tests.integration.helpers import frames_for, send_confirmed
+from tests.support.cluster import Cluster, fast_args
+from tests.support.polling import wait_until
 from tests.support.wire import WireClient
 
 pytestmark = pytest.mark.slow
@@ -149,7 +151,7 @@ async def test_sends_keep_working_when_redis_restarts_empty(cluster: Cluster) ->
         reply = await a.request("message", channelId=channel, payload=n)
         if reply["type"] != "channel_message_sent":
             failures.append(reply)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # paced: the sends span the nodes' recovery
     # Redis is back before the first send: nothing may fail, and nothing was told closed.
     assert failures == []
     assert await payloads_at(b, 60) == list(range(60))
@@ -183,12 +185,12 @@ async def test_a_failure_during_a_redis_pause_is_true(cluster: Cluster) -> None:
                 sent.append(n)
             else:
                 failed[n] = reply["error"]
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # paced: the sends span the pause
 
     sending = asyncio.create_task(sender())
-    await asyncio.sleep(0.5)
+    await wait_until(lambda: len(sent) >= 10, timeout=10, message="ten sends confirmed first")
     cluster.redis.pause()
-    await asyncio.sleep(3)
+    await asyncio.sleep(3)  # the outage itself, three request timeouts long
     cluster.redis.resume()
     await sending
     frames = b.received + await frames_for(b, 2.0)
@@ -241,7 +243,7 @@ async def test_a_stranger_on_a_third_node_is_not_authorized(cluster: Cluster) ->
         reply = await stranger.request("message", channelId=channel, payload=2)
         return bool(reply["error"] == "Channel not found")
 
-    await eventually(not_found, timeout=5)
+    await wait_until(not_found, timeout=5, message="'Channel not found' for the stranger")
 
 
 async def test_an_end_of_a_just_closed_channel_is_told_it_is_gone(cluster: Cluster) -> None:

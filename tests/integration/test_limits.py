@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from client import BrokerClient
-from tests.integration.helpers import Cluster, fast_args
-from tests.support.nodes import NodeProcess, http_get
+from tests.support.cluster import Cluster, fast_args
+from tests.support.nodes import NodeProcess, metric
 from tests.support.wire import WireClient
-
-
-async def limit_count(node: NodeProcess, limit: str) -> float:
-    _, body = await asyncio.to_thread(http_get, node.http + "/metrics")
-    prefix = f'broker_limit_refusals_total{{limit="{limit}"}} '
-    for line in body.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    return 0.0
 
 
 async def test_channels_per_connection_are_capped() -> None:
@@ -35,7 +24,7 @@ async def test_channels_per_connection_are_capped() -> None:
                 # The target holds 3 channels too: opening one more to it is refused.
                 to_full = await other.request("open", targetId=target_id)
                 assert to_full["error"] == "Target connection has too many channels"
-        assert await limit_count(node, "channels") == 2
+        assert await metric(node, "broker_limit_refusals_total", limit="channels") == 2
 
 
 async def test_a_freed_channel_can_be_opened_again() -> None:
@@ -113,11 +102,11 @@ async def test_large_list_replies_weigh_more_against_the_request_rate() -> None:
             asker = members[0]
             for _ in range(20):
                 await asker.request("ping-like-unknown-type")
-            assert await limit_count(node, "requests_rate") == 0
+            assert await metric(node, "broker_limit_refusals_total", limit="requests_rate") == 0
             for _ in range(20):
                 reply = await asker.request("list_by_role", role="member", timeout=30)
                 assert len(reply["ids"]) == 100
-            assert await limit_count(node, "requests_rate") >= 1
+            assert await metric(node, "broker_limit_refusals_total", limit="requests_rate") >= 1
         finally:
             for member in members:
                 await member.close()

@@ -15,21 +15,17 @@ import pytest
 
 from shared.ids import ChannelId, NodeId
 from tests.integration.helpers import (
-    HEARTBEAT,
     KEYS,
-    SLACK,
-    TTL,
-    Cluster,
     RedisInspector,
-    eventually,
     frames_for,
     list_role,
-    metric,
     node_keys,
     send_confirmed,
     unread,
 )
-from tests.support.nodes import NodeProcess
+from tests.support.cluster import HEARTBEAT, SLACK, TTL, Cluster
+from tests.support.nodes import NodeProcess, metric
+from tests.support.polling import wait_until
 from tests.support.wire import WireClient
 
 pytestmark = pytest.mark.slow
@@ -131,10 +127,7 @@ async def test_kill_9_peers_notified_and_nothing_left_in_redis(cluster: Cluster)
             | {KEYS.nodes, KEYS.role("peer"), KEYS.tombstone(NodeId(victim_id))}
         )
 
-        async def reaped() -> bool:
-            return await redis.keys() == expected
-
-        await eventually(reaped, timeout=DETECTION)
+        await redis.wait_for_keys(expected, timeout=DETECTION)
         assert await redis.client.smembers(KEYS.nodes) == {n1_id, n2_id}
         assert await redis.client.hgetall(KEYS.channel(ChannelId(survivor_channel))) == {
             "opener": s1.connection_id,
@@ -180,7 +173,7 @@ async def test_two_survivors_race_to_reap_one_node_each_peer_notified_once(
     async def reaped() -> bool:
         return (await reaps([n1, n2]))[0] >= 1
 
-    await eventually(reaped, timeout=DETECTION)
+    await wait_until(reaped, timeout=DETECTION, message="a survivor to reap the victim")
     # Both survivors keep looking for lapsed nodes meanwhile: still one reap, one notice each.
     await no_more_notifications([peer for peer, _ in doomed.peers], 5 * HEARTBEAT)
     assert await reaps([n1, n2]) == (1, 1)
@@ -204,7 +197,7 @@ async def test_paused_node_reaped_then_resumed_does_not_resurrect(cluster: Clust
         async def reaped() -> bool:
             return (await reaps([survivor]))[0] == 1
 
-        await eventually(reaped, timeout=DETECTION)
+        await wait_until(reaped, timeout=DETECTION, message="the survivor to reap the stalled")
     finally:
         await asyncio.to_thread(stalled.resume)
 
@@ -220,7 +213,7 @@ async def test_paused_node_reaped_then_resumed_does_not_resurrect(cluster: Clust
             keys = await redis.keys()
             return KEYS.heartbeat(stalled_id) in keys and KEYS.tombstone(stalled_id) not in keys
 
-        await eventually(rejoined, timeout=DETECTION)
+        await wait_until(rejoined, timeout=DETECTION, message="the stalled node to rejoin")
         peer_ids = [p.connection_id for p in peers if p.connection_id]
         expected = (
             node_keys(stalled_id)

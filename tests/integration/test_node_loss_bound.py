@@ -13,7 +13,8 @@ import time
 import pytest
 
 from broker_node.config import Settings
-from tests.integration.helpers import Cluster, list_role
+from tests.integration.helpers import list_role
+from tests.support.cluster import Cluster
 
 pytestmark = pytest.mark.slow
 

@@ -12,19 +12,10 @@ import time
 
 import pytest
 
-from tests.integration.helpers import (
-    HEARTBEAT,
-    SLACK,
-    TTL,
-    Cluster,
-    eventually,
-    fast_args,
-    list_role,
-    metric,
-    send_confirmed,
-    status,
-    unread,
-)
+from tests.integration.helpers import list_role, send_confirmed, unread
+from tests.support.cluster import HEARTBEAT, SLACK, TTL, Cluster, fast_args
+from tests.support.nodes import NodeProcess, metric, wait_readiness
+from tests.support.polling import wait_until
 from tests.support.wire import WireClient
 
 pytestmark = pytest.mark.slow
@@ -48,6 +39,15 @@ async def message_or_closed(sender: WireClient, receiver: WireClient, channel: s
     return "closed"
 
 
+async def peer_judgements(node: NodeProcess) -> float:
+    """How many times the node looked for lapsed heartbeats (none while in its grace)."""
+    return await metric(node, "broker_registry_calls_total", operation="lapsed_nodes")
+
+
+async def backend_up(node: NodeProcess, up: bool) -> bool:
+    return await metric(node, "broker_backend_up") == float(up)
+
+
 async def test_redis_restarted_empty_with_open_channels(cluster: Cluster) -> None:
     n0, n1 = await cluster.start(2)
     a0, a1 = await cluster.client(n0, "a"), await cluster.client(n0, "a")
@@ -69,10 +69,7 @@ async def test_redis_restarted_empty_with_open_channels(cluster: Cluster) -> Non
     restarted = time.monotonic()
 
     # Both nodes answer ready again, and list_by_role finds every live connection.
-    async def ready() -> bool:
-        return {await status(n0), await status(n1)} == {200}
-
-    await eventually(ready, timeout=TTL + 5 * HEARTBEAT + SLACK)
+    await wait_readiness([n0, n1], ready=True, timeout=TTL + 5 * HEARTBEAT + SLACK)
 
     async def listed() -> bool:
         for client in (a0, b1):
@@ -82,7 +79,7 @@ async def test_redis_restarted_empty_with_open_channels(cluster: Cluster) -> Non
                     return False
         return True
 
-    await eventually(listed, timeout=5 * HEARTBEAT + SLACK)
+    await wait_until(listed, timeout=5 * HEARTBEAT + SLACK, message="every live connection listed")
     print(f"\nregistry restored {time.monotonic() - restarted:.2f}s after the restart")
 
     # Every channel works end to end, or both of its ends were told it closed.
@@ -131,10 +128,7 @@ async def test_redis_stalled_requests_fail_in_time_and_node_recovers(cluster: Cl
         reply = await timed(x, "open", targetId=y.connection_id)
         assert reply["type"] == "channel_open_failed", reply
 
-        async def unready() -> bool:
-            return await status(node) == 503
-
-        await eventually(unready, timeout=bound + HEARTBEAT)
+        await wait_readiness([node], ready=False, timeout=bound + HEARTBEAT)
         # A channel with both ends on this node needs no Redis.
         await send_confirmed(x, y, local, "during the stall")
         await send_confirmed(y, x, local, "during the stall")
@@ -144,10 +138,7 @@ async def test_redis_stalled_requests_fail_in_time_and_node_recovers(cluster: Cl
     finally:
         await asyncio.to_thread(cluster.redis.resume)
 
-    async def ready() -> bool:
-        return await status(node) == 200
-
-    await eventually(ready, timeout=5 * HEARTBEAT + SLACK)
+    await wait_readiness([node], ready=True, timeout=5 * HEARTBEAT + SLACK)
     # Recovered without a restart: register, list and open work, and nothing the failed
     # register wrote while Redis was stalled shows up as a ghost.
     await newcomer.register("late")
@@ -185,12 +176,21 @@ async def test_redis_stalled_longer_than_the_node_ttl_reaps_nobody(cluster: Clus
     finally:
         cluster.redis.resume()
 
-    async def all_ready() -> bool:
-        return {await status(n) for n in (n0, n1, n2)} == {200}
+    nodes = [n0, n1, n2]
+    await wait_readiness(nodes, ready=True, timeout=TTL + 5 * HEARTBEAT + SLACK)
+    # Past the grace, when a wrongful reap would happen: every node has judged its peers
+    # (looked for lapsed heartbeats) three more times.
+    judged = [await peer_judgements(node) for node in nodes]
 
-    await eventually(all_ready, timeout=TTL + 5 * HEARTBEAT + SLACK)
-    # Past one more TTL, when a wrongful reap would have happened.
-    await asyncio.sleep(TTL + 3 * HEARTBEAT)
+    async def judged_three_more_times() -> bool:
+        now = [await peer_judgements(node) for node in nodes]
+        return all(after >= before + 3 for before, after in zip(judged, now, strict=True))
+
+    await wait_until(
+        judged_three_more_times,
+        timeout=TTL + 10 * HEARTBEAT + SLACK,
+        message="every node to judge its peers three more times",
+    )
     for node in (n0, n1, n2):
         assert await metric(node, "broker_reaped_nodes_total") == 0, node.output()
         assert "reaped" not in node.output()
@@ -214,7 +214,10 @@ async def test_a_close_during_an_outage_reaches_the_far_end_afterwards(cluster: 
     await asyncio.to_thread(cluster.redis.kill)
     closed = await a.request("close", channelId=channel)
     assert closed["type"] == "channel_closed"  # the closer's node decides alone
-    await asyncio.sleep(HEARTBEAT * 2)  # the notice's publish fails meanwhile
+    # Once the node has seen Redis gone, the notice's publish has failed too.
+    await wait_until(
+        lambda: backend_up(n0, False), timeout=TTL + SLACK, message="node-0 to see Redis gone"
+    )
     await asyncio.to_thread(cluster.redis.start)
 
     note = await b.notification("channel_closed_notification", timeout=TTL + 10 * HEARTBEAT + SLACK)

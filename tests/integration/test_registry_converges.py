@@ -18,20 +18,10 @@ import broker_node.node as node_module
 from broker_node.config import Settings
 from broker_node.node import BrokerNode
 from shared.ids import ConnectionId, NodeId
-from tests.integration.helpers import (
-    HEARTBEAT,
-    KEYS,
-    REQUEST_TIMEOUT,
-    TTL,
-    Cluster,
-    RedisInspector,
-    eventually,
-    fast_args,
-    list_role,
-    node_keys,
-    status,
-)
-from tests.support.nodes import NodeProcess
+from tests.integration.helpers import KEYS, RedisInspector, list_role, node_keys
+from tests.support.cluster import HEARTBEAT, REQUEST_TIMEOUT, TTL, Cluster, fast_args
+from tests.support.nodes import NodeProcess, metric, status
+from tests.support.polling import wait_until
 from tests.support.raw_ws import RawClient, text
 from tests.support.redis_server import RedisServer
 from tests.support.wire import WireClient
@@ -71,6 +61,10 @@ async def _unready(node: NodeProcess) -> bool:
     return await status(node) == 503
 
 
+async def _resynchronised(node: NodeProcess) -> bool:
+    return await metric(node, "broker_registry_calls_total", operation="node_index") >= 1
+
+
 async def _storm(node: NodeProcess, role: str, count: int, extra: list[dict[str, object]]) -> None:
     results = await asyncio.gather(
         *(_register_and_vanish(node.port, role, extra) for _ in range(count)),
@@ -87,15 +81,7 @@ async def test_clients_that_vanish_mid_register_leave_no_ghosts(cluster: Cluster
     redis = RedisInspector(cluster.redis.url)
     try:
         expected = await _expected_keys(node, [watcher], "watcher")
-
-        async def clean() -> bool:
-            return await redis.keys() == expected
-
-        try:
-            await eventually(clean, timeout=SETTLE)
-        except TimeoutError:
-            left = await redis.keys() - expected
-            pytest.fail(f"{len(left)} keys of vanished clients left, e.g. {sorted(left)[:5]}")
+        await redis.wait_for_keys(expected, timeout=SETTLE)
         assert await list_role(watcher, "ghost") == set()
     finally:
         await redis.aclose()
@@ -109,15 +95,7 @@ async def test_clients_that_vanish_mid_open_leave_no_channels(cluster: Cluster) 
     redis = RedisInspector(cluster.redis.url)
     try:
         expected = await _expected_keys(node, [target], "target")
-
-        async def clean() -> bool:
-            return await redis.keys() == expected
-
-        try:
-            await eventually(clean, timeout=SETTLE)
-        except TimeoutError:
-            left = await redis.keys() - expected
-            pytest.fail(f"{len(left)} keys of vanished clients left, e.g. {sorted(left)[:5]}")
+        await redis.wait_for_keys(expected, timeout=SETTLE)
         # The target was told of channels whose opener left: each was closed again.
         assert await list_role(target, "opener") == set()
     finally:
@@ -139,21 +117,20 @@ async def test_vanishing_clients_during_a_redis_pause_leave_no_ghosts(cluster: C
         await _storm(node, "ghost", 100, [])
         # The writes are in the stalled Redis's socket buffers and time out on the node's side:
         # their outcome is unknown there; Redis runs them once it resumes.
-        await eventually(lambda: _unready(node), timeout=SETTLE)
+        await wait_until(
+            lambda: _unready(node), timeout=SETTLE, message="the node to report not ready"
+        )
     finally:
         cluster.redis.resume()
     try:
-        expected = await _expected_keys(node, [watcher], "watcher")
-
-        async def clean() -> bool:
-            return await redis.keys() == expected
-
-        try:
-            await eventually(clean, timeout=SETTLE)
-        except TimeoutError:
-            left = await redis.keys() - expected
-            pytest.fail(f"{len(left)} keys of vanished clients left, e.g. {sorted(left)[:5]}")
+        # Once Redis answers, the node's next heartbeat finds its entries dirty and reads back
+        # what the registry indexes under it (node_index) to resynchronise.
+        await wait_until(
+            lambda: _resynchronised(node), timeout=SETTLE, message="the node to resynchronise"
+        )
         assert "resynchronising" in node.output()
+        expected = await _expected_keys(node, [watcher], "watcher")
+        await redis.wait_for_keys(expected, timeout=SETTLE)
         events = []
         while (event := await pubsub.get_message(timeout=0.01)) is not None:
             if event["type"] == "message":
@@ -218,10 +195,7 @@ async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
             expected = node_keys(node.node_id, connections=[str(c) for c in live_ids])
             expected |= {KEYS.nodes, KEYS.role("bystander"), KEYS.role("target")}
 
-            async def clean() -> bool:
-                return await redis.keys() == expected
-
-            await eventually(clean, timeout=SETTLE)
+            await redis.wait_for_keys(expected, timeout=SETTLE)
             # Long enough for a liveness round (which would rewrite a "dirty" registry) to run.
             rounds = node.stats.registry_calls.get("heartbeat", [0])[0]
 
@@ -229,7 +203,7 @@ async def test_a_client_with_many_channels_leaving_hides_no_live_entry(
                 calls = node.stats.registry_calls.get("heartbeat", [0])[0]
                 return bool(calls >= rounds + 2)
 
-            await eventually(two_more_rounds, timeout=SETTLE)
+            await wait_until(two_more_rounds, timeout=SETTLE, message="two more liveness rounds")
             assert await redis.keys() == expected
             assert await list_role(target, "bystander") == {c.connection_id for c in bystanders}
             events = []
@@ -297,14 +271,7 @@ async def test_a_client_with_many_channels_leaving_real_nodes(cluster: Cluster) 
             | {KEYS.nodes, KEYS.role("bystander"), KEYS.role("target")}
         )
 
-        async def clean() -> bool:
-            return await redis.keys() == expected
-
-        try:
-            await eventually(clean, timeout=60, interval=0.5)
-        except TimeoutError:
-            found = await redis.keys()
-            pytest.fail(f"{len(found - expected)} extra keys, missing {expected - found}")
+        await redis.wait_for_keys(expected, timeout=60, interval=0.5)
         async with asyncio.timeout(SETTLE):
             await asyncio.gather(*told)
         assert await list_role(targets[-1], "bystander") == {c.connection_id for c in bystanders}

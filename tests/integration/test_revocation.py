@@ -12,28 +12,14 @@ from typing import Any
 
 from broker_node.auth.revocation import Revocation, RevocationKeys, announce
 from client import BrokerClient
-from tests.integration.helpers import Cluster, eventually, fast_args
+from tests.support.cluster import Cluster
 from tests.support.nodes import NodeProcess
+from tests.support.polling import wait_until
 from tests.support.tokens import SECRET, claims, hs256
 from tests.support.wire import WireClient
 
 BROKER_ADMIN = str(Path(sys.executable).parent / "broker-admin")
 AUTH_ENV = {"BROKER_AUTH_SECRET": SECRET}
-
-
-async def start_nodes(cluster: Cluster, count: int) -> list[NodeProcess]:
-    made = [
-        NodeProcess(
-            redis_url=cluster.redis.url,
-            node_id=f"node-{len(cluster.nodes) + n}",
-            extra_args=fast_args(),
-            env=AUTH_ENV,
-        )
-        for n in range(count)
-    ]
-    cluster.nodes += made
-    await asyncio.gather(*(asyncio.to_thread(node.start) for node in made))
-    return made
 
 
 async def admin(*args: str, redis_url: str) -> dict[str, Any]:
@@ -58,7 +44,7 @@ async def registered(cluster: Cluster, node: NodeProcess, token: str) -> WireCli
 
 
 async def test_kick_user_closes_its_connections_on_every_node(cluster: Cluster) -> None:
-    nodes = await start_nodes(cluster, 3)
+    nodes = await cluster.start(3, env=AUTH_ENV)
     alice_token = hs256(claims(sub="alice", roles=["worker"]))
     alices = [await registered(cluster, node, alice_token) for node in nodes]
     bob = await registered(cluster, nodes[0], hs256(claims(sub="bob", roles=["worker"])))
@@ -72,7 +58,7 @@ async def test_kick_user_closes_its_connections_on_every_node(cluster: Cluster) 
     assert (await bob.request("list_by_role", role="worker"))["type"] == "connections"
 
     # The same token is refused everywhere, also on a node started after the kick.
-    late = (await start_nodes(cluster, 1))[0]
+    late = (await cluster.start(1, env=AUTH_ENV))[0]
     for node in [*nodes, late]:
         client = await cluster.client(node)
         reply = await client.request("register", role="worker", token=alice_token)
@@ -83,7 +69,7 @@ async def test_kick_user_closes_its_connections_on_every_node(cluster: Cluster) 
 
 
 async def test_revoke_a_token_id(cluster: Cluster) -> None:
-    nodes = await start_nodes(cluster, 3)
+    nodes = await cluster.start(3, env=AUTH_ENV)
     revoked = hs256(claims(sub="carol", roles=["worker"], jti="t-revoked"))
     kept = hs256(claims(sub="carol", roles=["worker"], jti="t-kept"))
     victims = [await registered(cluster, node, revoked) for node in nodes]
@@ -100,7 +86,7 @@ async def test_revoke_a_token_id(cluster: Cluster) -> None:
 
 
 async def test_the_sdk_stops_reconnecting_once_its_token_is_revoked(cluster: Cluster) -> None:
-    [node] = await start_nodes(cluster, 1)
+    [node] = await cluster.start(1, env=AUTH_ENV)
     token = hs256(claims(sub="dave", roles=["worker"]))
     client = BrokerClient(
         node.url,
@@ -116,7 +102,7 @@ async def test_the_sdk_stops_reconnecting_once_its_token_is_revoked(cluster: Clu
         async def stopped() -> bool:
             return client._supervisor is not None and client._supervisor.done()
 
-        await eventually(stopped, timeout=10)
+        await wait_until(stopped, timeout=10, message="the kicked client to stop")
         assert not client.connected
 
 
@@ -136,7 +122,7 @@ async def test_a_revocation_made_while_the_listener_is_cut_off_still_applies(
 ) -> None:
     from redis.asyncio import Redis
 
-    [node] = await start_nodes(cluster, 1)
+    [node] = await cluster.start(1, env=AUTH_ENV)
     alice = await registered(cluster, node, hs256(claims(sub="erin", roles=["worker"])))
     redis = Redis.from_url(cluster.redis.url)
     try:

@@ -11,17 +11,8 @@ import time
 import pytest
 
 from shared.ids import NodeId
-from tests.integration.helpers import (
-    KEYS,
-    SLACK,
-    Cluster,
-    RedisInspector,
-    eventually,
-    fast_args,
-    list_role,
-    node_keys,
-)
-from tests.support.nodes import NodeProcess
+from tests.integration.helpers import KEYS, RedisInspector, list_role, node_keys
+from tests.support.cluster import SLACK, Cluster, fast_args
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +23,7 @@ ARGS = fast_args(heartbeat=0.5, ttl=TTL)
 
 async def test_a_node_restarted_under_its_id_inherits_nothing(cluster: Cluster) -> None:
     (survivor,) = await cluster.start(1, args=ARGS)
-    pod = NodeProcess(redis_url=cluster.redis.url, node_id="pod-a", extra_args=ARGS)
-    cluster.nodes.append(pod)
-    await asyncio.to_thread(pod.start)
+    (pod,) = await cluster.start(1, args=ARGS, names=["pod-a"])
     first_id = pod.effective_id()
 
     doomed = await cluster.client(pod, "doomed")
@@ -76,14 +65,7 @@ async def test_a_node_restarted_under_its_id_inherits_nothing(cluster: Cluster) 
             }
         )
 
-        async def exact() -> bool:
-            return await redis.keys() == expected
-
-        try:
-            await eventually(exact, timeout=TTL + 5 * SLACK)
-        except TimeoutError:
-            found = await redis.keys()
-            pytest.fail(f"extra {found - expected}, missing {expected - found}")
+        await redis.wait_for_keys(expected, timeout=TTL + 5 * SLACK)
         assert await redis.client.smembers(KEYS.nodes) == {survivor.effective_id(), second_id}
     finally:
         await redis.aclose()

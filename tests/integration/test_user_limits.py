@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tests.integration.helpers import Cluster, eventually, fast_args
+from tests.support.cluster import Cluster, fast_args
 from tests.support.nodes import NodeProcess
+from tests.support.polling import wait_until
 from tests.support.tokens import SECRET, claims, hs256
 from tests.support.wire import WireClient
 
@@ -15,20 +16,7 @@ AUTH_ENV = {"BROKER_AUTH_SECRET": SECRET}
 LIMIT = 2
 
 
-async def start_nodes(cluster: Cluster, count: int) -> list[NodeProcess]:
-    args = [*fast_args(), "--auth-max-connections-per-user", str(LIMIT)]
-    made = [
-        NodeProcess(
-            redis_url=cluster.redis.url,
-            node_id=f"node-{len(cluster.nodes) + n}",
-            extra_args=args,
-            env=AUTH_ENV,
-        )
-        for n in range(count)
-    ]
-    cluster.nodes += made
-    await asyncio.gather(*(asyncio.to_thread(node.start) for node in made))
-    return made
+NODE_ARGS = [*fast_args(), "--auth-max-connections-per-user", str(LIMIT)]
 
 
 async def register(
@@ -40,7 +28,7 @@ async def register(
 
 
 async def test_the_limit_holds_across_nodes_and_frees_on_disconnect(cluster: Cluster) -> None:
-    first, second, third = await start_nodes(cluster, 3)
+    first, second, third = await cluster.start(3, args=NODE_ARGS, env=AUTH_ENV)
     _, one = await register(cluster, first, "alice")
     leaving, two = await register(cluster, second, "alice")
     assert one["type"] == two["type"] == "registered"
@@ -63,11 +51,11 @@ async def test_the_limit_holds_across_nodes_and_frees_on_disconnect(cluster: Clu
             await client.close()
         return bool(reply["type"] == "registered")
 
-    await eventually(slot_free, timeout=10, interval=0.2)
+    await wait_until(slot_free, timeout=10, interval=0.2, message="a free slot for the user")
 
 
 async def test_a_killed_nodes_connections_stop_counting(cluster: Cluster) -> None:
-    doomed, survivor = await start_nodes(cluster, 2)
+    doomed, survivor = await cluster.start(2, args=NODE_ARGS, env=AUTH_ENV)
     for _ in range(LIMIT):
         _, reply = await register(cluster, doomed, "carol")
         assert reply["type"] == "registered"
@@ -82,7 +70,12 @@ async def test_a_killed_nodes_connections_stop_counting(cluster: Cluster) -> Non
         return bool(reply["type"] == "registered")
 
     # The dead node's heartbeat lapses within --node-ttl; then its connections no longer count.
-    await eventually(counted_again, timeout=15, interval=0.2)
+    await wait_until(
+        counted_again,
+        timeout=15,
+        interval=0.2,
+        message="the dead node's connections to stop counting",
+    )
     _, second = await register(cluster, survivor, "carol")
     assert second["type"] == "registered"
     _, third = await register(cluster, survivor, "carol")
@@ -105,4 +98,4 @@ async def test_standalone_node_limits_per_user() -> None:
                     answer = await c.request("register", role="worker", token=token)
                     return bool(answer["type"] == "registered")
 
-            await eventually(freed, timeout=10, interval=0.1)
+            await wait_until(freed, timeout=10, interval=0.1, message="the slot freed")

@@ -55,7 +55,7 @@ def test_brackets_commas_and_escapes_inside_strings_do_not_split() -> None:
     assert decode_batch(data) == ([tricky, HEALTHY[1]], 1)
 
 
-@pytest.mark.parametrize("data", [b"", b"garbage", b"{}", b'"["', b"]"])
+@pytest.mark.parametrize("data", [b"", b"garbage", b"{}", b'"["', b"]", b"[] trailing"])
 def test_not_an_array_counts_as_one(data: bytes) -> None:
     assert decode_batch(data) == ([], 1)
 

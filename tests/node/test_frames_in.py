@@ -7,7 +7,6 @@ errors closed with the right code.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +20,7 @@ from broker_node.node import BrokerNode
 from shared.codec import Rejection
 from shared.ids import NodeId
 from shared.messages import Request
+from tests.support.polling import wait_until
 from tests.support.raw_ws import (
     OP_BINARY,
     OP_CONT,
@@ -78,9 +78,12 @@ async def test_many_frames_in_one_write_are_handled_in_order(node: BrokerNode) -
 async def read_by_node(sock: ClientConnection, total: int) -> None:
     """Until the node has read ``total`` bytes from ``sock``: what was written before is a
     read of its own, and what is written next comes in another."""
-    async with asyncio.timeout(10):
-        while sock.bytes_received < total:  # noqa: ASYNC110 - no event for a socket read
-            await asyncio.sleep(0.001)
+    await wait_until(
+        lambda: sock.bytes_received >= total,
+        timeout=10,
+        interval=0.001,  # one wait per cut of a frame: hundreds per test
+        message=f"the node to read {total} bytes",
+    )
 
 
 @pytest.mark.parametrize("payload_size", [10, 200], ids=["7-bit-length", "16-bit-length"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -12,6 +11,7 @@ from broker_node.config import Settings
 from broker_node.connection import ClientConnection
 from broker_node.node import BrokerNode
 from shared.ids import NodeId
+from tests.support.polling import wait_until
 from tests.support.wire import WireClient, pair
 
 
@@ -48,9 +48,11 @@ async def test_clients_that_answer_pings_stay_connected(
     url = f"ws://127.0.0.1:{pinging_node.port}"
     a, b, channel = await pair(url)
     # Three pings each, answered by the client library (a node with pings off never gets here).
-    async with asyncio.timeout(15):
-        while len(answered) < 2 or min(answered.values()) < 3:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await wait_until(
+        lambda: len(answered) >= 2 and min(answered.values()) >= 3,
+        timeout=15,
+        message="three pings answered by each client",
+    )
     assert len(pinging_node.clients) == 2
     sent = await a.request("message", channelId=channel, payload="still here")
     assert sent["type"] == "channel_message_sent"
@@ -93,9 +95,11 @@ async def test_pings_are_spread_over_the_interval(monkeypatch: pytest.MonkeyPatc
         clients = [await WireClient(f"ws://127.0.0.1:{node.port}").__aenter__() for _ in range(40)]
         try:
             # Until every client was pinged twice: two intervals at least.
-            async with asyncio.timeout(30):
-                while len(pinged_at) < 40 or min(map(len, pinged_at.values())) < 2:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            await wait_until(
+                lambda: len(pinged_at) >= 40 and min(map(len, pinged_at.values())) >= 2,
+                timeout=30,
+                message="every client pinged twice",
+            )
         finally:
             for client in clients:
                 await client.close()

@@ -11,6 +11,7 @@ from broker_node.core.envelopes import Closed, Envelope, decode_batch
 from broker_node.errors import BackendUnavailable
 from broker_node.outbox import MAX_BATCH, Outbox
 from shared.ids import ChannelId, ConnectionId, NodeId
+from tests.support.polling import wait_until
 
 A, B = NodeId("a"), NodeId("b")
 
@@ -91,7 +92,7 @@ async def test_batch_delay_gathers_later_puts_into_the_same_send() -> None:
     bus = RecordingBus()
     outbox = Outbox(bus, on_undeliverable=lambda node, envelopes: None, batch_delay=0.05)
     outbox.put(A, closed(1))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # a put later in the batch delay: the time is what is tested
     outbox.put(A, closed(2))
     await run_until_idle(outbox)
     assert bus.calls == [[(A, [closed(1), closed(2)])]]
@@ -130,13 +131,18 @@ async def test_a_node_that_subscribes_late_gets_everything_in_order() -> None:
     backend = MemoryBackend()
     reported: list[tuple[NodeId, list[Envelope]]] = []
     received: list[Envelope] = []
+    retried: list[int] = []
     outbox = Outbox(
-        backend.bus, on_undeliverable=lambda n, e: reported.append((n, e)), retry_window=5.0
+        backend.bus,
+        on_undeliverable=lambda n, e: reported.append((n, e)),
+        on_retry=retried.append,
+        retry_window=5.0,
     )
     outbox.put(B, closed(1))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the first send goes out on its own
     outbox.put(B, closed(2))
-    await asyncio.sleep(0.03)  # both reached nobody; later puts wait behind them
+    # Both reached nobody and wait to be sent again; a later put waits behind them.
+    await wait_until(lambda: sum(retried) >= 2, timeout=5, message="both envelopes retried")
     outbox.put(B, closed(3))
     async with backend.bus.subscribe(B, lambda payload: received.extend(decode_batch(payload)[0])):
         await run_until_idle(outbox)

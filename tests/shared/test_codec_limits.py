@@ -96,3 +96,17 @@ def test_a_huge_number_as_the_subject_is_not_echoed() -> None:
     rejection = decode_request('{"type":"close","id":0,"channelId":1e400}')
     assert isinstance(rejection, FailedReply) and type(rejection.subject) is str
     assert rejection.subject == ""
+
+
+def test_too_deep_and_not_json_closes_as_invalid_json() -> None:
+    assert decode_request(message("[" * 70 + "x" + "]" * 70)) == CloseConnection(
+        CLOSE_UNSUPPORTED_DATA, "Invalid JSON"
+    )
+
+
+def test_an_unpaired_surrogate_behind_an_escaped_backslash_is_refused_too() -> None:
+    # JSON "\\ud800\udc00": the text \ud800 (an escaped backslash, then "ud800"), then a lone
+    # low surrogate; msgspec refuses it, the standard library reads it.
+    rejection = decode_request('{"type":"register","id":1,"role":"\\\\ud800\\udc00"}')
+    assert isinstance(rejection, FailedReply) and rejection.kind == UNCARRIABLE
+    assert rejection.request_type == "register" and rejection.reply_to == 1

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.polling import wait_until, wait_until_serving
 from tests.support.ports import free_port
 
 BROKER_NODE = str(Path(sys.executable).parent / "broker-node")
@@ -31,13 +33,48 @@ def http_get(url: str, timeout: float = 1.0) -> tuple[int, str]:
 
 
 async def wait_http(url: str, *, status: int = 200, timeout: float = 15.0) -> None:
-    """Poll ``url`` until it answers ``status``; TimeoutError after ``timeout`` seconds."""
-    import asyncio
+    """Until ``url`` answers ``status`` (a process starting: it signals nothing)."""
 
-    async with asyncio.timeout(timeout):
-        # Polling: the state lives in another process, there is no event to wait on.
-        while (await asyncio.to_thread(http_get, url, 0.5))[0] != status:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+    async def answers() -> bool:
+        return (await asyncio.to_thread(http_get, url, 0.5))[0] == status
+
+    await wait_until(answers, timeout=timeout, message=f"{url} to answer {status}")
+
+
+def metric_sample(body: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text exposition. A labelled counter that never counted has
+    no sample yet: 0. An unlabelled one is always there: LookupError when it is not."""
+    shown = "{" + ",".join(f'{key}="{value}"' for key, value in labels.items()) + "}"
+    match = re.search(rf"^{re.escape(name)}{re.escape(shown if labels else '')} (\S+)$", body, re.M)
+    if match is not None:
+        return float(match.group(1))
+    if labels:
+        return 0.0
+    raise LookupError(f"{name} not in the metrics:\n{body}")
+
+
+async def status(node: NodeProcess, path: str = "/readyz") -> int:
+    """The HTTP status of ``path`` on the node (0 when nothing answers)."""
+    code, _ = await asyncio.to_thread(http_get, node.http + path, 0.5)
+    return code
+
+
+async def wait_readiness(nodes: Sequence[NodeProcess], *, ready: bool, timeout: float) -> None:
+    """Until every node's ``/readyz`` answers 200 (``ready``) or 503 (not ready)."""
+    wanted = 200 if ready else 503
+
+    async def all_answer() -> bool:
+        return all([await status(node) == wanted for node in nodes])
+
+    ports = [node.port for node in nodes]
+    await wait_until(all_answer, timeout=timeout, message=f"/readyz {wanted} on ports {ports}")
+
+
+async def metric(node: NodeProcess, name: str, **labels: str) -> float:
+    """One sample of the node's /metrics (see :func:`metric_sample`)."""
+    code, body = await asyncio.to_thread(http_get, node.http + "/metrics", 2.0)
+    assert code == 200, f"/metrics answered {code}: {body}"
+    return metric_sample(body, name, **labels)
 
 
 class NodeProcess:
@@ -99,17 +136,14 @@ class NodeProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         path = "/readyz" if wait_ready else "/healthz"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"broker-node exited with {self.process.returncode}:\n{self.output()}"
-                )
-            status, _ = http_get(self.http + path, timeout=0.5)
-            if status == 200:
-                return self
-            time.sleep(0.05)
-        raise TimeoutError(f"broker-node on {self.port} not {path} in {timeout}s:\n{self.output()}")
+        wait_until_serving(
+            self.process,
+            lambda: http_get(self.http + path, timeout=0.5)[0] == 200,
+            timeout=timeout,
+            message=f"broker-node on port {self.port} to answer {path}",
+            output=self.output,
+        )
+        return self
 
     def effective_id(self) -> str:
         """The id the running node uses in the cluster (its keys, its inbox), from its log:

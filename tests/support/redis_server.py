@@ -12,9 +12,9 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from types import TracebackType
 
+from tests.support.polling import wait_until_serving
 from tests.support.ports import free_port
 
 
@@ -59,14 +59,12 @@ class RedisServer:
             args += ["--requirepass", self.password]
         args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-            if self._answers():
-                return
-            time.sleep(0.02)
-        raise TimeoutError(f"redis-server on port {self.port} did not start")
+        wait_until_serving(
+            self.process,
+            self._answers,
+            timeout=timeout,
+            message=f"redis-server on port {self.port} to answer PING",
+        )
 
     def _answers(self) -> bool:
         try:

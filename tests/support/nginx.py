@@ -21,11 +21,11 @@ Every other directive (upgrade headers, timeouts, buffering, retries) is kept ve
 Docker where every DNS answer starts afresh; the shared ``zone`` makes the round-robin
 exact across worker processes.
 
-Typical use (an end-to-end test)::
+Typical use (the cluster builder, :mod:`tests.support.cluster`, does this)::
 
-    nginx = ensure_nginx()  # raises NginxUnavailable: pytest.skip(str(exc))
-    conf = write_local_nginx_conf(backend_ports=[p1, p2, p3], listen_port=lb, workdir=tmp)
-    proc = subprocess.Popen(nginx_command(nginx, conf))
+    binary = ensure_nginx()  # raises NginxUnavailable: pytest.skip(str(exc))
+    with NginxProcess(binary, backend_ports=[p1, p2, p3], workdir=tmp) as nginx:
+        ...  # clients connect to nginx.url
 """
 
 from __future__ import annotations
@@ -33,9 +33,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from tests.support.nodes import http_get
+from tests.support.polling import wait_until_serving
+from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
@@ -138,6 +143,82 @@ def write_local_nginx_conf(
 def nginx_command(nginx: Path, conf: Path) -> list[str]:
     """The argv that runs nginx in the foreground on ``conf`` (stop it with SIGTERM/SIGQUIT)."""
     return [str(nginx), "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"]
+
+
+class NginxProcess:
+    """nginx running ``deploy/nginx.conf`` (rendered) in front of backends on 127.0.0.1.
+
+    Its files (the rendered conf, logs, pid, temp folders) go to ``workdir``.
+    """
+
+    def __init__(
+        self,
+        binary: Path,
+        *,
+        backend_ports: Sequence[int],
+        workdir: Path,
+        listen_port: int | None = None,
+    ) -> None:
+        self.binary = binary
+        self.backend_ports = list(backend_ports)
+        self.workdir = workdir
+        self.port = listen_port if listen_port is not None else free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL clients are given."""
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> NginxProcess:
+        """Start nginx and wait until it answers ``/lb-health``."""
+        conf = write_local_nginx_conf(
+            backend_ports=self.backend_ports, listen_port=self.port, workdir=self.workdir
+        )
+        with (self.workdir / "nginx.out").open("ab") as out:
+            self.process = subprocess.Popen(
+                nginx_command(self.binary, conf), stdout=out, stderr=subprocess.STDOUT
+            )
+        wait_until_serving(
+            self.process,
+            lambda: http_get(self.http + "/lb-health", timeout=0.5)[0] == 200,
+            timeout=timeout,
+            message=f"nginx on port {self.port} to answer /lb-health",
+            output=self.log,
+        )
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (a fast shutdown), SIGKILL if it takes longer than ``timeout``."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=timeout)
+
+    def log(self) -> str:
+        """What nginx wrote: its output and its error log."""
+        parts = []
+        for name in ("nginx.out", "error.log"):
+            path = self.workdir / name
+            if path.exists():
+                parts.append(path.read_text(errors="replace"))
+        return "\n".join(parts)
+
+    def __enter__(self) -> NginxProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def find_nginx() -> Path | None:
