@@ -18,8 +18,9 @@ from websockets.asyncio.server import ServerConnection, serve
 import client.client
 import client.session
 from client import BrokerClient, Channel, ChannelClosed, CloseReason, ConnectionLost
-from tests.client.helpers import client_tasks, eventually
+from tests.client.helpers import client_tasks
 from tests.client.test_scripted import ME, PEER, ScriptedBroker
+from tests.support.polling import wait_until
 
 OTHER = "55555555-5555-4555-8555-555555555555"
 CHANNEL = "33333333-3333-4333-8333-333333333333"
@@ -118,12 +119,18 @@ async def test_acks_report_the_last_frame_and_the_seq_processed_per_channel(
     broker: ResumableBroker,
 ) -> None:
     async with quick(broker.url) as client:
-        await eventually(lambda: bool(broker.acks))  # the registered frame, within 100 ms
+        await wait_until(
+            lambda: bool(broker.acks), timeout=5.0, message="bool(broker.acks)"
+        )  # the registered frame, within 100 ms
         assert broker.acks[0]["lastId"] == 1
         channel = await broker.open_channel_to_client(client, CHANNEL)
         for seq in range(1, 41):
             await broker.send(type="channel_message", channelId=CHANNEL, payload=seq, seq=seq)
-        await eventually(lambda: broker.acks[-1]["lastId"] == broker.last_id)
+        await wait_until(
+            lambda: broker.acks[-1]["lastId"] == broker.last_id,
+            timeout=5.0,
+            message='broker.acks[-1]["lastId"] == broker.last_id',
+        )
         assert broker.acks[-1]["channels"] == {CHANNEL: 40}
         assert [await anext(aiter(channel)) for _ in range(40)] == list(range(1, 41))
 
@@ -391,7 +398,9 @@ async def test_resume_failed_loses_the_session_and_a_maintained_client_registers
         with pytest.raises(ConnectionLost):
             await sending
         assert channel.close_reason is CloseReason.CONNECTION
-        await eventually(lambda: said[-1] == "connected")
+        await wait_until(
+            lambda: said[-1] == "connected", timeout=5.0, message='said[-1] == "connected"'
+        )
         assert said == [
             "connected",
             "lost: Resume window expired",
@@ -448,7 +457,7 @@ async def test_the_window_counts_from_the_drop_not_from_each_attempt(
     lost: list[str] = []
     async with quick(broker.url, on_session_lost=lost.append):
         broker.drop()
-        await eventually(lambda: bool(lost))
+        await wait_until(lambda: bool(lost), timeout=5.0, message="bool(lost)")
         assert lost == ["Resume window expired"]
         assert broker.connections > 2  # it kept trying until then
 
@@ -475,7 +484,7 @@ async def test_close_while_no_node_answers(broker: ResumableBroker) -> None:
     await client.connect()
     assert broker.server is not None
     broker.server.close()
-    await eventually(lambda: not client.connected)
+    await wait_until(lambda: not client.connected, timeout=5.0, message="not client.connected")
     await client.close()
     assert client.connection_id is None
     assert client_tasks() == set()

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from client import Channel
-from tests.deploy.nginx_local import NginxUnavailable, ensure_nginx
 from tests.e2e.topology import ComposeTopology
 from tests.e2e.workload import sdk_client
+from tests.support.nginx import NginxUnavailable, ensure_nginx
 from tests.support.nodes import http_get
 from tests.support.redis_server import RedisServer
 
@@ -46,16 +46,15 @@ def nginx() -> Path:
 
 
 @pytest.fixture
-def topology(nginx: Path, tmp_path: Path) -> Iterator[ComposeTopology]:
-    with RedisServer() as redis:
-        topology = ComposeTopology(
-            redis=redis, nginx=nginx, workdir=tmp_path, replicas=3, node_args=NODE_ARGS
-        )
-        try:
-            topology.start()
-            yield topology
-        finally:
-            topology.stop()
+def topology(nginx: Path, tmp_path: Path, redis_server: RedisServer) -> Iterator[ComposeTopology]:
+    topology = ComposeTopology(
+        redis=redis_server, nginx=nginx, workdir=tmp_path, replicas=3, node_args=NODE_ARGS
+    )
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
 
 
 class End:

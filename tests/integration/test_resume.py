@@ -10,14 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import (
-    REQUEST_TIMEOUT,
-    SLACK,
-    TTL,
-    Cluster,
-    fast_args,
-    frames_for,
-)
+from tests.integration.helpers import frames_for
+from tests.support.cluster import REQUEST_TIMEOUT, SLACK, TTL, Cluster, fast_args
 from tests.support.nodes import NodeProcess
 from tests.support.wire import Frame, WireClient
 
