@@ -904,8 +904,14 @@ class Session:
 
     def _answers_resume(self, message: BrokerMessage) -> bool:
         # A node that took over from a lost one may not know the last frame id it sent:
-        # its ``resumed`` starts the numbering the session follows from then on.
-        return isinstance(message, Resumed) and message.replyTo == self._resume_id
+        # its ``resumed`` starts the numbering the session follows from then on. A refusal
+        # (``resume_failed``, or ``error`` from a node without resume) is the new socket's own
+        # frame, numbered from 1: it is not one of the session's.
+        return (
+            isinstance(message, Resumed | ResumeFailed | Error)
+            and message.replyTo is not None
+            and message.replyTo == self._resume_id
+        )
 
     def _count_frame(self, frame_id: int) -> list[Event]:
         self._last_frame_id = frame_id

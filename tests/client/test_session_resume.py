@@ -857,6 +857,18 @@ def test_resume_failed_ends_the_session() -> None:
     assert broker.written() == []
 
 
+@pytest.mark.parametrize("kind", ["resume_failed", "error"])
+def test_a_refusal_numbered_by_the_new_socket_is_heard(kind: str) -> None:
+    # The refusal is the new socket's first frame (id 1), below the session's last id.
+    session, broker = start()
+    open_to_peer(session, broker)
+    resume = detach_and_resume(session, broker)
+    refusal = frame(id=1, type=kind, replyTo=resume["id"], error="Resume token not valid")
+    events = session.receive(refusal)
+    assert [type(event) for event in events] == [SessionLost]
+    assert session.state is SessionState.ENDED
+
+
 def test_an_error_reply_to_resume_ends_the_session() -> None:
     # A node without resume: "Unknown request type: resume".
     session, broker = start()
