@@ -377,6 +377,12 @@ def main(
     **limits: Any,
 ) -> None:
     """Run one node of the connection broker (standalone without --redis-url)."""
+    resume_bytes = limits.get("resume_max_bytes", _DEFAULTS.resume_max_bytes)
+    if resume_bytes > max_outbound_buffer:
+        # A resume replays what the session kept into the client's outbound buffer.
+        raise click.BadParameter(
+            "must not exceed --max-outbound-buffer", param_hint="--resume-max-bytes"
+        )
     if heartbeat_interval >= node_ttl:
         raise click.BadParameter(
             "must be shorter than --node-ttl", param_hint="--heartbeat-interval"

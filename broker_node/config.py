@@ -89,8 +89,11 @@ class Settings:
     resume_window: int = 120
     #: Frames (and bytes) a session keeps until its client acknowledges them; past either,
     #: the session ends (a slow consumer while attached; peers notified while detached).
-    resume_max_frames: int = 1000
-    resume_max_bytes: int = 1024 * 1024
+    #: Above twice max_unconfirmed: a client that pipelines as much as flow control lets it
+    #: has that many replies in flight before its acknowledgement comes back. At most
+    #: max_outbound_buffer bytes, so that a resume's replay fits in the client's buffer.
+    resume_max_frames: int = 10_000
+    resume_max_bytes: int = 4 * 1024 * 1024
 
     # Timing
     #: How long a request that needs the cluster backend (or a cross-node confirmation) may

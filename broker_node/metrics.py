@@ -81,6 +81,28 @@ class NodeCollector(Collector):
             "inbox at the time (Redis restarted, a subscriber connection lost).",
             value=stats.bus_retries,
         )
+        yield GaugeMetricFamily(
+            "broker_sessions_detached",
+            "Resumable sessions held here whose client is away.",
+            value=len(core.detached_sessions()),
+        )
+        sessions = CounterMetricFamily(
+            "broker_session_events",
+            "Session resume events: resumed here, resume refused, handed over to the node a "
+            "client resumed on, adopted from a lost node, ended by their window, ended past "
+            "their bound of kept frames.",
+            labels=["event"],
+        )
+        for event, count in (
+            ("resumed", stats.resumes),
+            ("refused", stats.resumes_refused),
+            ("handed_over", stats.sessions_handed_over),
+            ("adopted", stats.sessions_adopted),
+            ("expired", stats.sessions_expired),
+            ("overflowed", stats.sessions_overflowed),
+        ):
+            sessions.add_metric([event], count)
+        yield sessions
         yield CounterMetricFamily(
             "broker_slow_consumer_closes",
             "Clients closed with 1008 for reading too slowly.",

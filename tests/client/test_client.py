@@ -380,9 +380,12 @@ async def test_unread_incoming_channels_are_refused_beyond_the_buffer(standalone
 async def test_pending_requests_fail_at_once_when_the_node_dies(
     node_process: NodeProcess,
 ) -> None:
+    # Clients without a resumable session: what a resumable one does instead (it carries on
+    # across the gap) is tested in test_resume_scripted.py and with real nodes in
+    # tests/integration/test_resume.py and tests/e2e/test_resume_rolling.py.
     async with (
-        BrokerClient(node_process.url, "alice", request_timeout=30) as alice,
-        BrokerClient(node_process.url, "bob", request_timeout=30) as bob,
+        BrokerClient(node_process.url, "alice", request_timeout=30, resume=False) as alice,
+        BrokerClient(node_process.url, "bob", request_timeout=30, resume=False) as bob,
     ):
         channel, _ = await open_pair(alice, bob)
         lost = asyncio.Event()
@@ -423,6 +426,7 @@ async def test_reconnects_to_a_restarted_node(node_process: NodeProcess) -> None
     client = BrokerClient(
         node_process.url,
         "phoenix",
+        resume=False,  # a new session on the new node (a standalone restart forgets them all)
         maintain_connection=True,
         backoff_base=0.05,
         backoff_cap=0.2,
@@ -474,6 +478,7 @@ async def test_graceful_node_stop_closes_with_going_away_and_the_client_returns(
     client = BrokerClient(
         node_process.url,
         "r",
+        resume=False,  # a resumable session is closed with 4100 instead (test_resume*.py)
         maintain_connection=True,
         backoff_base=0.05,
         backoff_cap=0.2,

@@ -103,6 +103,7 @@ async def test_reconnect_lands_on_another_node_after_a_kill(cluster: Cluster) ->
         roamer = BrokerClient(
             balancer.url,
             "roamer",
+            resume=False,  # registers afresh; a resumable session resumes (test_resume*.py)
             request_timeout=30,
             maintain_connection=True,
             backoff_base=0.05,

@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.helpers import frames_for
 from tests.support.cluster import REQUEST_TIMEOUT, SLACK, TTL, Cluster, fast_args
-from tests.support.nodes import NodeProcess
+from tests.support.nodes import NodeProcess, metric
 from tests.support.wire import Frame, WireClient
 
 pytestmark = pytest.mark.slow
@@ -134,6 +134,8 @@ async def test_a_dropped_connection_resumes_on_another_node(cluster: Cluster) ->
     assert "channel_closed_notification" not in kinds(await frames_for(peer, 0.3))
     listed = await peer.request("list_by_role", role="r")
     assert listed["ids"] == [session.connection_id]
+    assert await metric(three, "broker_session_events_total", event="resumed") == 1
+    assert await metric(one, "broker_session_events_total", event="handed_over") == 1
 
 
 async def test_a_token_is_single_use_and_two_resumes_at_once_have_one_winner(
