@@ -371,6 +371,9 @@ class BrokerCore:
         self._moved: dict[ConnectionId, tuple[NodeId, float]] = {}
         #: Channels whose resumable end's node was lost, to when they stop waiting for it.
         self._orphans: dict[ChannelId, float] = {}
+        #: Detached sessions whose window passed but which the registry gave to a resume on
+        #: another node: kept for that node's Take.
+        self._disowned: set[ConnectionId] = set()
 
     # --- connections --------------------------------------------------------------------
 
@@ -1546,10 +1549,8 @@ class BrokerCore:
         self, conn: LocalConnection, channel_id: ChannelId, last_seq: int, actions: list[Action]
     ) -> None:
         """Ask the peer to send again what the session may have missed on the channel."""
-        channel = self.channels.get(channel_id)
-        peer = channel.peer_of(conn.connection_id) if channel is not None else None
-        if peer is None:
-            return
+        peer = self.channels[channel_id].peer_of(conn.connection_id)
+        assert peer is not None  # the session is an end of each of its channels
         peer_id, peer_node = peer
         if peer_node == self.node_id:
             self._tell_resync(peer_id, channel_id, last_seq, actions)
@@ -1597,11 +1598,9 @@ class BrokerCore:
         assert session is not None and conn.role is not None
         session.log.ack(take.last_id)
         moved: list[ChannelRecord] = []
+        # (Every channel of a connection is in the table: closing drops it from both.)
         for channel_id in conn.channels:
-            record = self.channels.pop(channel_id, None)
-            if record is None:
-                continue
-            record = record.moved(cid, take.node)
+            record = self.channels.pop(channel_id).moved(cid, take.node)
             moved.append(record)
             peer_id, peer_node = record.peer_of(cid) or (cid, take.node)
             if peer_node == self.node_id and peer_id != cid:
@@ -1793,14 +1792,28 @@ class BrokerCore:
         if conn is None or conn.session is None or conn.session.detached_at is None:
             return []
         if not ended:
-            # Kept until the Take comes; if it never does (the claimer died, and its reaper
-            # adopted the session from the registry), dropped quietly then.
+            if connection_id in self._disowned:
+                # Still not ours, and no Take came: the claimer died and its reaper adopted
+                # the session from the registry. Its new holder has it; drop it quietly.
+                self._disowned.discard(connection_id)
+                self._drop_quietly(conn)
+                return []
+            # Kept until the Take comes (the registry gave it to a resume elsewhere).
+            self._disowned.add(connection_id)
             self._detached[connection_id] = self.clock() + 2 * self.request_timeout
-            conn.session.lost = True
             return []
         self.stats.sessions_expired += 1
         self._forget_session(conn)
         return self.disconnect(connection_id)
+
+    def _drop_quietly(self, conn: LocalConnection) -> None:
+        """Forget a session another node holds now: no notice, no registry change."""
+        self._forget_session(conn)
+        del self.connections[conn.connection_id]
+        for channel_id in conn.channels:
+            peer = self.channels[channel_id].peer_of(conn.connection_id)
+            if peer is None or peer[1] != self.node_id:
+                del self.channels[channel_id]
 
     def session_retry(self, connection_id: ConnectionId) -> list[Action]:
         """``EndSession`` could not reach the registry: the next expiry check tries again."""

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from broker_node.auth.identity import Identity, TokenRefusal
 from broker_node.core.actions import (
     Action,
     CloseClient,
@@ -17,15 +18,17 @@ from broker_node.core.actions import (
     ForgetConnection,
     KeepFrames,
     LoadSession,
+    LocalReceipt,
     MarkDetached,
     MoveChannels,
+    PauseReading,
     Publish,
     Rebind,
     Replay,
     Send,
 )
-from broker_node.core.broker import BrokerCore, ResumePlan, ResumeRules
-from broker_node.core.envelopes import Envelope
+from broker_node.core.broker import AuthRules, BrokerCore, ResumePlan, ResumeRules
+from broker_node.core.envelopes import Confirm, Envelope, Handover, Incoming, Moved, Take
 from broker_node.core.records import (
     AdoptedSession,
     ChannelRecord,
@@ -51,9 +54,15 @@ class Socket:
 
 
 class Cluster:
-    def __init__(self, *node_ids: NodeId, max_frames: int = 100) -> None:
+    def __init__(
+        self,
+        *node_ids: NodeId,
+        max_frames: int = 100,
+        resume: bool = True,
+        auth: AuthRules | None = None,
+    ) -> None:
         self.now = 0.0
-        self.nodes = {n: Node(self, n, max_frames) for n in node_ids}
+        self.nodes = {n: Node(self, n, max_frames, resume=resume, auth=auth) for n in node_ids}
         self.bus: list[tuple[NodeId, Envelope]] = []
         #: What the registry knows of each session: (holder, token hash); ended ones removed.
         self.registry: dict[ConnectionId, tuple[NodeId, str]] = {}
@@ -86,7 +95,15 @@ class Cluster:
 
 
 class Node:
-    def __init__(self, cluster: Cluster, node_id: NodeId, max_frames: int) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        node_id: NodeId,
+        max_frames: int,
+        *,
+        resume: bool = True,
+        auth: AuthRules | None = None,
+    ) -> None:
         self.cluster = cluster
         self.node_id = node_id
         self.core = BrokerCore(
@@ -96,7 +113,10 @@ class Node:
             request_timeout=2.0,
             clock=lambda: cluster.now,
             wall_clock=lambda: 1_000_000 + cluster.now,
-            resume=ResumeRules(WINDOW, max_frames, 1 << 20, orphan_timeout=30.0),
+            resume=ResumeRules(WINDOW, max_frames, 1 << 20, orphan_timeout=30.0)
+            if resume
+            else None,
+            auth=auth,
         )
         self.sockets: dict[ConnectionId, Socket] = {}
         self.detach_marks: list[ConnectionId] = []
@@ -580,3 +600,374 @@ def test_a_client_that_closes_with_1000_ends_its_session_at_once() -> None:
     node.run(node.core.client_gone(a.cid, said_bye=True))
     assert kinds(b.process()) == ["channel_closed_notification"]
     assert a.cid not in node.core.connections
+
+
+# --- the rarer paths -----------------------------------------------------------------------------
+
+
+def test_a_resume_whose_holder_died_unreaped_takes_what_the_registry_knows() -> None:
+    cluster = Cluster(ONE, TWO, THREE)
+    a, b = Client(cluster.nodes[ONE], "a"), Client(cluster.nodes[TWO], "b")
+    channel = open_channel(a, b)
+    cluster.dead.add(ONE)  # its inbox takes nothing: the Take comes back undeliverable
+    frames = a.resume_on(cluster.nodes[THREE], channels={channel: 0})
+    assert frames[-1]["type"] == "resumed"
+    assert frames[-1]["complete"] is False
+    assert [(f["type"], f["lastSeq"]) for f in b.process()] == [("channel_resync", 0)]
+    b.send(channel, 1)
+    cluster.settle()
+    assert payloads(a.process()) == [1]
+
+
+def test_a_resume_whose_registry_says_here_but_the_session_is_not_takes_the_registry() -> None:
+    cluster = Cluster(ONE)
+    node = cluster.nodes[ONE]
+    a = Client(node, "a")
+    node.core.connections.pop(a.cid)  # as after a restart of the node under the same id
+    frames = a.resume_on(node)
+    assert frames[-1]["complete"] is False
+
+
+def test_a_handover_the_holder_does_not_have_loads_the_session_from_the_registry() -> None:
+    cluster = Cluster(ONE, TWO)
+    one, two = cluster.nodes[ONE], cluster.nodes[TWO]
+    a = Client(one, "a")
+    one.core.connections.pop(a.cid)  # the holder forgot it (its window ended meanwhile)
+    frames = a.resume_on(two)
+    assert frames[-1]["complete"] is False
+
+
+def test_a_resume_on_a_node_without_resume_is_refused() -> None:
+    cluster = Cluster(ONE, resume=False)
+    node = cluster.nodes[ONE]
+    node.core.connect(ConnectionId("x"))
+    request = Resume(id=1, connectionId="a", resumeToken="t", lastId=0)
+    refused = node.core.begin_resume(ConnectionId("x"), request)
+    assert isinstance(refused, list)
+    assert b"Resume is not enabled on this node" in refused[0].frame  # type: ignore[union-attr]
+    assert node.core.adopt(Reaped(removed=[]), TWO) == []
+
+
+def test_a_resume_under_authentication_needs_a_valid_token() -> None:
+    cluster = Cluster(ONE, auth=AuthRules(None, timeout=10.0, grace=25.0))
+    core = cluster.nodes[ONE].core
+    request = Resume(id=1, connectionId="a", resumeToken="t", lastId=0)
+    for cid, token, error in (
+        ("x", None, b"Authentication required"),
+        ("y", TokenRefusal("expired"), b"Invalid token: expired"),
+    ):
+        core.connect(ConnectionId(cid))
+        refused = core.begin_resume(ConnectionId(cid), request, token)
+        assert isinstance(refused, list)
+        assert error in refused[0].frame  # type: ignore[union-attr]
+    core.connect(ConnectionId("z"))
+    who = Identity("alice", frozenset({"r"}), expires_at=2_000_000.0)
+    assert isinstance(core.begin_resume(ConnectionId("z"), request, who), ResumePlan)
+    assert core.identity_of(ConnectionId("z")) == who
+
+
+def test_a_resumed_socket_brings_its_identity_to_the_session() -> None:
+    cluster = Cluster(ONE, auth=AuthRules(None, timeout=10.0, grace=25.0))
+    node = cluster.nodes[ONE]
+    core = node.core
+    alice = Identity("alice", frozenset({"r"}), expires_at=2_000_000.0)
+    node.connect(ConnectionId("a"))
+    core.authenticated(ConnectionId("a"), alice)
+    request = Register(id=1, role="r", resume=True)
+    record = core.begin_register(ConnectionId("a"), request)
+    assert isinstance(record, ConnectionRecord) and record.session is not None
+    cluster.registry[ConnectionId("a")] = (ONE, record.session.token_hash)
+    node.run(core.finish_register(ConnectionId("a"), request))
+    token = node.sockets[ConnectionId("a")].frames[-1]["resumeToken"]
+    node.drop(ConnectionId("a"))
+    node.connect(ConnectionId("again"))
+    fresh = Identity("alice", frozenset({"r"}), expires_at=3_000_000.0)
+    resume = Resume(id=2, connectionId="a", resumeToken=token, lastId=1)
+    plan = core.begin_resume(ConnectionId("again"), resume, fresh)
+    assert isinstance(plan, ResumePlan)
+    node.run(
+        core.claimed(
+            ConnectionId("again"), resume, plan, cluster.claim(plan.session_id, token, ONE)
+        )
+    )
+    assert node.sockets[ConnectionId("a")].frames[-1]["type"] == "resumed"
+    assert core.identity_of(ConnectionId("a")) == fresh
+
+
+def test_a_refused_claim_for_a_socket_already_gone_says_nothing() -> None:
+    cluster = Cluster(ONE)
+    core = cluster.nodes[ONE].core
+    request = Resume(id=1, connectionId="a", resumeToken="t", lastId=0)
+    plan = ResumePlan(ConnectionId("a"), "h", "t2", "h2")
+    assert core.claimed(ConnectionId("gone"), request, plan, ClaimRefusal.UNKNOWN) == []
+    core.connect(ConnectionId("x"))
+    assert (
+        b"Resume window expired"
+        in core.claimed(  # type: ignore[union-attr]
+            ConnectionId("x"), request, plan, ClaimRefusal.EXPIRED
+        )[0].frame
+    )
+    core.connect(ConnectionId("y"))
+    assert (
+        b"Cluster registry unavailable"
+        in core.claimed(  # type: ignore[union-attr]
+            ConnectionId("y"), request, plan, None
+        )[0].frame
+    )
+
+
+def test_a_resume_whose_socket_left_before_the_handover_stays_detached() -> None:
+    cluster = Cluster(ONE, TWO)
+    one, two = cluster.nodes[ONE], cluster.nodes[TWO]
+    a = Client(one, "a")
+    one.drop(a.cid)
+    temp = ConnectionId("temp")
+    two.connect(temp)
+    request = Resume(id=9, connectionId=a.cid, resumeToken=a.token, lastId=a.last_id)
+    plan = two.core.begin_resume(temp, request)
+    assert isinstance(plan, ResumePlan)
+    claim = cluster.claim(a.cid, a.token, TWO)
+    cluster.registry[a.cid] = (TWO, plan.new_token_hash)
+    two.run(two.core.claimed(temp, request, plan, claim))
+    two.sockets.pop(temp)
+    two.core.connections.pop(temp)  # the new socket left while ONE was asked
+    cluster.settle()
+    assert two.core.detached_sessions() == [a.cid]
+
+
+def test_a_flow_paused_session_is_paused_again_on_its_new_socket() -> None:
+    cluster = Cluster(ONE)
+    node = cluster.nodes[ONE]
+    a = Client(node, "a")
+    node.core.connections[a.cid].flow_paused = True
+    node.drop(a.cid)
+    actions: list[Action] = []
+    original = node.run
+
+    def record(batch: list[Action]) -> None:
+        actions.extend(batch)
+        original(batch)
+
+    node.run = record  # type: ignore[method-assign, assignment]
+    a.resume_on(node)
+    assert PauseReading(a.cid) in actions
+
+
+def test_acks_about_unknown_channels_or_from_plain_clients_say_nothing() -> None:
+    cluster = Cluster(ONE)
+    node = cluster.nodes[ONE]
+    a, b = Client(node, "a"), Client(node, "b", resume=False)
+    channel = open_channel(b, a)
+    assert node.core.ack(b.cid, Ack(id=9, lastId=1)) == []
+    a.ack({"no-such-channel": 3, channel: 1})
+    assert [(f["type"], f["seq"]) for f in b.process()] == [("channel_acked", 1)]
+
+
+def test_gone_twice_and_other_no_ops() -> None:
+    cluster = Cluster(ONE)
+    node = cluster.nodes[ONE]
+    core = node.core
+    a, plain = Client(node, "a"), Client(node, "p", resume=False)
+    node.drop(a.cid)
+    assert core.client_gone(a.cid) == []  # already detached
+    receipt = LocalReceipt(plain.cid, 5, ChannelId("c"), 1)
+    assert core.hold(ConnectionId("nobody"), b"{}", None) == []
+    assert core.session_overflow(plain.cid) == []
+    assert core.session_ended(ConnectionId("nobody"), True) == []
+    assert core.session_retry(a.cid) == []
+    assert core.hand_off(plain.cid, TWO) == []
+    core._on_moved(Moved(ChannelId("nope"), a.cid, TWO))  # a channel not held here
+    assert core.unwritten_to(a.cid, [], handed=True) == []  # kept in its log: held
+    assert core.hold(plain.cid, b"{}", None) == []  # not a session: nothing kept
+    assert receipt.sender == plain.cid
+
+
+def test_an_attached_session_over_its_bound_is_closed_as_a_slow_consumer() -> None:
+    cluster = Cluster(ONE, max_frames=3)
+    node = cluster.nodes[ONE]
+    a, b = Client(node, "a"), Client(node, "b", resume=False)
+    channel = open_channel(b, a)
+    sock = a.sock
+    for n in range(3):
+        b.send(channel, n)
+    assert sock.closed == (1008, "slow consumer")
+    assert a.cid not in node.core.connections
+    assert "channel_closed_notification" in kinds(b.process())
+
+
+def test_a_take_for_a_session_not_held_here_says_so_and_a_busy_one_waits() -> None:
+    cluster = Cluster(ONE, TWO)
+    one, two = cluster.nodes[ONE], cluster.nodes[TWO]
+    one.run(one.core.on_bus([Take(ConnectionId("nobody"), 1, TWO, 0)]))
+    assert cluster.bus == [(TWO, Handover(ConnectionId("nobody"), 1, False))]
+    cluster.bus.clear()
+    a, b = Client(one, "a"), Client(two, "b")
+    local = Client(one, "local", resume=False)
+    across, here = open_channel(a, b), open_channel(a, local)
+    a.send(across, 1)  # unconfirmed until TWO answers: the handover waits for it
+    taken = list(cluster.bus)
+    cluster.bus.clear()
+    one.run(one.core.on_bus([Take(a.cid, 1, TWO, a.last_id)]))
+    assert cluster.bus == [] and a.sock.closed == (4100, "Session resumed on another connection")
+    cluster.bus += taken
+    cluster.settle()  # the confirmation settles it; the next expiry check hands it over
+    one.run(one.core.expire())
+    assert any(type(envelope) is Handover for _, envelope in cluster.bus)
+    # The channel whose other end stays here now points at TWO.
+    assert one.core.channels[here].opener_node == TWO
+    assert across not in one.core.channels
+
+
+def test_what_comes_for_a_handed_over_target_is_forwarded_and_the_rest_is_not() -> None:
+    cluster = Cluster(ONE, TWO, THREE)
+    a = Client(cluster.nodes[ONE], "a")
+    cluster.nodes[ONE].drop(a.cid)
+    assert a.resume_on(cluster.nodes[TWO])[-1]["type"] == "resumed"
+    one = cluster.nodes[ONE]
+    record = ChannelRecord(ChannelId("c"), ConnectionId("o"), THREE, a.cid, ONE)
+    other = ChannelRecord(ChannelId("d"), ConnectionId("o"), THREE, ConnectionId("x"), ONE)
+    one.run(one.core.on_bus([Incoming(1, record), Incoming(2, other)]))
+    assert (TWO, Incoming(1, record)) in cluster.bus
+    cluster.bus.clear()
+    cluster.now += WINDOW + 1
+    one.run(one.core.expire())
+    one.run(one.core.on_bus([Incoming(3, record)]))  # forwarding ended with the window
+    assert (TWO, Incoming(3, record)) not in cluster.bus
+
+
+def test_a_session_whose_end_was_claimed_elsewhere_is_kept_until_its_take() -> None:
+    cluster = Cluster(ONE)
+    node = cluster.nodes[ONE]
+    a = Client(node, "a")
+    node.drop(a.cid)
+    assert node.core.session_ended(a.cid, False) == []
+    assert a.cid in node.core.connections
+    cluster.registry.pop(a.cid)  # and its new holder died: no Take comes
+    cluster.now += WINDOW + 2 * 2.0 + 1
+    node.run(node.core.expire())
+    assert a.cid not in node.core.connections
+
+
+def test_an_unanswered_take_is_asked_of_the_registry_again() -> None:
+    cluster = Cluster(ONE, TWO)
+    one, two = cluster.nodes[ONE], cluster.nodes[TWO]
+    a = Client(one, "a")
+    one.drop(a.cid)
+    temp = ConnectionId("temp")
+    sock = two.connect(temp)
+    request = Resume(id=9, connectionId=a.cid, resumeToken=a.token, lastId=a.last_id)
+    plan = two.core.begin_resume(temp, request)
+    assert isinstance(plan, ResumePlan)
+    claim = cluster.claim(a.cid, a.token, TWO)
+    two.run(two.core.claimed(temp, request, plan, claim))
+    cluster.bus.clear()  # the Take is lost
+    cluster.now += 2 * 2.0
+    two.run(two.core.expire())
+    assert sock.frames[-1]["type"] == "resumed"
+    assert sock.frames[-1]["complete"] is False
+
+
+def test_adopting_skips_what_is_held_already_and_installs_only_its_channels() -> None:
+    cluster = Cluster(ONE, TWO)
+    two = cluster.nodes[TWO]
+    b = Client(two, "b")
+    key = SessionKey("h", WINDOW)
+    foreign = ChannelRecord(ChannelId("f"), ConnectionId("p"), TWO, ConnectionId("q"), TWO)
+    reaped = Reaped(
+        removed=[],
+        adopted=[
+            AdoptedSession(ConnectionRecord(b.cid, TWO, "r", key), 0, 0),
+            AdoptedSession(ConnectionRecord(ConnectionId("s"), TWO, "r", key), 0, 0),
+        ],
+        moved=[foreign],
+    )
+    two.run(two.core.adopt(reaped, ONE))
+    assert ConnectionId("s") in two.core.detached_sessions()
+    assert ChannelId("f") not in two.core.channels
+    lost = Handover(ConnectionId("t"), 0, True, role="r", channels=[foreign], lost=True)
+    two.run(two.core.on_bus([lost]))  # nobody asked for it and it is not a hand-off
+    assert ConnectionId("t") not in two.core.connections
+
+
+def test_a_channel_record_moves_either_end() -> None:
+    record = ChannelRecord(ChannelId("c"), ConnectionId("o"), ONE, ConnectionId("t"), TWO)
+    assert record.moved(ConnectionId("t"), THREE).target_node == THREE
+    assert record.moved(ConnectionId("o"), THREE).opener_node == THREE
+
+
+def test_a_lost_session_with_a_local_peer_is_resynced_and_kept_channels_stay() -> None:
+    cluster = Cluster(ONE, TWO)
+    one, two = cluster.nodes[ONE], cluster.nodes[TWO]
+    a, b = Client(two, "a"), Client(two, "b", resume=False)
+    channel = open_channel(b, a)
+    assert two.core.client_gone(ConnectionId("nobody")) == []
+    two.core.connections.pop(a.cid)  # TWO lost it (as if it restarted under the same id)
+    frames = a.resume_on(two, channels={channel: 4})
+    assert frames[-1]["complete"] is False
+    assert [(f["type"], f["lastSeq"]) for f in b.process()] == [("channel_resync", 4)]
+    assert one.core.install_lost(ConnectionId("nobody"), []) == []
+
+
+def test_a_lost_session_the_registry_cannot_describe_fails_and_is_forgotten() -> None:
+    cluster = Cluster(ONE, TWO)
+    one, two = cluster.nodes[ONE], cluster.nodes[TWO]
+    a = Client(one, "a")
+    one.drop(a.cid)
+    temp = ConnectionId("temp")
+    sock = two.connect(temp)
+    request = Resume(id=9, connectionId=a.cid, resumeToken=a.token, lastId=a.last_id)
+    plan = two.core.begin_resume(temp, request)
+    assert isinstance(plan, ResumePlan)
+    claim = cluster.claim(a.cid, a.token, TWO)
+    cluster.dead.add(ONE)
+    two.run(two.core.claimed(temp, request, plan, claim))
+    actions = two.core.install_lost(a.cid, None)  # the registry could not be asked
+    assert any(type(action) is ForgetConnection for action in actions)
+    two.run([action for action in actions if type(action) is not ForgetConnection])
+    assert sock.frames[-1]["error"] == "Cluster registry unavailable, try again"
+
+
+def test_other_envelopes_are_not_forwarded_and_foreign_channels_not_installed() -> None:
+    cluster = Cluster(ONE, TWO)
+    one, two = cluster.nodes[ONE], cluster.nodes[TWO]
+    a = Client(one, "a")
+    one.drop(a.cid)
+    assert a.resume_on(two)[-1]["type"] == "resumed"
+    one.run(one.core.on_bus([Confirm([], [], [])]))
+    assert cluster.bus == []
+    foreign = ChannelRecord(ChannelId("f"), ConnectionId("p"), ONE, ConnectionId("q"), ONE)
+    handoff = Handover(
+        ConnectionId("s"), 0, True, role="r", channels=[foreign], detached_at_ms=1, window=5
+    )
+    two.run(two.core.on_bus([handoff]))
+    assert two.core.detached_sessions() == [ConnectionId("s")]
+    assert ChannelId("f") not in two.core.channels
+
+
+def test_a_disowned_session_is_dropped_without_a_word_to_its_peers() -> None:
+    cluster = Cluster(ONE, TWO)
+    node = cluster.nodes[ONE]
+    a, b = Client(node, "a"), Client(node, "b", resume=False)
+    channel = open_channel(b, a)
+    remote = open_channel(Client(cluster.nodes[TWO], "c", resume=False), a)
+    node.drop(a.cid)
+    node.core.session_ended(a.cid, False)
+    node.core.session_ended(a.cid, False)
+    assert a.cid not in node.core.connections
+    assert channel in node.core.channels  # its other end is here: Moved will say where
+    assert remote not in node.core.channels
+    assert kinds(b.process()) == []
+
+
+def test_expiry_forgets_entries_of_sessions_that_left() -> None:
+    cluster = Cluster(ONE, TWO)
+    one = cluster.nodes[ONE]
+    a, b = Client(one, "a"), Client(one, "b")
+    one.drop(a.cid)
+    one.run(one.core.on_bus([Take(b.cid, 1, TWO, 0)]))  # handed over at once (idle)
+    one.core.connections.pop(a.cid)
+    one.core._handing[a.cid] = (Take(a.cid, 1, TWO, 0), 0.0)
+    cluster.now += WINDOW
+    one.run(one.core.expire())
+    assert one.core.detached_sessions() == []
+    assert a.cid not in one.core._handing
