@@ -1,4 +1,4 @@
-"""Two builds of the node side by side: what a change costs per message.
+"""Two variants of the node side by side: what a change costs per message.
 
 Not a test (CI does not run it). Give it the ``broker-node`` executables of two checkouts
 (each installed in its own virtualenv); it alternates them round by round on fresh
@@ -10,57 +10,320 @@ per message and p99 confirmation latency of each, and their ratio::
 
 Scenarios: a standalone node with same-node pairs, and a 2-node cluster on one redis-server
 with cross-node pairs, both paced (5,000 msg/s by default).
+
+``--resume`` compares session resume off and on instead (issue 14): one build (``--after``,
+by default this virtualenv's ``broker-node``), the generator without and with ``--resume``
+(resumable sessions, as the SDK's), paced and saturated (the nodes then run with
+``--max-requests-per-second 0``); and the detached scenarios, where the "on" run's receivers
+are away for the whole run (``--detached``: every message is held for them, then replayed)
+while the "off" run is the plain one. Those nodes keep up to ``DETACHED_MAX_FRAMES`` frames
+per session, so that no session passes its bound::
+
+    .venv/bin/python -m tests.bench.compare_builds --resume --rounds 5
+
+Every run reads Redis' ``INFO commandstats`` before and after its window: the summary shows
+what each variant asked of Redis per message.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.bench.run_bench import Running, Settings, throughput
-from tests.support.nodes import NodeProcess
+from tests.support.nodes import BROKER_NODE, NodeProcess
 from tests.support.redis_server import RedisServer
 
 QUIET = ["--log-level", "warning"]
 
+#: Frames (and bytes) a session may keep in the detached scenarios: a receiver away for the
+#: whole run is held rate / pairs x (warm-up + duration) messages, about 5,000 at the
+#: defaults, where the node's default bound is 1,000 frames and 1 MiB.
+DETACHED_MAX_FRAMES = 50_000
+DETACHED_MAX_BYTES = 32 * 1024 * 1024
+NO_REQUEST_LIMIT = ("--max-requests-per-second", "0")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One side of the comparison: a node build and the generator's options."""
+
+    name: str
+    binary: str
+    bench_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A system and a load, run once per variant per round."""
+
+    name: str
+    cluster: bool
+    saturated: bool = False
+    #: Generator options of the second variant only (the first is the plain run).
+    after_args: tuple[str, ...] = ()
+    node_args: tuple[str, ...] = ()
+
+    @property
+    def placement(self) -> str:
+        return "cross-node" if self.cluster else "same-node"
+
+
+BUILD_SCENARIOS = [Scenario("standalone", cluster=False), Scenario("cross-node", cluster=True)]
+
+_DETACHED_NODE = (
+    "--resume-max-frames",
+    str(DETACHED_MAX_FRAMES),
+    "--resume-max-bytes",
+    str(DETACHED_MAX_BYTES),
+)
+RESUME_SCENARIOS = [
+    Scenario("standalone paced", cluster=False),
+    Scenario("standalone saturated", cluster=False, saturated=True, node_args=NO_REQUEST_LIMIT),
+    Scenario("cross-node paced", cluster=True),
+    Scenario("cross-node saturated", cluster=True, saturated=True, node_args=NO_REQUEST_LIMIT),
+    Scenario(
+        "standalone detached", cluster=False, after_args=("--detached",), node_args=_DETACHED_NODE
+    ),
+    Scenario(
+        "cross-node detached", cluster=True, after_args=("--detached",), node_args=_DETACHED_NODE
+    ),
+]
+
 
 @contextlib.contextmanager
-def standalone(binary: str) -> Iterator[Running]:
-    with NodeProcess(extra_args=QUIET, binary=binary) as node:
+def standalone(binary: str, node_args: Sequence[str] = ()) -> Iterator[Running]:
+    with NodeProcess(extra_args=[*QUIET, *node_args], binary=binary) as node:
         yield Running(urls=[node.url], pids=[node.pid])
 
 
 @contextlib.contextmanager
-def cluster(binary: str) -> Iterator[Running]:
+def cluster(binary: str, node_args: Sequence[str] = ()) -> Iterator[Running]:
+    args = [*QUIET, *node_args]
     with (
         RedisServer() as redis,
-        NodeProcess(redis_url=redis.url, extra_args=QUIET, binary=binary) as first,
-        NodeProcess(redis_url=redis.url, extra_args=QUIET, binary=binary) as second,
+        NodeProcess(redis_url=redis.url, extra_args=args, binary=binary) as first,
+        NodeProcess(redis_url=redis.url, extra_args=args, binary=binary) as second,
     ):
         yield Running(
             urls=[first.url, second.url], pids=[first.pid, second.pid], redis_url=redis.url
         )
 
 
-def measure(binary: str, scenario: str, settings: Settings) -> dict[str, Any]:
-    system = standalone if scenario == "standalone" else cluster
-    placement = "same-node" if scenario == "standalone" else "cross-node"
-    with system(binary) as running:
-        return throughput(running, settings, placement=placement, rate=settings.rate, idle=0)
+def measure(
+    variant: Variant, scenario: Scenario, settings: Settings, *, second: bool
+) -> dict[str, Any]:
+    """One run on fresh processes; ``second``: the variant is the comparison's second."""
+    system = cluster if scenario.cluster else standalone
+    extra = [*variant.bench_args, *(scenario.after_args if second else ())]
+    rate = 0.0 if scenario.saturated else settings.rate
+    with system(variant.binary, scenario.node_args) as running:
+        return throughput(
+            running, settings, placement=scenario.placement, rate=rate, idle=0, extra=extra
+        )
+
+
+# --- the summary (pure) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Medians:
+    """The medians of one variant's runs of one scenario."""
+
+    runs: int
+    verified: bool
+    cpu_us: float | None
+    p99_us: float
+    rate: float
+    redis_us: float | None
+    #: Median calls per command in the window, per 1,000 messages.
+    redis_per_1000: dict[str, float]
+    #: Detached runs: the brokers' CPU per message replayed on resume.
+    replay_us: float | None
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def medians_of(reports: list[dict[str, Any]]) -> Medians:
+    """Medians of one variant's runs of one scenario (figures a run lacks are left out)."""
+
+    def figure(key: str) -> list[float]:
+        return [float(r[key]) for r in reports if r.get(key) is not None]
+
+    per_1000: dict[str, list[float]] = {}
+    for report in reports:
+        counted = report["messages_per_second"] * report["duration_seconds"]
+        calls: dict[str, int] = report.get("redis_commands") or {}
+        if counted:
+            for name, count in calls.items():
+                per_1000.setdefault(name, []).append(1000 * count / counted)
+    replays = [
+        float(r["resume"]["broker_cpu_us_per_replayed"])
+        for r in reports
+        if r.get("resume") and r["resume"].get("broker_cpu_us_per_replayed") is not None
+    ]
+    return Medians(
+        runs=len(reports),
+        verified=all(r["ok"] for r in reports),
+        cpu_us=_median(figure("broker_cpu_us_per_message")),
+        p99_us=statistics.median(r["confirm_latency_us"]["p99"] for r in reports),
+        rate=statistics.median(r["messages_per_second"] for r in reports),
+        redis_us=_median(figure("redis_cpu_us_per_message")),
+        redis_per_1000={
+            name: statistics.median(values) for name, values in sorted(per_1000.items())
+        },
+        replay_us=_median(replays),
+    )
+
+
+def ratio(after: float | None, before: float | None) -> float | None:
+    return after / before if after is not None and before else None
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _commands(per_1000: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:,.2f}" for name, value in per_1000.items()) or "none"
+
+
+def summary_table(
+    results: dict[tuple[str, str], list[dict[str, Any]]],
+    scenarios: list[Scenario],
+    names: tuple[str, str],
+) -> list[str]:
+    """A markdown table: per scenario the medians of both variants and their ratio."""
+    first, second = names
+    lines = [
+        f"| scenario | {first}: µs/msg | {second}: µs/msg | {second}/{first} "
+        f"| {first}: p99 µs | {second}: p99 µs | {first}: msg/s | {second}: msg/s "
+        f"| Redis µs/msg ({first} / {second}) | verified |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for scenario in scenarios:
+        if (scenario.name, first) not in results:
+            continue
+        a = medians_of(results[(scenario.name, first)])
+        b = medians_of(results[(scenario.name, second)])
+        redis = (
+            f"{_cell(a.redis_us)} / {_cell(b.redis_us)}"
+            if a.redis_us is not None or b.redis_us is not None
+            else "-"
+        )
+        lines.append(
+            f"| {scenario.name} | {_cell(a.cpu_us)} | {_cell(b.cpu_us)} "
+            f"| {_cell(ratio(b.cpu_us, a.cpu_us), 2)} | {a.p99_us:,.0f} | {b.p99_us:,.0f} "
+            f"| {a.rate:,.0f} | {b.rate:,.0f} | {redis} "
+            f"| {'yes' if a.verified and b.verified else '**NO**'} |"
+        )
+    return lines
+
+
+def detail_lines(
+    results: dict[tuple[str, str], list[dict[str, Any]]],
+    scenarios: list[Scenario],
+    names: tuple[str, str],
+) -> list[str]:
+    """Redis commands per 1,000 messages and replay costs, where a scenario has them."""
+    lines: list[str] = []
+    for scenario in scenarios:
+        for name in names:
+            runs = results.get((scenario.name, name))
+            if not runs:
+                continue
+            m = medians_of(runs)
+            if scenario.cluster:
+                lines.append(
+                    f"- {scenario.name}, {name}: Redis commands per 1,000 messages in the "
+                    f"window: {_commands(m.redis_per_1000)}"
+                )
+            if m.replay_us is not None:
+                lines.append(
+                    f"- {scenario.name}, {name}: replay on resume {m.replay_us:,.1f} µs of "
+                    "broker CPU per message replayed"
+                )
+    return lines
+
+
+# --- the runner ----------------------------------------------------------------------------
+
+
+def run(
+    variants: tuple[Variant, Variant],
+    scenarios: list[Scenario],
+    settings: Settings,
+    rounds: int,
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Every scenario with both variants, ``rounds`` times, alternating which goes first."""
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for round_ in range(rounds):
+        for scenario in scenarios:
+            # Alternate which variant goes first, so that drift on the machine hits both.
+            order = [(variants[0], False), (variants[1], True)]
+            if round_ % 2:
+                order.reverse()
+            for variant, second in order:
+                report = measure(variant, scenario, settings, second=second)
+                results.setdefault((scenario.name, variant.name), []).append(report)
+                cpu = report["broker_cpu_us_per_message"]
+                print(
+                    f"round {round_ + 1} {scenario.name:<21} {variant.name:<6} "
+                    f"{_cell(cpu):>7} µs/msg  p99 {report['confirm_latency_us']['p99']:>9,} µs"
+                    f"  {report['messages_per_second']:>9,.0f} msg/s"
+                    + ("" if report["ok"] else "  VERIFICATION FAILED"),
+                    flush=True,
+                )
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", type=Path, required=True, help="broker-node of the base")
-    parser.add_argument("--after", type=Path, required=True, help="broker-node of the change")
+    parser.add_argument("--before", type=Path, help="broker-node of the base")
+    parser.add_argument("--after", type=Path, help="broker-node of the change")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="compare session resume off and on (one build: --after, or this venv's)",
+    )
+    parser.add_argument(
+        "--bench-arg",
+        action="append",
+        default=[],
+        help="a broker-bench option for both builds (repeat), e.g. --bench-arg=--resume",
+    )
+    parser.add_argument("--scenarios", help="comma-separated subset of the scenario names")
+    parser.add_argument("--json", type=Path, help="also write every run's report here")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--rate", type=float, default=5000.0)
     args = parser.parse_args()
+    if args.resume:
+        binary = str(args.after or BROKER_NODE)
+        variants = (Variant("off", binary), Variant("on", binary, ("--resume",)))
+        scenarios = RESUME_SCENARIOS
+    else:
+        if args.before is None or args.after is None:
+            parser.error("--before and --after are needed (or --resume)")
+        common = tuple(args.bench_arg)
+        variants = (
+            Variant("before", str(args.before), common),
+            Variant("after", str(args.after), common),
+        )
+        scenarios = BUILD_SCENARIOS
+    if args.scenarios:
+        chosen = {name.strip() for name in args.scenarios.split(",")}
+        scenarios = [s for s in scenarios if s.name in chosen]
+        if not scenarios:
+            parser.error(f"no scenario named {sorted(chosen)}")
     settings = Settings(
         duration=args.duration,
         warmup=2.0,
@@ -71,34 +334,19 @@ def main() -> None:
         payload=100,
         processes=1,
     )
-    builds = {"before": str(args.before), "after": str(args.after)}
-    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for round_ in range(args.rounds):
-        for scenario in ("standalone", "cross-node"):
-            # Alternate which build goes first, so that drift on the machine hits both.
-            order = list(builds.items())
-            if round_ % 2:
-                order.reverse()
-            for name, binary in order:
-                report = measure(binary, scenario, settings)
-                results.setdefault((scenario, name), []).append(report)
-                print(
-                    f"round {round_ + 1} {scenario:<11} {name:<6} "
-                    f"{report['broker_cpu_us_per_message']:7.1f} µs/msg  "
-                    f"p99 {report['confirm_latency_us']['p99']:>7,} µs",
-                    flush=True,
-                )
-    print(f"\nmedians of {args.rounds} rounds, paced {args.rate:,.0f} msg/s:")
-    for scenario in ("standalone", "cross-node"):
-        medians = {}
-        for name in builds:
-            runs = results[(scenario, name)]
-            cpu = statistics.median(r["broker_cpu_us_per_message"] for r in runs)
-            p99 = statistics.median(r["confirm_latency_us"]["p99"] for r in runs)
-            medians[name] = (cpu, p99)
-            print(f"  {scenario:<11} {name:<6} {cpu:7.1f} µs/msg   p99 {p99:>8,.0f} µs")
-        ratio = medians["after"][0] / medians["before"][0]
-        print(f"  {scenario:<11} after/before CPU per message: {ratio:.2f}")
+    results = run(variants, scenarios, settings, args.rounds)
+    if args.json is not None:
+        runs = [{"scenario": s, "variant": v, "reports": r} for (s, v), r in results.items()]
+        args.json.write_text(json.dumps(runs, indent=1))
+    names = (variants[0].name, variants[1].name)
+    print(
+        f"\nmedians of {args.rounds} rounds; paced = {args.rate:,.0f} msg/s, "
+        f"{settings.pairs} pairs, window {settings.window}, {settings.payload}-byte payloads, "
+        f"{args.duration:g} s measured after {settings.warmup:g} s:\n"
+    )
+    print("\n".join(summary_table(results, scenarios, names)))
+    print()
+    print("\n".join(detail_lines(results, scenarios, names)))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -156,9 +156,16 @@ def bench(args: list[str], timeout: float) -> dict[str, Any]:
 
 
 def throughput(
-    system: Running, settings: Settings, *, placement: str, rate: float, idle: int
+    system: Running,
+    settings: Settings,
+    *,
+    placement: str,
+    rate: float,
+    idle: int,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
-    args = ["throughput", "--placement", placement]
+    """One ``broker-bench throughput`` run; ``extra``: more of its options (``--resume``)."""
+    args = ["throughput", "--placement", placement, *extra]
     for url in system.urls:
         args += ["--url", url]
     for pid in system.pids:
