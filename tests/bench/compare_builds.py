@@ -9,7 +9,9 @@ per message and p99 confirmation latency of each, and their ratio::
         --before ../baseline/.venv/bin/broker-node --after .venv/bin/broker-node --rounds 5
 
 Scenarios: a standalone node with same-node pairs, and a 2-node cluster on one redis-server
-with cross-node pairs, both paced (5,000 msg/s by default).
+with cross-node pairs, both paced (5,000 msg/s by default); ``--scenarios`` picks others by
+name (``standalone saturated``, ``cross-node detached``, ...: ``BUILD_SCENARIOS``), and
+``--bench-arg`` passes options to every run of both builds (``--bench-arg=--resume``).
 
 ``--resume`` compares session resume off and on instead (issue 14): one build (``--after``,
 by default this virtualenv's ``broker-node``), the generator without and with ``--resume``
@@ -66,16 +68,16 @@ class Scenario:
     name: str
     cluster: bool
     saturated: bool = False
-    #: Generator options of the second variant only (the first is the plain run).
-    after_args: tuple[str, ...] = ()
     node_args: tuple[str, ...] = ()
+    #: Generator options of both variants' runs.
+    bench_args: tuple[str, ...] = ()
+    #: Generator options of the second variant's runs only (the first is the plain run).
+    second_args: tuple[str, ...] = ()
 
     @property
     def placement(self) -> str:
         return "cross-node" if self.cluster else "same-node"
 
-
-BUILD_SCENARIOS = [Scenario("standalone", cluster=False), Scenario("cross-node", cluster=True)]
 
 _DETACHED_NODE = (
     "--resume-max-frames",
@@ -83,16 +85,37 @@ _DETACHED_NODE = (
     "--resume-max-bytes",
     str(DETACHED_MAX_BYTES),
 )
-RESUME_SCENARIOS = [
+_PACED_AND_SATURATED = [
     Scenario("standalone paced", cluster=False),
     Scenario("standalone saturated", cluster=False, saturated=True, node_args=NO_REQUEST_LIMIT),
     Scenario("cross-node paced", cluster=True),
     Scenario("cross-node saturated", cluster=True, saturated=True, node_args=NO_REQUEST_LIMIT),
-    Scenario(
-        "standalone detached", cluster=False, after_args=("--detached",), node_args=_DETACHED_NODE
+]
+#: Two builds: both run every scenario alike (the paced ones unless --scenarios says).
+BUILD_SCENARIOS = [
+    *_PACED_AND_SATURATED,
+    *(
+        Scenario(
+            f"{system} detached",
+            cluster=system == "cross-node",
+            node_args=_DETACHED_NODE,
+            bench_args=("--resume", "--detached"),
+        )
+        for system in ("standalone", "cross-node")
     ),
-    Scenario(
-        "cross-node detached", cluster=True, after_args=("--detached",), node_args=_DETACHED_NODE
+]
+DEFAULT_BUILD_SCENARIOS = ("standalone paced", "cross-node paced")
+#: Resume off and on: the detached runs against the plain ones.
+RESUME_SCENARIOS = [
+    *_PACED_AND_SATURATED,
+    *(
+        Scenario(
+            f"{system} detached",
+            cluster=system == "cross-node",
+            node_args=_DETACHED_NODE,
+            second_args=("--detached",),
+        )
+        for system in ("standalone", "cross-node")
     ),
 ]
 
@@ -121,7 +144,7 @@ def measure(
 ) -> dict[str, Any]:
     """One run on fresh processes; ``second``: the variant is the comparison's second."""
     system = cluster if scenario.cluster else standalone
-    extra = [*variant.bench_args, *(scenario.after_args if second else ())]
+    extra = [*variant.bench_args, *scenario.bench_args, *(scenario.second_args if second else ())]
     rate = 0.0 if scenario.saturated else settings.rate
     with system(variant.binary, scenario.node_args) as running:
         return throughput(
@@ -318,10 +341,11 @@ def main() -> None:
             Variant("before", str(args.before), common),
             Variant("after", str(args.after), common),
         )
-        scenarios = BUILD_SCENARIOS
+        scenarios = [s for s in BUILD_SCENARIOS if s.name in DEFAULT_BUILD_SCENARIOS]
     if args.scenarios:
         chosen = {name.strip() for name in args.scenarios.split(",")}
-        scenarios = [s for s in scenarios if s.name in chosen]
+        every = RESUME_SCENARIOS if args.resume else BUILD_SCENARIOS
+        scenarios = [s for s in every if s.name in chosen]
         if not scenarios:
             parser.error(f"no scenario named {sorted(chosen)}")
     settings = Settings(

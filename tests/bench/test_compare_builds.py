@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.bench.compare_builds import (
+    BUILD_SCENARIOS,
     RESUME_SCENARIOS,
     Scenario,
     detail_lines,
@@ -83,8 +84,8 @@ def test_summary_has_a_row_per_scenario_measured() -> None:
 
 
 def test_detached_scenarios_hold_more_than_a_run_sends_per_session() -> None:
-    for scenario in RESUME_SCENARIOS:
-        if "--detached" in scenario.after_args:
+    for scenario in [*RESUME_SCENARIOS, *BUILD_SCENARIOS]:
+        if "--detached" in (*scenario.bench_args, *scenario.second_args):
             frames = int(scenario.node_args[scenario.node_args.index("--resume-max-frames") + 1])
             # 5,000 msg/s over 10 pairs for 2 s of warm-up and 8 s measured, with room.
             assert frames >= 2 * 5000 / 10 * (2 + 8)
