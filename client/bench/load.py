@@ -277,6 +277,7 @@ class Receiver(Endpoint):
                 self.unknown_channel += 1
                 self.counters.corrupt += 1
                 self.counters.error(f"channel_message before incoming_channel: {frame.channelId}")
+                self.counted(frame)
                 return
             checker.observe(payload.s)
             counters = self.counters

@@ -24,7 +24,8 @@ per session, so that no session passes its bound::
     .venv/bin/python -m tests.bench.compare_builds --resume --rounds 5
 
 Every run reads Redis' ``INFO commandstats`` before and after its window: the summary shows
-what each variant asked of Redis per message.
+what each variant asked of Redis per message. ``--json FILE`` keeps every run's report;
+``--summarize FILE [FILE ...]`` prints the summary of such files again, their runs pooled.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class Medians:
     p99_us: float
     rate: float
     redis_us: float | None
-    #: Median calls per command in the window, per 1,000 messages.
+    #: Median calls per command in the window, and per 1,000 messages.
+    redis_calls: dict[str, float]
     redis_per_1000: dict[str, float]
     #: Detached runs: the brokers' CPU per message replayed on resume.
     replay_us: float | None
@@ -176,18 +178,15 @@ def _median(values: list[float]) -> float | None:
 
 
 def medians_of(reports: list[dict[str, Any]]) -> Medians:
-    """Medians of one variant's runs of one scenario (figures a run lacks are left out)."""
+    """Medians of one variant's runs of one scenario (figures a run lacks are left out; a
+    Redis command a run did not call counts as 0 calls in it)."""
 
     def figure(key: str) -> list[float]:
         return [float(r[key]) for r in reports if r.get(key) is not None]
 
-    per_1000: dict[str, list[float]] = {}
-    for report in reports:
-        counted = report["messages_per_second"] * report["duration_seconds"]
-        calls: dict[str, int] = report.get("redis_commands") or {}
-        if counted:
-            for name, count in calls.items():
-                per_1000.setdefault(name, []).append(1000 * count / counted)
+    sampled = [r for r in reports if r.get("redis_commands") is not None]
+    names = sorted({name for r in sampled for name in r["redis_commands"]})
+    counted = [r["messages_per_second"] * r["duration_seconds"] for r in sampled]
     replays = [
         float(r["resume"]["broker_cpu_us_per_replayed"])
         for r in reports
@@ -200,8 +199,18 @@ def medians_of(reports: list[dict[str, Any]]) -> Medians:
         p99_us=statistics.median(r["confirm_latency_us"]["p99"] for r in reports),
         rate=statistics.median(r["messages_per_second"] for r in reports),
         redis_us=_median(figure("redis_cpu_us_per_message")),
+        redis_calls={
+            name: statistics.median(r["redis_commands"].get(name, 0) for r in sampled)
+            for name in names
+        },
         redis_per_1000={
-            name: statistics.median(values) for name, values in sorted(per_1000.items())
+            name: statistics.median(
+                1000 * r["redis_commands"].get(name, 0) / n
+                for r, n in zip(sampled, counted, strict=True)
+                if n
+            )
+            for name in names
+            if any(counted)
         },
         replay_us=_median(replays),
     )
@@ -215,8 +224,8 @@ def _cell(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def _commands(per_1000: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:,.2f}" for name, value in per_1000.items()) or "none"
+def _commands(calls: dict[str, float], digits: int) -> str:
+    return ", ".join(f"{name} {value:,.{digits}f}" for name, value in calls.items()) or "none"
 
 
 def summary_table(
@@ -264,10 +273,11 @@ def detail_lines(
             if not runs:
                 continue
             m = medians_of(runs)
-            if scenario.cluster:
+            if m.redis_calls:
                 lines.append(
-                    f"- {scenario.name}, {name}: Redis commands per 1,000 messages in the "
-                    f"window: {_commands(m.redis_per_1000)}"
+                    f"- {scenario.name}, {name}: Redis calls in the window "
+                    f"{_commands(m.redis_calls, 0)}; per 1,000 messages "
+                    f"{_commands(m.redis_per_1000, 2)}"
                 )
             if m.replay_us is not None:
                 lines.append(
@@ -325,10 +335,16 @@ def main() -> None:
     )
     parser.add_argument("--scenarios", help="comma-separated subset of the scenario names")
     parser.add_argument("--json", type=Path, help="also write every run's report here")
+    parser.add_argument(
+        "--summarize", type=Path, nargs="+", help="only summarize --json files (runs pooled)"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--rate", type=float, default=5000.0)
     args = parser.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return
     if args.resume:
         binary = str(args.after or BROKER_NODE)
         variants = (Variant("off", binary), Variant("on", binary, ("--resume",)))
@@ -362,15 +378,39 @@ def main() -> None:
     if args.json is not None:
         runs = [{"scenario": s, "variant": v, "reports": r} for (s, v), r in results.items()]
         args.json.write_text(json.dumps(runs, indent=1))
-    names = (variants[0].name, variants[1].name)
     print(
         f"\nmedians of {args.rounds} rounds; paced = {args.rate:,.0f} msg/s, "
         f"{settings.pairs} pairs, window {settings.window}, {settings.payload}-byte payloads, "
         f"{args.duration:g} s measured after {settings.warmup:g} s:\n"
     )
+    print_summary(results, scenarios, (variants[0].name, variants[1].name))
+
+
+def print_summary(
+    results: dict[tuple[str, str], list[dict[str, Any]]],
+    scenarios: list[Scenario],
+    names: tuple[str, str],
+) -> None:
     print("\n".join(summary_table(results, scenarios, names)))
     print()
     print("\n".join(detail_lines(results, scenarios, names)))
+
+
+def summarize(paths: list[Path]) -> None:
+    """The summary of runs that ``--json`` wrote (several files: their runs pooled)."""
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in paths:
+        for entry in json.loads(path.read_text()):
+            results.setdefault((entry["scenario"], entry["variant"]), []).extend(entry["reports"])
+    names_seen = list(dict.fromkeys(variant for _, variant in results))
+    if len(names_seen) != 2:
+        raise SystemExit(f"expected two variants, found {names_seen}")
+    scenario_names = list(dict.fromkeys(scenario for scenario, _ in results))
+    known = {s.name: s for s in [*RESUME_SCENARIOS, *BUILD_SCENARIOS]}
+    scenarios = [known.get(name, Scenario(name, cluster=False)) for name in scenario_names]
+    rounds = sorted({len(reports) for reports in results.values()})
+    print(f"medians of {'/'.join(map(str, rounds))} runs per variant and scenario:\n")
+    print_summary(results, scenarios, (names_seen[0], names_seen[1]))
 
 
 if __name__ == "__main__":

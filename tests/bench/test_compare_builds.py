@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.bench.compare_builds import (
     BUILD_SCENARIOS,
@@ -11,6 +15,7 @@ from tests.bench.compare_builds import (
     detail_lines,
     medians_of,
     ratio,
+    summarize,
     summary_table,
 )
 
@@ -49,7 +54,9 @@ def test_medians_of_runs_leave_out_missing_figures() -> None:
     assert m.cpu_us == 30.0
     assert m.p99_us == 200
     assert m.redis_us == 5.0
-    # Calls per 1,000 messages (40,000 in each window), medians over the runs that had them.
+    # Calls in the window and per 1,000 messages (40,000 in each window); a run without a
+    # command called it 0 times.
+    assert m.redis_calls == {"publish": 6000, "set": 2}
     assert m.redis_per_1000 == {"publish": 150.0, "set": 0.05}
     assert m.replay_us == 5.0
 
@@ -77,8 +84,8 @@ def test_summary_has_a_row_per_scenario_measured() -> None:
     assert lines[3].endswith("| 5.0 / 5.0 | **NO** |")
     details = detail_lines(results, [standalone, cross], ("off", "on"))
     assert details == [
-        "- cross, off: Redis commands per 1,000 messages in the window: publish 100.00",
-        "- cross, on: Redis commands per 1,000 messages in the window: publish 100.00",
+        "- cross, off: Redis calls in the window publish 4,000; per 1,000 messages publish 100.00",
+        "- cross, on: Redis calls in the window publish 4,000; per 1,000 messages publish 100.00",
         "- cross, on: replay on resume 8.0 µs of broker CPU per message replayed",
     ]
 
@@ -89,3 +96,29 @@ def test_detached_scenarios_hold_more_than_a_run_sends_per_session() -> None:
             frames = int(scenario.node_args[scenario.node_args.index("--resume-max-frames") + 1])
             # 5,000 msg/s over 10 pairs for 2 s of warm-up and 8 s measured, with room.
             assert frames >= 2 * 5000 / 10 * (2 + 8)
+
+
+def test_summarize_pools_the_runs_of_several_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(
+        json.dumps(
+            [
+                {"scenario": "standalone paced", "variant": "off", "reports": [report(20.0, 1)]},
+                {"scenario": "standalone paced", "variant": "on", "reports": [report(30.0, 1)]},
+            ]
+        )
+    )
+    second.write_text(
+        json.dumps(
+            [
+                {"scenario": "standalone paced", "variant": "off", "reports": [report(22.0, 1)]},
+                {"scenario": "standalone paced", "variant": "on", "reports": [report(34.0, 1)]},
+            ]
+        )
+    )
+    summarize([first, second])
+    out = capsys.readouterr().out
+    assert "medians of 2 runs per variant and scenario" in out
+    assert "| standalone paced | 21.0 | 32.0 | 1.52 |" in out
