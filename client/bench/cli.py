@@ -87,7 +87,24 @@ def main() -> None:
 @click.option("--idle", default=0, show_default=True, help="Extra idle registered connections.")
 @click.option("--tick", default=0.001, show_default=True, help="Pacing tick, seconds.")
 @click.option("--drain-timeout", default=5.0, show_default=True, help="Wait for the last replies.")
-@click.option("--redis-url", default=None, help="Also measure this Redis' CPU (INFO cpu).")
+@click.option(
+    "--redis-url",
+    default=None,
+    help="Also measure this Redis' CPU (INFO cpu) and count its commands (INFO commandstats).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Resumable sessions, as the SDK's: register with resume, seq on every message, acks.",
+)
+@click.option(
+    "--detached",
+    is_flag=True,
+    help="With --resume: the receivers drop their sockets for the run (the node holds every "
+    "message for them), then resume and read the replay. Each session must hold about "
+    "rate / pairs x (warmup + duration) messages: raise the node's --resume-max-frames "
+    "and --resume-max-bytes to fit.",
+)
 @_pid_option
 @_json_option
 @_quiet_option
@@ -105,18 +122,23 @@ def throughput(
     tick: float,
     drain_timeout: float,
     redis_url: str | None,
+    resume: bool,
+    detached: bool,
     broker_pids: tuple[int, ...],
     as_json: bool,
     quiet: bool,
 ) -> None:
     """Messages/s, latency and broker CPU per message of N sender/receiver pairs.
 
-    Exits with status 1 when a message was lost, duplicated, reordered or not confirmed.
+    Exits with status 1 when a message was lost, duplicated, reordered or not confirmed
+    (with --resume also: not acknowledged).
     """
     _check_local(urls)
     _check_pids(urls, broker_pids)
     if placement == "cross-node" and len(urls) < 2:
         raise click.BadParameter("cross-node needs two --url or more", param_hint="--placement")
+    if detached and not resume:
+        raise click.BadParameter("--detached needs --resume", param_hint="--detached")
     config = ThroughputConfig(
         urls=list(urls),
         placement="cross-node" if placement == "cross-node" else "same-node",
@@ -132,6 +154,8 @@ def throughput(
         redis_url=redis_url,
         tick=tick,
         drain_timeout=drain_timeout,
+        resume=resume,
+        detached=detached,
     )
     try:
         report = run_throughput(config, progress=not quiet)

@@ -1,8 +1,9 @@
 """Runs the generator (in this process, or in several) and samples the brokers (a shell).
 
 The coordinator picks one start time for every worker, reads the brokers' CPU time at the
-start and the end of the measured window, shows a progress line, and merges the workers'
-results into a :class:`~client.bench.results.Report`.
+start and the end of the measured window (and, for Redis, its CPU and its command counts),
+and once more when the workers are done (what a ``--detached`` run's resumes cost), shows a
+progress line, and merges the workers' results into a :class:`~client.bench.results.Report`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import multiprocessing
 import sys
 import time
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import redis
@@ -22,7 +23,15 @@ from client.bench.connection import ConnectionLost, close_all
 from client.bench.load import Counters, LoadConfig, Worker, connect_registered
 from client.bench.plan import Placement, place_idle, place_pairs, split
 from client.bench.procfs import process_cpu_seconds, process_rss_bytes
-from client.bench.results import BrokerCpu, Report, WorkerResult, build_report, merge_results
+from client.bench.results import (
+    BrokerCpu,
+    Report,
+    WorkerResult,
+    build_report,
+    command_calls,
+    command_delta,
+    merge_results,
+)
 
 __all__ = [
     "IdleReport",
@@ -54,6 +63,9 @@ class ThroughputConfig(msgspec.Struct, frozen=True, kw_only=True):
     drain_timeout: float = 5.0
     request_timeout: float = 10.0
     connect_concurrency: int = 100
+    #: Resumable sessions, as the SDK's (issue 14); ``detached``: receivers away in the window.
+    resume: bool = False
+    detached: bool = False
 
 
 def install_uvloop() -> str:
@@ -84,6 +96,8 @@ def plan_workers(config: ThroughputConfig) -> list[LoadConfig]:
             request_timeout=config.request_timeout,
             drain_timeout=config.drain_timeout,
             connect_concurrency=config.connect_concurrency,
+            resume=config.resume or config.detached,
+            detached=config.detached,
         )
         for pairs, idle in zip(pair_parts, idle_parts, strict=True)
     ]
@@ -141,40 +155,71 @@ def _phase(start_at: float, warmup: float, duration: float) -> str:
     return "drain"
 
 
-def redis_cpu_seconds(url: str) -> float:
-    """used_cpu_sys + used_cpu_user of a Redis server (its own figure, from INFO cpu)."""
-    client = redis.Redis.from_url(url, socket_timeout=2.0)
-    try:
-        info = client.info("cpu")
-    finally:
-        client.close()
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+class RedisSample(NamedTuple):
+    """A Redis server's own CPU seconds (INFO cpu) and calls per command (INFO commandstats)."""
+
+    cpu_seconds: float
+    calls: dict[str, int]
+
+
+def redis_sample(client: redis.Redis) -> RedisSample:
+    cpu = client.info("cpu")
+    stats = client.info("commandstats")
+    return RedisSample(
+        float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), command_calls(stats)
+    )
 
 
 class BrokerSampler:
-    """CPU seconds of the broker processes (and of Redis) between two instants."""
+    """CPU seconds of the broker processes (and of Redis) between two instants, and of the
+    brokers from the second to a third (``finish``: when the workers are done)."""
 
     def __init__(self, pids: list[int], redis_url: str | None = None) -> None:
         self.pids = pids
         self.redis_url = redis_url
         self._start: list[float] = []
         self._end: list[float] = []
-        self._redis: list[float] = []
+        self._finish: list[float] = []
+        self._redis: list[RedisSample] = []
+        # One connection for both samples: a second one's handshake (HELLO, CLIENT SETINFO)
+        # would count among the commands of the window.
+        self._client = (
+            redis.Redis.from_url(redis_url, socket_timeout=2.0) if redis_url is not None else None
+        )
 
     def start(self) -> None:
         self._start = [process_cpu_seconds(pid) for pid in self.pids]
-        if self.redis_url is not None:
-            self._redis = [redis_cpu_seconds(self.redis_url)]
+        if self._client is not None:
+            self._redis = [redis_sample(self._client)]
 
     def stop(self) -> None:
         self._end = [process_cpu_seconds(pid) for pid in self.pids]
-        if self.redis_url is not None and self._redis:
-            self._redis.append(redis_cpu_seconds(self.redis_url))
+        if self._client is not None and self._redis:
+            self._redis.append(redis_sample(self._client))
+            self._client.close()
+
+    def finish(self) -> None:
+        if self._end:
+            self._finish = [process_cpu_seconds(pid) for pid in self.pids]
 
     def redis_result(self) -> float | None:
         if len(self._redis) != 2:
             return None
-        return round(self._redis[1] - self._redis[0], 4)
+        return round(self._redis[1].cpu_seconds - self._redis[0].cpu_seconds, 4)
+
+    def redis_commands(self) -> dict[str, int] | None:
+        """Calls of each command during the window (our own INFO calls left out)."""
+        if len(self._redis) != 2:
+            return None
+        # Our own INFO calls: the start's commandstats and the stop's cpu (a command is
+        # counted once it has run, so the stop's commandstats is not in its own answer).
+        return command_delta(self._redis[0].calls, self._redis[1].calls, ours={"info": 2})
+
+    def after_result(self) -> float | None:
+        """The brokers' CPU seconds from the end of the window to ``finish``."""
+        if not self._finish or len(self._finish) != len(self._end):
+            return None
+        return round(sum(self._finish) - sum(self._end), 4)
 
     def result(self) -> list[BrokerCpu]:
         if len(self._end) != len(self.pids) or len(self._start) != len(self.pids):
@@ -206,6 +251,10 @@ def run_throughput(config: ThroughputConfig, *, progress: bool = True) -> Report
         processes=len(loads),
         broker_cpu=sampler.result(),
         redis_cpu_seconds=sampler.redis_result(),
+        redis_commands=sampler.redis_commands(),
+        resume=config.resume or config.detached,
+        detached=config.detached,
+        broker_cpu_resume_seconds=sampler.after_result() if config.detached else None,
     )
 
 
@@ -235,6 +284,7 @@ async def _run_local(
         showing = asyncio.create_task(show())
         try:
             result = await worker.run(start_at, config.warmup, config.duration)
+            sampler.finish()
             await sampling
         finally:
             showing.cancel()
@@ -336,6 +386,7 @@ def _run_processes(
                 display.counts(_phase(start_at, config.warmup, config.duration), *sums)
         if not stopped:  # pragma: no cover - results come after the window by construction
             sampler.stop()
+        sampler.finish()
         return [results[i] for i in range(len(pipes))]
     finally:
         for process in processes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from client.bench.coordinator import IdleReport
-from client.bench.results import LatencySummary, Report
+from client.bench.results import LatencySummary, Report, ResumeFigures
 
 __all__ = ["format_idle", "format_throughput"]
 
@@ -18,13 +18,18 @@ def _latency_row(name: str, summary: LatencySummary) -> str:
 def format_throughput(report: Report) -> str:
     """The report of a throughput run as a table."""
     rate = f"{report.target_rate:,.0f} msg/s" if report.target_rate > 0 else "unpaced"
+    resume = report.resume
+    mode = ""
+    if resume is not None:
+        mode = ", resumable sessions" + (" (receivers detached)" if resume.detached else "")
     lines = [
         f"broker-bench throughput: {report.pairs} pairs ({report.placement}), "
         f"window {report.window}, payload {report.payload_size} B, rate {rate}, "
-        f"{report.idle_connections:,} idle, {report.processes} generator process(es)",
+        f"{report.idle_connections:,} idle, {report.processes} generator process(es){mode}",
         f"  brokers: {', '.join(report.urls)}",
         "",
-        f"{'messages/s':<18}{report.messages_per_second:>12,.1f}"
+        f"{'messages/s' + (' held' if resume and resume.detached else ''):<18}"
+        f"{report.messages_per_second:>12,.1f}"
         + (
             ""
             if report.rate_met is None
@@ -56,6 +61,11 @@ def format_throughput(report: Report) -> str:
             f"{'Redis CPU':<18}{report.redis_cpu_us_per_message:>12,.1f} µs/message   "
             f"({report.redis_cpu_seconds:.2f} s, from INFO cpu; not in the broker figure)"
         )
+    if report.redis_commands is not None:
+        calls = ", ".join(f"{name} {count:,}" for name, count in report.redis_commands.items())
+        lines.append(f"{'Redis commands':<18}{'':>12}   in the window: {calls or 'none'}")
+    if resume is not None:
+        lines += _resume_lines(resume)
     gen = report.generator_cpu_us_per_message
     lines.append(
         f"{'generator CPU':<18}{(f'{gen:,.1f}' if gen is not None else '-'):>12} µs/message   "
@@ -71,6 +81,24 @@ def format_throughput(report: Report) -> str:
         lines.append("errors seen:")
         lines.extend(f"  {e}" for e in report.error_samples)
     return "\n".join(lines)
+
+
+def _resume_lines(resume: ResumeFigures) -> list[str]:
+    lines = [
+        f"{'resume':<18}{resume.acks_sent:>12,} acks sent, {resume.channel_acked:,} "
+        f"channel_acked received, {resume.unacknowledged:,} messages never acknowledged",
+    ]
+    if resume.detached:
+        per_message = (
+            f"{resume.broker_cpu_us_per_replayed:,.1f} µs/message"
+            if resume.broker_cpu_us_per_replayed is not None
+            else "-"
+        )
+        lines.append(
+            f"{'replay':<18}{resume.replayed:>12,} messages in {resume.resume_seconds:g} s;"
+            f" broker CPU {per_message} (from the end of the window to the last resumed)"
+        )
+    return lines
 
 
 def format_idle(report: IdleReport) -> str:

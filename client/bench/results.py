@@ -5,9 +5,15 @@ A worker measures over the window ``[start, end)`` that the coordinator gave eve
 latency histograms cover that window only; the verification counts (lost, duplicates,
 reordered, unconfirmed, failed) cover the whole run, warm-up and drain included, because a
 message lost during warm-up is still a lost message.
+
+With ``--resume`` the counts of session resume come along (:class:`ResumeFigures`); with
+``--detached`` the receivers are away during the window, so the figures per message count the
+messages the node *held* for them in the window, and the replay after it is measured apart.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 
@@ -18,8 +24,11 @@ __all__ = [
     "HistogramData",
     "LatencySummary",
     "Report",
+    "ResumeFigures",
     "WorkerResult",
     "build_report",
+    "command_calls",
+    "command_delta",
     "merge_results",
 ]
 
@@ -61,6 +70,18 @@ class WorkerResult(msgspec.Struct, frozen=True, kw_only=True):
     confirm_latency: HistogramData
     delivery_latency: HistogramData
     generator_cpu_seconds: float
+    # Session resume (issue 14); zero without --resume.
+    #: Confirmations with ``held: true`` (the recipient was detached), in the window and in all.
+    held_window: int = 0
+    held_total: int = 0
+    #: ``ack`` frames sent, and ``channel_acked`` frames received, over the whole run.
+    acks_sent: int = 0
+    channel_acked: int = 0
+    #: Messages that no ``channel_acked`` covered by the end of the drain.
+    unacknowledged: int = 0
+    #: Messages the receivers got replayed when they resumed, and the wall time that took.
+    replayed: int = 0
+    resume_seconds: float = 0.0
 
 
 def merge_results(results: list[WorkerResult]) -> WorkerResult:
@@ -95,7 +116,35 @@ def merge_results(results: list[WorkerResult]) -> WorkerResult:
         confirm_latency=HistogramData.of(confirm),
         delivery_latency=HistogramData.of(delivery),
         generator_cpu_seconds=sum(r.generator_cpu_seconds for r in results),
+        held_window=sum(r.held_window for r in results),
+        held_total=sum(r.held_total for r in results),
+        acks_sent=sum(r.acks_sent for r in results),
+        channel_acked=sum(r.channel_acked for r in results),
+        unacknowledged=sum(r.unacknowledged for r in results),
+        replayed=sum(r.replayed for r in results),
+        resume_seconds=max(r.resume_seconds for r in results),
     )
+
+
+def command_calls(commandstats: dict[str, Any]) -> dict[str, int]:
+    """Calls per command from redis-py's parse of ``INFO commandstats``
+    (``{"cmdstat_publish": {"calls": 12, ...}, ...}`` -> ``{"publish": 12, ...}``)."""
+    return {
+        name.removeprefix("cmdstat_"): int(fields["calls"])
+        for name, fields in commandstats.items()
+        if name.startswith("cmdstat_") and isinstance(fields, dict) and "calls" in fields
+    }
+
+
+def command_delta(
+    before: dict[str, int], after: dict[str, int], *, ours: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Calls per command between two samples, less ``ours`` (the sampler's own calls); only
+    commands that were called, by name."""
+    calls = {name: count - before.get(name, 0) for name, count in after.items()}
+    for name, count in (ours or {}).items():
+        calls[name] = calls.get(name, 0) - count
+    return {name: count for name, count in sorted(calls.items()) if count > 0}
 
 
 class LatencySummary(msgspec.Struct, frozen=True):
@@ -123,6 +172,25 @@ class BrokerCpu(msgspec.Struct, frozen=True):
 
     pid: int
     cpu_seconds: float
+
+
+class ResumeFigures(msgspec.Struct, frozen=True, kw_only=True):
+    """What a ``--resume`` run adds to its report."""
+
+    #: The receivers dropped their sockets for the window (``--detached``).
+    detached: bool
+    #: Messages confirmed ``held: true`` in the window.
+    held: int
+    acks_sent: int
+    channel_acked: int
+    unacknowledged: int
+    #: Messages replayed to the resuming receivers, the wall time of the resume phase, the
+    #: brokers' CPU from the end of the window to the end of the run, and that per message
+    #: replayed (None when nothing was replayed or no broker was measured).
+    replayed: int
+    resume_seconds: float
+    broker_cpu_resume_seconds: float | None
+    broker_cpu_us_per_replayed: float | None
 
 
 class Report(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,6 +230,9 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     generator_cpu_us_per_message: float | None
     generator_bound: bool
     error_samples: list[str]
+    #: Calls of each Redis command during the window (``INFO commandstats``; with --redis-url).
+    redis_commands: dict[str, int] | None = None
+    resume: ResumeFigures | None = None
 
 
 #: A generator process above this share of one core is the bottleneck, not the broker.
@@ -179,14 +250,27 @@ def build_report(
     processes: int,
     broker_cpu: list[BrokerCpu],
     redis_cpu_seconds: float | None = None,
+    redis_commands: dict[str, int] | None = None,
+    resume: bool = False,
+    detached: bool = False,
+    broker_cpu_resume_seconds: float | None = None,
 ) -> Report:
-    """Derive the report's figures from the merged counts and the broker CPU samples."""
+    """Derive the report's figures from the merged counts and the broker CPU samples.
+
+    The messages a figure per message divides by are those delivered in the window, or,
+    ``detached``, those held for the absent receivers in it.
+    """
     seconds = merged.window_seconds
-    delivered = merged.delivered_window
+    counted = merged.held_window if detached else merged.delivered_window
     broker_seconds = sum(b.cpu_seconds for b in broker_cpu)
     errors = merged.failed + merged.unconfirmed + merged.corrupt
-    verification_clean = merged.lost == 0 and merged.duplicates == 0 and merged.reordered == 0
-    rate = delivered / seconds if seconds > 0 else 0.0
+    verification_clean = (
+        merged.lost == 0
+        and merged.duplicates == 0
+        and merged.reordered == 0
+        and merged.unacknowledged == 0
+    )
+    rate = counted / seconds if seconds > 0 else 0.0
     return Report(
         mode="throughput",
         placement=placement,
@@ -199,7 +283,7 @@ def build_report(
         idle_connections=merged.idle_connections,
         duration_seconds=round(seconds, 3),
         messages_per_second=round(rate, 1),
-        delivered=delivered,
+        delivered=merged.delivered_window,
         confirmed=merged.confirmed_window,
         sent_total=merged.sent_total,
         errors=errors,
@@ -219,21 +303,44 @@ def build_report(
             round(100 * broker_seconds / seconds, 1) if broker_cpu and seconds > 0 else None
         ),
         broker_cpu_us_per_message=(
-            round(broker_seconds * 1e6 / delivered, 2) if broker_cpu and delivered else None
+            round(broker_seconds * 1e6 / counted, 2) if broker_cpu and counted else None
         ),
         redis_cpu_seconds=redis_cpu_seconds,
         redis_cpu_us_per_message=(
-            round(redis_cpu_seconds * 1e6 / delivered, 2)
-            if redis_cpu_seconds is not None and delivered
+            round(redis_cpu_seconds * 1e6 / counted, 2)
+            if redis_cpu_seconds is not None and counted
             else None
         ),
         generator_cpu_percent=round(100 * merged.generator_cpu_seconds / seconds, 1)
         if seconds > 0
         else 0.0,
         generator_cpu_us_per_message=(
-            round(merged.generator_cpu_seconds * 1e6 / delivered, 2) if delivered else None
+            round(merged.generator_cpu_seconds * 1e6 / counted, 2) if counted else None
         ),
         generator_bound=seconds > 0
         and merged.generator_cpu_seconds / seconds > GENERATOR_BOUND_SHARE * processes,
         error_samples=merged.errors,
+        redis_commands=redis_commands,
+        resume=_resume_figures(merged, detached, broker_cpu_resume_seconds) if resume else None,
+    )
+
+
+def _resume_figures(
+    merged: WorkerResult, detached: bool, broker_cpu_resume_seconds: float | None
+) -> ResumeFigures:
+    replayed = merged.replayed
+    return ResumeFigures(
+        detached=detached,
+        held=merged.held_window,
+        acks_sent=merged.acks_sent,
+        channel_acked=merged.channel_acked,
+        unacknowledged=merged.unacknowledged,
+        replayed=replayed,
+        resume_seconds=round(merged.resume_seconds, 3),
+        broker_cpu_resume_seconds=broker_cpu_resume_seconds,
+        broker_cpu_us_per_replayed=(
+            round(broker_cpu_resume_seconds * 1e6 / replayed, 2)
+            if broker_cpu_resume_seconds is not None and replayed
+            else None
+        ),
     )

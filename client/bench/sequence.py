@@ -62,6 +62,14 @@ class SequenceChecker:
             self.duplicates += 1
 
     @property
+    def in_order(self) -> int:
+        """The highest number up to which every number arrived (what a resumable client
+        reports it processed: it drops a message that comes after a gap)."""
+        if self.missing:
+            return min(self.missing) - 1
+        return self.next_expected - 1
+
+    @property
     def unique(self) -> int:
         """How many distinct numbers from 1 up arrived (numbers below 1 count as duplicates)."""
         return self.next_expected - 1 - len(self.missing)

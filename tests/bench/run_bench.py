@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -161,9 +161,16 @@ def bench(args: list[str], timeout: float) -> dict[str, Any]:
 
 
 def throughput(
-    system: Running, settings: Settings, *, placement: str, rate: float, idle: int
+    system: Running,
+    settings: Settings,
+    *,
+    placement: str,
+    rate: float,
+    idle: int,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
-    args = ["throughput", "--placement", placement]
+    """One ``broker-bench throughput`` run; ``extra``: more of its options (``--resume``)."""
+    args = ["throughput", "--placement", placement, *extra]
     for url in system.urls:
         args += ["--url", url]
     for pid in system.pids:

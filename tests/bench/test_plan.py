@@ -47,3 +47,12 @@ def test_plan_workers_never_has_idle_processes_and_needs_a_pair() -> None:
     assert len(plan_workers(ThroughputConfig(urls=[A], pairs=2, processes=8))) == 2
     with pytest.raises(ValueError, match="pair"):
         plan_workers(ThroughputConfig(urls=[A], pairs=0))
+
+
+def test_plan_workers_passes_resume_on_and_detached_implies_it() -> None:
+    plain = plan_workers(ThroughputConfig(urls=[A], pairs=2))
+    assert [(load.resume, load.detached) for load in plain] == [(False, False)]
+    resume = plan_workers(ThroughputConfig(urls=[A], pairs=2, processes=2, resume=True))
+    assert [(load.resume, load.detached) for load in resume] == [(True, False)] * 2
+    detached = plan_workers(ThroughputConfig(urls=[A], pairs=2, detached=True))
+    assert [(load.resume, load.detached) for load in detached] == [(True, True)]

@@ -93,6 +93,49 @@ def test_throughput_table_shows_failures_and_missing_figures() -> None:
     assert "offered rate" not in text
 
 
+def test_throughput_table_shows_redis_commands_and_resume() -> None:
+    report = build_report(
+        merged(held_window=40_000, acks_sent=3_000, channel_acked=1_500, replayed=48_000),
+        placement="cross-node",
+        urls=["ws://127.0.0.1:1", "ws://127.0.0.1:2"],
+        window=64,
+        payload_size=100,
+        target_rate=4000.0,
+        processes=1,
+        broker_cpu=[BrokerCpu(pid=11, cpu_seconds=2.0)],
+        redis_cpu_seconds=0.4,
+        redis_commands={"publish": 1_234, "set": 2},
+        resume=True,
+        detached=True,
+        broker_cpu_resume_seconds=0.24,
+    )
+    text = format_throughput(report)
+    assert "resumable sessions (receivers detached)" in text
+    assert "messages/s held" in text
+    assert "50.0 µs/message" in text  # 2 s / 40,000 held
+    assert "publish 1,234, set 2" in text
+    assert "3,000 acks sent, 1,500 channel_acked received" in text
+    assert "48,000 messages" in text
+    assert "5.0 µs/message" in text  # 0.24 s / 48,000 replayed
+    attached = build_report(
+        merged(),
+        placement="same-node",
+        urls=["ws://127.0.0.1:1"],
+        window=64,
+        payload_size=100,
+        target_rate=5000.0,
+        processes=1,
+        broker_cpu=[],
+        redis_commands={},
+        resume=True,
+    )
+    text = format_throughput(attached)
+    assert "resumable sessions" in text
+    assert "detached" not in text
+    assert "replay" not in text
+    assert "in the window: none" in text
+
+
 def test_idle_table() -> None:
     report = IdleReport(
         mode="idle",

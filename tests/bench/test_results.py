@@ -9,6 +9,8 @@ from client.bench.results import (
     HistogramData,
     WorkerResult,
     build_report,
+    command_calls,
+    command_delta,
     merge_results,
 )
 
@@ -133,3 +135,83 @@ def test_report_of_an_unpaced_empty_run() -> None:
     assert report.broker_cpu_us_per_message is None
     assert report.generator_cpu_percent == 0.0
     assert report.generator_bound is False
+
+
+def test_merge_adds_the_resume_counts() -> None:
+    a = result([1], held_window=10, held_total=12, acks_sent=3, replayed=12, resume_seconds=0.5)
+    b = result([2], held_window=5, channel_acked=4, unacknowledged=1, resume_seconds=0.75)
+    merged = merge_results([a, b])
+    assert (merged.held_window, merged.held_total, merged.acks_sent) == (15, 12, 3)
+    assert (merged.channel_acked, merged.unacknowledged, merged.replayed) == (4, 1, 12)
+    assert merged.resume_seconds == 0.75  # the workers resume at once: the longest
+
+
+def test_a_run_without_resume_has_no_resume_figures() -> None:
+    report = build_report(
+        result([1]),
+        placement="same-node",
+        urls=["ws://127.0.0.1:1"],
+        window=64,
+        payload_size=100,
+        target_rate=100.0,
+        processes=1,
+        broker_cpu=[BrokerCpu(pid=1, cpu_seconds=0.5)],
+    )
+    assert report.resume is None
+    assert report.redis_commands is None
+
+
+def test_a_detached_run_counts_the_messages_held_and_the_replay_apart() -> None:
+    merged = result([1], delivered_window=0, held_window=800, replayed=1200, resume_seconds=0.3)
+    report = build_report(
+        merged,
+        placement="same-node",
+        urls=["ws://127.0.0.1:1"],
+        window=64,
+        payload_size=100,
+        target_rate=80.0,
+        processes=1,
+        broker_cpu=[BrokerCpu(pid=1, cpu_seconds=0.4)],
+        resume=True,
+        detached=True,
+        broker_cpu_resume_seconds=0.06,
+    )
+    assert report.messages_per_second == 80.0  # 800 held in 10 s
+    assert report.rate_met is True
+    assert report.broker_cpu_us_per_message == 500.0  # 0.4 s / 800 held
+    assert report.delivered == 0
+    assert report.resume is not None
+    assert report.resume.detached is True
+    assert (report.resume.held, report.resume.replayed) == (800, 1200)
+    assert report.resume.broker_cpu_us_per_replayed == 50.0  # 0.06 s / 1200
+    assert report.ok is True
+
+
+def test_messages_never_acknowledged_fail_a_resume_run() -> None:
+    report = build_report(
+        result([1], unacknowledged=2),
+        placement="same-node",
+        urls=["ws://127.0.0.1:1"],
+        window=64,
+        payload_size=100,
+        target_rate=100.0,
+        processes=1,
+        broker_cpu=[],
+        resume=True,
+    )
+    assert report.ok is False
+    assert report.resume is not None
+    assert report.resume.unacknowledged == 2
+    assert report.resume.broker_cpu_us_per_replayed is None
+
+
+def test_redis_command_calls_and_their_difference() -> None:
+    stats = {
+        "cmdstat_publish": {"calls": 10, "usec": 5},
+        "cmdstat_client|setinfo": {"calls": 2},
+        "errorstat_ERR": {"count": 1},
+    }
+    assert command_calls(stats) == {"publish": 10, "client|setinfo": 2}
+    before = {"publish": 10, "info": 4, "set": 1}
+    after = {"publish": 25, "info": 6, "set": 1, "evalsha": 1}
+    assert command_delta(before, after, ours={"info": 2}) == {"evalsha": 1, "publish": 15}

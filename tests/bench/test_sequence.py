@@ -58,3 +58,14 @@ def test_nothing_received() -> None:
 def test_counts_add_up() -> None:
     a = SequenceCounts(received=1, unique=2, lost=3, duplicates=4, reordered=5)
     assert a + a == SequenceCounts(received=2, unique=4, lost=6, duplicates=8, reordered=10)
+
+
+def test_in_order_is_the_end_of_the_run_without_a_gap() -> None:
+    assert SequenceChecker().in_order == 0
+    assert feed(1, 2, 3).in_order == 3
+    checker = feed(1, 2, 5, 6)
+    assert checker.in_order == 2
+    checker.observe(3)
+    assert checker.in_order == 3
+    checker.observe(4)
+    assert checker.in_order == 6

@@ -9,6 +9,7 @@ from client.bench.wire import (
     MessageFrameBuilder,
     classify,
     decode_frame,
+    encode_ack,
     encode_request,
 )
 
@@ -38,11 +39,51 @@ def test_tiny_payload_size_means_no_padding() -> None:
     assert decoded["payload"] == {"s": 1, "t": 1, "p": ""}
 
 
+def test_a_resumable_senders_message_carries_seq_and_keeps_its_payload_size() -> None:
+    plain = MessageFrameBuilder("chan-1", payload_size=100)
+    with_seq = MessageFrameBuilder("chan-1", payload_size=100, with_seq=True)
+    decoded = msgspec.json.decode(with_seq.build(7, 12_345, 10**16))
+    assert decoded["seq"] == decoded["payload"]["s"] == 12_345
+    assert decoded["payload"] == msgspec.json.decode(plain.build(7, 12_345, 10**16))["payload"]
+    assert "seq" not in msgspec.json.decode(plain.build(7, 12_345, 10**16))
+
+
+def test_acks_name_channels_only_when_some_moved() -> None:
+    assert msgspec.json.decode(encode_ack(5, 40, {})) == {"type": "ack", "id": 5, "lastId": 40}
+    assert msgspec.json.decode(encode_ack(5, 40, {"c": 3}))["channels"] == {"c": 3}
+
+
+def test_resume_fields_are_read() -> None:
+    registered = decode_frame(
+        b'{"type":"registered","id":1,"replyTo":1,"connectionId":"u","resumeToken":"t",'
+        b'"resumeWindow":120}'
+    )
+    assert registered.resumeToken == "t"
+    sent = decode_frame(
+        b'{"type":"channel_message_sent","id":2,"replyTo":2,"channelId":"c","held":true}'
+    )
+    assert sent.held is True
+    assert classify(sent) is FrameKind.REPLY_OK
+    acked = decode_frame(b'{"type":"channel_acked","id":3,"channelId":"c","seq":9}')
+    assert (classify(acked), acked.seq) == (FrameKind.CHANNEL_ACKED, 9)
+    resumed = decode_frame(
+        b'{"type":"resumed","id":9,"replyTo":4,"connectionId":"u","resumeToken":"t2",'
+        b'"resumeWindow":120,"complete":true,"lastRequestId":3}'
+    )
+    assert (resumed.complete, resumed.resumeToken) == (True, "t2")
+
+
 def test_requests() -> None:
     assert msgspec.json.decode(encode_request("open", 3, targetId="x")) == {
         "type": "open",
         "id": 3,
         "targetId": "x",
+    }
+    assert msgspec.json.decode(encode_request("register", 1, role="r", resume=True)) == {
+        "type": "register",
+        "id": 1,
+        "role": "r",
+        "resume": True,
     }
 
 
