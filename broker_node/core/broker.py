@@ -784,7 +784,7 @@ class BrokerCore:
                 )
                 actions.append(Send(receipt.sender, frame))
                 if receipt.acked_seq is not None and not held:
-                    self._tell_acked(receipt.sender, channel_id, receipt.acked_seq, actions)
+                    self._tell(Acked(channel_id, receipt.sender, receipt.acked_seq), actions)
                 pending = sender.pending
                 left = pending[channel_id] - 1
                 sender.unconfirmed -= 1
@@ -1007,10 +1007,8 @@ class BrokerCore:
                     self._on_handover(envelope, actions)
                 case Moved():
                     self._on_moved(envelope)
-                case Acked(channel_id=channel_id, recipient=recipient, seq=seq):
-                    self._tell_acked(recipient, channel_id, seq, actions)
-                case Resync(channel_id=channel_id, recipient=recipient, last_seq=last_seq):
-                    self._tell_resync(recipient, channel_id, last_seq, actions)
+                case Acked() | Resync():
+                    self._tell(envelope, actions)
         for node_id, refused in refusals.items():
             actions.append(Publish(node_id, Confirm([], refused)))
         return actions
@@ -1097,7 +1095,9 @@ class BrokerCore:
             )
             actions.append(Send(conn.connection_id, frame))
             if pending.acked_seq is not None and not held:
-                self._tell_acked(conn.connection_id, pending.channel_id, pending.acked_seq, actions)
+                self._tell(
+                    Acked(pending.channel_id, conn.connection_id, pending.acked_seq), actions
+                )
         else:
             actions += self._fail(conn, "message", pending.request_id, pending.channel_id, error)
         self._unhold(conn, pending.channel_id, pending.size, actions)
@@ -1373,27 +1373,29 @@ class BrokerCore:
             if peer is None:
                 continue
             peer_id, peer_node = peer
-            if peer_node == self.node_id:
-                self._tell_acked(peer_id, channel_id, seq, actions)
-            else:
-                actions.append(Publish(peer_node, Acked(channel_id, peer_id, seq)))
+            self._to_peer(peer_node, Acked(channel_id, peer_id, seq), actions)
         return actions
 
-    def _tell_acked(
-        self, recipient: ConnectionId, channel_id: ChannelId, seq: int, actions: list[Action]
-    ) -> None:
-        conn = self.connections.get(recipient)
-        if conn is not None and channel_id in conn.channels:
-            frame = ChannelAcked(id=self._next_id(conn), channelId=channel_id, seq=seq)
-            actions.append(Send(recipient, encode(frame)))
+    def _to_peer(self, node_id: NodeId, notice: Acked | Resync, actions: list[Action]) -> None:
+        """A notice for the other end of a channel: told here, or sent to its node."""
+        if node_id == self.node_id:
+            self._tell(notice, actions)
+        else:
+            actions.append(Publish(node_id, notice))
 
-    def _tell_resync(
-        self, recipient: ConnectionId, channel_id: ChannelId, last_seq: int, actions: list[Action]
-    ) -> None:
-        conn = self.connections.get(recipient)
-        if conn is not None and channel_id in conn.channels:
-            frame = ChannelResync(id=self._next_id(conn), channelId=channel_id, lastSeq=last_seq)
-            actions.append(Send(recipient, encode(frame)))
+    def _tell(self, notice: Acked | Resync, actions: list[Action]) -> None:
+        """``channel_acked`` / ``channel_resync`` to a local end of the channel."""
+        conn = self.connections.get(notice.recipient)
+        if conn is None or notice.channel_id not in conn.channels:
+            return
+        frame_id = self._next_id(conn)
+        frame: ChannelAcked | ChannelResync
+        match notice:
+            case Acked(channel_id=channel_id, seq=seq):
+                frame = ChannelAcked(id=frame_id, channelId=channel_id, seq=seq)
+            case Resync(channel_id=channel_id, last_seq=last_seq):
+                frame = ChannelResync(id=frame_id, channelId=channel_id, lastSeq=last_seq)
+        actions.append(Send(notice.recipient, encode(frame)))
 
     def begin_resume(
         self,
@@ -1552,10 +1554,7 @@ class BrokerCore:
         peer = self.channels[channel_id].peer_of(conn.connection_id)
         assert peer is not None  # the session is an end of each of its channels
         peer_id, peer_node = peer
-        if peer_node == self.node_id:
-            self._tell_resync(peer_id, channel_id, last_seq, actions)
-        else:
-            actions.append(Publish(peer_node, Resync(channel_id, peer_id, last_seq)))
+        self._to_peer(peer_node, Resync(channel_id, peer_id, last_seq), actions)
 
     def _on_take(self, take: Take, actions: list[Action]) -> None:
         """A resume on another node claimed a session: hand it over once its work in flight

@@ -28,7 +28,7 @@ from broker_node.core.actions import (
     Send,
 )
 from broker_node.core.broker import AuthRules, BrokerCore, ResumePlan, ResumeRules
-from broker_node.core.envelopes import Confirm, Envelope, Handover, Incoming, Moved, Take
+from broker_node.core.envelopes import Acked, Confirm, Envelope, Handover, Incoming, Moved, Take
 from broker_node.core.records import (
     AdoptedSession,
     ChannelRecord,
@@ -777,6 +777,7 @@ def test_gone_twice_and_other_no_ops() -> None:
     assert core.session_retry(a.cid) == []
     assert core.hand_off(plain.cid, TWO) == []
     core._on_moved(Moved(ChannelId("nope"), a.cid, TWO))  # a channel not held here
+    assert core.on_bus([Acked(ChannelId("c"), ConnectionId("nobody"), 1)]) == []
     assert core.unwritten_to(a.cid, [], handed=True) == []  # kept in its log: held
     assert core.hold(plain.cid, b"{}", None) == []  # not a session: nothing kept
     assert receipt.sender == plain.cid
