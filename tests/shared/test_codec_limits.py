@@ -110,3 +110,17 @@ def test_an_unpaired_surrogate_behind_an_escaped_backslash_is_refused_too() -> N
     rejection = decode_request('{"type":"register","id":1,"role":"\\\\ud800\\udc00"}')
     assert isinstance(rejection, FailedReply) and rejection.kind == UNCARRIABLE
     assert rejection.request_type == "register" and rejection.reply_to == 1
+    assert "surrogate" in rejection.error
+
+
+@pytest.mark.parametrize(
+    "role",
+    [
+        "\\ud800\\\\udc00",  # a lone high surrogate, then the text \udc00
+        "\\ud800\\n",  # a high surrogate, then another escape
+        "x\\\\\\udc00",  # the text \ (an escaped backslash), then a lone low surrogate
+    ],
+)
+def test_a_surrogate_is_paired_only_with_the_escape_right_after_it(role: str) -> None:
+    rejection = decode_request('{"type":"register","id":1,"role":"' + role + '"}')
+    assert isinstance(rejection, FailedReply) and "surrogate" in rejection.error
