@@ -58,7 +58,7 @@ from broker_node.metrics import NodeCollector, metrics_registry
 from broker_node.outbox import Outbox
 from broker_node.status import NodeStatus, StatusBoard
 from broker_node.supervisor import Supervisor
-from shared.codec import Rejection
+from shared.codec import Rejection, rejection_kind
 from shared.ids import ChannelId, ConnectionId, NodeId, node_name
 from shared.messages import (
     Ack,
@@ -582,7 +582,7 @@ class BrokerNode:
         elif isinstance(request, Ack):
             self.execute(core.ack(cid, request))
         else:
-            self.bad_frame(_rejection_kind(request))
+            self.bad_frame(rejection_kind(request))
             self.execute(core.reject(cid, request))
 
     async def _open_elsewhere(self, cid: ConnectionId, channel_id: str) -> bool | None:
@@ -1156,17 +1156,3 @@ def _socket_budget() -> int | None:
     if soft == resource.RLIM_INFINITY:
         return None
     return max(soft - FD_RESERVE, 1)
-
-
-def _rejection_kind(rejection: Rejection) -> str:
-    from shared.codec import CLOSE_INVALID_DATA, CloseConnection, ErrorReply, FailedReply
-
-    if rejection.kind is not None:
-        return rejection.kind
-    if isinstance(rejection, FailedReply):
-        return "bad_fields"
-    if isinstance(rejection, ErrorReply):
-        return "unknown_type" if rejection.reply_to is not None else "bad_shape"
-    if isinstance(rejection, CloseConnection) and rejection.code == CLOSE_INVALID_DATA:
-        return "invalid_utf8"
-    return "invalid_json"
