@@ -74,8 +74,11 @@ class StatusBoard:
 
     def on_subscribed(self, up: bool) -> None:
         """The bus subscription to this node's inbox came up or went down."""
-        self.update(subscribed=up)
+        if up != self.current.subscribed:
+            self.update(subscribed=up)
 
     def on_backend(self, up: bool) -> None:
-        """The cluster backend answered again, or stopped answering."""
-        self.update(backend_up=up)
+        """The cluster backend answered again, or stopped answering (reported after every
+        liveness round: the status is replaced only when it changes)."""
+        if up != self.current.backend_up:
+            self.update(backend_up=up)

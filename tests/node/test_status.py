@@ -59,3 +59,11 @@ def test_the_board_replaces_the_status_and_recomputes_readiness() -> None:
     board.update(draining=True)
     assert board().unready_reasons == ("draining",)
     assert board().node_id == NODE and not board().standalone
+
+
+def test_reporting_an_unchanged_state_keeps_the_status() -> None:
+    board = StatusBoard(NodeStatus(NODE, standalone=False, subscribed=True))
+    before = board()
+    board.on_backend(True)
+    board.on_subscribed(True)
+    assert board() is before
