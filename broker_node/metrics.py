@@ -7,27 +7,56 @@ No per-connection or per-role label exists.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sized
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared.ids import node_name
+from broker_node.core.stats import NodeStats
+from broker_node.status import NodeStatus
+from shared.ids import ConnectionId, node_name
 
-if TYPE_CHECKING:
-    from broker_node.node import BrokerNode
+
+class _Client(Protocol):
+    @property
+    def role(self) -> str | None: ...
+
+
+class CoreCounts(Protocol):
+    """What /metrics reads of the core (``BrokerCore`` is one)."""
+
+    @property
+    def connections(self) -> Mapping[ConnectionId, _Client]: ...
+
+    @property
+    def channels(self) -> Sized: ...
+
+    def detached_sessions(self) -> Sized: ...
+
+    def pending_counts(self) -> tuple[int, int]: ...
 
 
 class NodeCollector(Collector):
-    def __init__(self, node: BrokerNode) -> None:
-        self._node = node
+    def __init__(
+        self,
+        status: Callable[[], NodeStatus],
+        stats: NodeStats,
+        core: CoreCounts,
+        *,
+        outbox_length: Callable[[], int],
+        handshaking_count: Callable[[], int],
+    ) -> None:
+        self._status = status
+        self._stats = stats
+        self._core = core
+        self._outbox_length = outbox_length
+        self._handshaking_count = handshaking_count
 
     def collect(self) -> Iterator[Metric]:
-        node = self._node
-        stats = node.stats
-        core = node.core
+        stats = self._stats
+        core = self._core
         yield GaugeMetricFamily(
             "broker_connections", "Clients connected to this node.", value=len(core.connections)
         )
@@ -149,7 +178,7 @@ class NodeCollector(Collector):
             "broker_bus_pending_opens", "Cross-node opens awaiting the target's node.", value=opens
         )
         yield GaugeMetricFamily(
-            "broker_bus_outbox", "Envelopes waiting to be published.", value=len(node.outbox)
+            "broker_bus_outbox", "Envelopes waiting to be published.", value=self._outbox_length()
         )
         yield CounterMetricFamily(
             "broker_reaped_nodes", "Lost nodes this node reaped.", value=stats.reaped_nodes
@@ -174,7 +203,7 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "broker_handshaking_sockets",
             "TCP connections still in their HTTP handshake.",
-            value=node.handshaking_count,
+            value=self._handshaking_count(),
         )
         limited = CounterMetricFamily(
             "broker_limit_refusals",
@@ -185,6 +214,8 @@ class NodeCollector(Collector):
         for limit, count in sorted(stats.limit_refusals.items()):
             limited.add_metric([limit], count)
         yield limited
+        # One status value for the four gauges: they never disagree within a scrape.
+        node = self._status()
         yield GaugeMetricFamily("broker_ready", "1 when /readyz answers 200.", value=node.ready)
         yield GaugeMetricFamily("broker_draining", "1 while draining.", value=node.draining)
         yield GaugeMetricFamily(
@@ -227,9 +258,9 @@ def _task_count() -> int:
         return 0
 
 
-def metrics_registry(node: BrokerNode) -> CollectorRegistry:
+def metrics_registry(collector: NodeCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(node))
+    registry.register(collector)
     # process_resident_memory_bytes, process_open_fds, ... (Linux /proc): for soak runs.
     ProcessCollector(registry=registry)
     return registry

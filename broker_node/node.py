@@ -51,12 +51,14 @@ from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore,
 from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
 from broker_node.core.records import ChannelRecord
 from broker_node.core.stats import NodeStats
+from broker_node.drain import Drain, wait_until_empty
 from broker_node.errors import BackendUnavailable
-from broker_node.health import http_response, serve_metrics_connection
-from broker_node.metrics import metrics_registry
+from broker_node.health import HealthEndpoints
+from broker_node.metrics import NodeCollector, metrics_registry
 from broker_node.outbox import Outbox
+from broker_node.status import NodeStatus, StatusBoard
 from broker_node.supervisor import Supervisor
-from shared.codec import CLOSE_GOING_AWAY, Rejection
+from shared.codec import Rejection, rejection_kind
 from shared.ids import ChannelId, ConnectionId, NodeId, node_name
 from shared.messages import (
     Ack,
@@ -82,8 +84,6 @@ KEEPALIVE_SLICES: Final = 20
 #: cheap SMEMBERS + EXISTS pipeline. It is the slack between a heartbeat key's TTL and the
 #: node TTL, so that a dead node's peers are told within the node TTL (see ``heartbeat_ttl``).
 PEER_CHECK_INTERVAL: Final = 1.0
-#: How often a drain checks whether every request it read has been answered.
-DRAIN_POLL: Final = 0.005
 #: Registry removals written per round trip by the registry writer.
 REMOVAL_BATCH: Final = 500
 #: Close notices kept to send again after an outage, and how often each is tried.
@@ -145,13 +145,25 @@ class BrokerNode:
         self.clients: dict[ConnectionId, ClientConnection] = {}
         self.sockets: set[ClientConnection] = set()
         self.supervisor = Supervisor(on_state=self._loop_state)
-        self.metrics = metrics_registry(self)
+        #: What the node says about itself (/readyz, /metrics), replaced whole on each change.
+        self.status_board = StatusBoard(NodeStatus(self.node_id, self.standalone))
+        self.metrics = metrics_registry(
+            NodeCollector(
+                self.status_board,
+                self.stats,
+                self.core,
+                outbox_length=self.outbox.__len__,
+                handshaking_count=lambda: self.handshaking_count,
+            )
+        )
+        self.health = HealthEndpoints(
+            self.status_board,
+            self.metrics,
+            metrics_on_client_port=settings.metrics_port is None,
+            handshake_timeout=settings.handshake_timeout,
+        )
         self.server: asyncio.Server | None = None
         self.port: int = settings.port
-        self.draining = False
-        self.started = False
-        self.subscribed = False
-        self.backend_up = True
         self._dirty: list[ClientConnection] = []
         #: Frames the kernel accepted during this flush, to confirm in one go.
         self._written: list[Receipt] = []
@@ -184,6 +196,21 @@ class BrokerNode:
         self._trusted_proxies = parse_networks(settings.trusted_proxies)
         self._socket_budget = _socket_budget()
         self.metrics_server: asyncio.Server | None = None
+        self._drain = Drain(
+            node_id=self.node_id,
+            standalone=self.standalone,
+            drain_timeout=settings.drain_timeout,
+            core=self.core,
+            clients=self.clients,
+            execute=self.execute,
+            flush_all=self._flush_all,
+            outbox=self.outbox,
+            registry=self.registry,
+            registry_call=self._registry_call,
+            sockets=self.sockets,
+            no_sockets=self._no_sockets,
+            wait_session_work=lambda: wait_until_empty(self._session_work),
+        )
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -215,7 +242,7 @@ class BrokerNode:
             # A busy port or an unknown host: undo the start quietly, the caller says why.
             await self._abandon_start()
             raise
-        self.started = True
+        self.status_board.update(started=True)
         mode = "standalone" if self.backend.standalone else "cluster"
         logger.info(
             "listening on %s:%d (%s, node %s)", self.settings.host, self.port, mode, self.node_id
@@ -241,7 +268,7 @@ class BrokerNode:
             self.port = int(sockets[0].getsockname()[1])
         if self.settings.metrics_port is not None:
             self.metrics_server = await asyncio.start_server(
-                lambda reader, writer: serve_metrics_connection(self, reader, writer),
+                self.health.serve_metrics_connection,
                 self.settings.metrics_host or self.settings.host,
                 self.settings.metrics_port,
                 reuse_address=True,
@@ -250,7 +277,7 @@ class BrokerNode:
 
     async def _abandon_start(self) -> None:
         self._stopped.set()
-        self.draining = True
+        self.status_board.update(draining=True)
         if self.server is not None:
             self.server.close()
         await self.supervisor.stop()
@@ -272,11 +299,11 @@ class BrokerNode:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.draining = True
+        self.status_board.update(draining=True)
         logger.info("draining: closing %d clients", len(self.clients))
         try:
             async with asyncio.timeout(self.settings.drain_timeout):
-                await self._drain()
+                await self._drain.run()
         except TimeoutError:
             logger.warning("drain timed out after %.1fs", self.settings.drain_timeout)
         if self.server is not None:
@@ -290,117 +317,33 @@ class BrokerNode:
         await self.backend.aclose()
         logger.info("stopped")
 
-    async def _drain(self) -> None:
-        # The listening socket stays open until the end so that probes see /readyz answer
-        # 503 (and the load balancer moves on) rather than a refused connection; new
-        # WebSocket upgrades are refused with 503 meanwhile (see ClientConnection).
-        await self._answer_what_was_read()
-        # Resumable sessions are told to resume elsewhere (4100) and wait here, detached, to
-        # be handed over; the other clients are closed as always.
-        self.execute(self.core.drain_sessions())
-        for client in list(self.clients.values()):
-            client.close(CLOSE_GOING_AWAY, "Server shutting down")
-            # Reading again lets the closing handshake complete; frames that arrive now are
-            # past the close and never handled.
-            client.resume_reading("drain")
-        self._flush_all()
-        await self.outbox.wait_idle()
-        # Give clients a moment to answer the closing handshake; then the TCP goes anyway.
-        if self.sockets:
-            self._no_sockets.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(2.0, self.settings.drain_timeout / 2)):
-                    await self._no_sockets.wait()
-        await self._hand_off_sessions()
-        try:
-            await self.registry.leave(self.node_id)
-        except BackendUnavailable:
-            logger.warning("could not remove this node's registry entries (Redis unavailable)")
-
-    async def _hand_off_sessions(self) -> None:
-        """Wait for the drained sessions' clients to resume elsewhere (each resume takes its
-        session over), up to half the drain timeout; hand what is left to a live node, or end
-        it when there is none."""
-        core = self.core
-        if core.resume is None:
-            return
-        deadline = time.monotonic() + self.settings.drain_timeout / 2
-        # Polled, as the drain's other waits: several resumes come in from other nodes.
-        while core.detached_sessions() and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(DRAIN_POLL * 10)
-        left = core.detached_sessions()
-        if not left:
-            await self._wait_session_work()
-            return
-        peers: list[NodeId] = []
-        if not self.standalone:
-            with contextlib.suppress(BackendUnavailable):
-                live = await self._registry_call("live_nodes", self.registry.live_nodes())
-                peers = sorted(live - {self.node_id})
-        for index, session_id in enumerate(left):
-            if not peers:
-                self.execute(core.session_ended(session_id, True))
-                continue
-            peer = peers[index % len(peers)]
-            moved = False
-            with contextlib.suppress(BackendUnavailable):
-                moved = await self._registry_call(
-                    "transfer_session",
-                    self.registry.transfer_session(session_id, self.node_id, peer),
-                )
-            if moved:
-                self.execute(core.hand_off(session_id, peer))
-            else:
-                self.execute(core.session_ended(session_id, True))
-        await self.outbox.wait_idle()
-        await self._wait_session_work()
-
-    async def _wait_session_work(self) -> None:
-        # Polled: the session writer empties its queue one registry call at a time.
-        while self._session_work:  # noqa: ASYNC110
-            await asyncio.sleep(DRAIN_POLL)
-
-    async def _answer_what_was_read(self) -> None:
-        """Stop reading every client, then wait until every request read so far is answered:
-        no request waits in a backlog, no cross-node message or open awaits another node,
-        nothing waits to be published. What a client sends from now on is never read: it
-        gets no reply and has no effect. Bounded by half the drain timeout (the rest is for
-        closing); cross-node work is bounded by the request timeout anyway."""
-        for client in list(self.clients.values()):
-            client.pause_reading("drain")
-        try:
-            async with asyncio.timeout(self.settings.drain_timeout / 2):
-                # Polled: the work finishes in the core, in backlogs and in the outbox, and no
-                # one event says all of it is done; the drain runs once per process.
-                while (  # noqa: ASYNC110
-                    any(client.requests_pending for client in self.clients.values())
-                    or self.core.pending_counts() != (0, 0)
-                    # Same-node messages wait for their recipient's socket to take them.
-                    or any(conn.unconfirmed for conn in self.core.connections.values())
-                    or len(self.outbox)
-                ):
-                    await asyncio.sleep(DRAIN_POLL)
-                await self.outbox.wait_idle()
-        except TimeoutError:
-            logger.warning(
-                "drain: requests still unanswered after %.1fs", self.settings.drain_timeout / 2
-            )
-        self._flush_all()
-
     async def serve_forever(self) -> None:
         await self._stopped.wait()
 
     @property
+    def status(self) -> NodeStatus:
+        return self.status_board.current
+
+    @property
     def ready(self) -> bool:
-        if not self.started or self.draining:
-            return False
-        if self.backend.standalone:
-            return True
-        return self.subscribed and self.backend_up
+        return self.status_board.current.ready
+
+    # Read by code still in this module (and connection.py); the status board holds them.
+    @property
+    def draining(self) -> bool:
+        return self.status_board.current.draining
+
+    @property
+    def subscribed(self) -> bool:
+        return self.status_board.current.subscribed
+
+    @property
+    def backend_up(self) -> bool:
+        return self.status_board.current.backend_up
 
     def _loop_state(self, name: str, up: bool) -> None:
         if name == "bus-subscriber":
-            self.subscribed = up
+            self.status_board.on_subscribed(up)
 
     # --- connections ------------------------------------------------------------------------
 
@@ -500,7 +443,7 @@ class BrokerNode:
         self.stats.bad_frames[kind] += 1
 
     def http_response(self, ws: ServerProtocol, request: HttpRequest) -> Response:
-        return http_response(self, ws, request)
+        return self.health.http_response(ws, request)
 
     # --- executing decisions ----------------------------------------------------------------
 
@@ -639,7 +582,7 @@ class BrokerNode:
         elif isinstance(request, Ack):
             self.execute(core.ack(cid, request))
         else:
-            self.bad_frame(_rejection_kind(request))
+            self.bad_frame(rejection_kind(request))
             self.execute(core.reject(cid, request))
 
     async def _open_elsewhere(self, cid: ConnectionId, channel_id: str) -> bool | None:
@@ -787,7 +730,7 @@ class BrokerNode:
                 self._backend_name,
                 error,
             )
-        self.backend_up = up
+        self.status_board.on_backend(up)
 
     # --- the registry in the background -----------------------------------------------------
 
@@ -909,7 +852,7 @@ class BrokerNode:
                 async with bus.subscribe(self.node_id, self._on_bus_payload) as subscription:
                     if not self.subscribed:
                         logger.info("subscribed to this node's bus inbox")
-                    self.subscribed = True
+                    self.status_board.on_subscribed(True)
                     self._subscribed_event.set()
                     failures = 0
                     await subscription.wait_lost()
@@ -922,7 +865,7 @@ class BrokerNode:
                         self._backend_name,
                         exc,
                     )
-                self.subscribed = False
+                self.status_board.on_subscribed(False)
                 self._subscribed_event.clear()
                 if failures:
                     await asyncio.sleep(min(0.05 * 2**failures, 1.0))
@@ -1213,17 +1156,3 @@ def _socket_budget() -> int | None:
     if soft == resource.RLIM_INFINITY:
         return None
     return max(soft - FD_RESERVE, 1)
-
-
-def _rejection_kind(rejection: Rejection) -> str:
-    from shared.codec import CLOSE_INVALID_DATA, CloseConnection, ErrorReply, FailedReply
-
-    if rejection.kind is not None:
-        return rejection.kind
-    if isinstance(rejection, FailedReply):
-        return "bad_fields"
-    if isinstance(rejection, ErrorReply):
-        return "unknown_type" if rejection.reply_to is not None else "bad_shape"
-    if isinstance(rejection, CloseConnection) and rejection.code == CLOSE_INVALID_DATA:
-        return "invalid_utf8"
-    return "invalid_json"

@@ -78,6 +78,20 @@ class FailedReply:
 
 Rejection = CloseConnection | ErrorReply | FailedReply
 
+
+def rejection_kind(rejection: Rejection) -> str:
+    """The ``broker_bad_frames`` kind of a rejection: its own, else the one its row implies."""
+    if rejection.kind is not None:
+        return rejection.kind
+    if isinstance(rejection, FailedReply):
+        return "bad_fields"
+    if isinstance(rejection, ErrorReply):
+        return "unknown_type" if rejection.reply_to is not None else "bad_shape"
+    if rejection.code == CLOSE_INVALID_DATA:
+        return "invalid_utf8"
+    return "invalid_json"
+
+
 _request_decoder: Final[msgspec.json.Decoder[Request]] = msgspec.json.Decoder(Request)
 _any_decoder: Final = msgspec.json.Decoder()
 _typed_decoders: Final = {

@@ -25,6 +25,7 @@ PURE_MODULES: Final = (
     "shared/*.py",
     "broker_node/core/*.py",
     "broker_node/admission.py",
+    "broker_node/status.py",
     "broker_node/config.py",
     "broker_node/errors.py",
     "broker_node/frame_scanner.py",

@@ -54,6 +54,6 @@ async def test_stop_during_a_registry_call_logs_no_backend_loss(
     # The liveness loop was cancelled inside its heartbeat: neither a lost backend in the
     # log nor a failed registry call in the metrics.
     assert "cluster backend lost" not in caplog.text
-    assert node.backend_up
+    assert node.status.backend_up
     assert node.stats.registry_calls["heartbeat"][2] == 0
     assert "stopped" in caplog.text

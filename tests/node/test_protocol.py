@@ -243,13 +243,13 @@ async def test_during_drain_readyz_is_503_and_new_clients_are_refused(
 ) -> None:
     a, b, _ = await pair(url)
     # The state the node is in between SIGTERM and the end of its drain.
-    node.draining = True
+    node.status_board.update(draining=True)
     status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{node.port}/readyz")
     assert status == 503 and "draining" in body
     with pytest.raises(InvalidStatus) as refused:
         async with WireClient(url):
             pass
     assert refused.value.response.status_code == 503
-    node.draining = False
+    node.status_board.update(draining=False)
     await a.close()
     await b.close()

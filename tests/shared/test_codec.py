@@ -13,6 +13,7 @@ from shared.codec import (
     decode_request,
     encode,
     failure_type,
+    rejection_kind,
 )
 from shared.messages import REQUESTS, Register, RequestKind
 
@@ -151,3 +152,20 @@ def test_text_that_is_not_utf8_closes_with_1007(frame: bytes | bytearray | memor
 )
 def test_non_ascii_utf8_decodes(frame: bytes | bytearray | memoryview | str) -> None:
     assert decode_request(frame) == Register(id=1, role="été 🚀")
+
+
+@pytest.mark.parametrize(
+    ("frame", "kind"),
+    [
+        (b"nope", "invalid_json"),
+        (b"\xff", "invalid_utf8"),
+        (b"[1]", "bad_shape"),
+        (b'{"id":1,"type":"nope"}', "unknown_type"),
+        (b'{"id":1,"type":"register"}', "bad_fields"),
+        (b'{"id":1,"type":"register","role":"\\ud800"}', "uncarriable"),
+    ],
+)
+def test_each_rejection_has_its_bad_frame_kind(frame: bytes, kind: str) -> None:
+    rejection = decode_request(frame)
+    assert isinstance(rejection, CloseConnection | ErrorReply | FailedReply)
+    assert rejection_kind(rejection) == kind
