@@ -14,8 +14,7 @@ import logging
 import resource
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable
-from typing import Final, TypeVar
+from typing import Final
 
 from websockets.frames import CloseCode
 from websockets.http11 import Request as HttpRequest
@@ -26,7 +25,7 @@ from broker_node.admission import client_address, origin_allowed, parse_networks
 from broker_node.auth.identity import TokenRefusal
 from broker_node.auth.service import NodeAuth
 from broker_node.cluster.base import Backend, Heartbeat
-from broker_node.cluster.factory import create_backend, masked_url
+from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
 from broker_node.connection import ClientConnection
 from broker_node.core.actions import (
@@ -55,6 +54,7 @@ from broker_node.errors import BackendUnavailable
 from broker_node.health import http_response, serve_metrics_connection
 from broker_node.metrics import metrics_registry
 from broker_node.outbox import Outbox
+from broker_node.registry_calls import RegistryCalls
 from broker_node.supervisor import Supervisor
 from shared.codec import CLOSE_GOING_AWAY, Rejection
 from shared.ids import ChannelId, ConnectionId, NodeId, node_name
@@ -71,8 +71,6 @@ from shared.messages import (
 )
 
 logger = logging.getLogger("broker_node.node")
-
-_T = TypeVar("_T")
 
 #: How often cross-node work is checked against the request timeout.
 EXPIRY_INTERVAL: Final = 0.25
@@ -110,6 +108,13 @@ class BrokerNode:
         self.registry = self.backend.registry
         self.standalone = self.backend.standalone
         self.stats = NodeStats()
+        self.backend_up = True
+        self.registry_calls = RegistryCalls(
+            stats=self.stats,
+            request_timeout=settings.request_timeout,
+            redis_url=settings.redis_url,
+            on_state=self._backend_changed,
+        )
         # Authentication (issue 13): off (the original protocol) unless a key is configured.
         self.node_auth = NodeAuth(settings, self.node_id)
         self.auth = self.node_auth.setup
@@ -151,7 +156,6 @@ class BrokerNode:
         self.draining = False
         self.started = False
         self.subscribed = False
-        self.backend_up = True
         self._dirty: list[ClientConnection] = []
         #: Frames the kernel accepted during this flush, to confirm in one go.
         self._written: list[Receipt] = []
@@ -201,7 +205,7 @@ class BrokerNode:
             on_revoked=lambda: self.execute(self.core.revoke(self.node_auth.is_revoked)),
         )
         if not self.backend.standalone:
-            logger.info("cluster backend %s", self._backend_name)
+            logger.info("cluster backend %s", self.registry_calls.backend_name)
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
                 async with asyncio.timeout(self.settings.request_timeout * 2):
@@ -335,7 +339,7 @@ class BrokerNode:
         peers: list[NodeId] = []
         if not self.standalone:
             with contextlib.suppress(BackendUnavailable):
-                live = await self._registry_call("live_nodes", self.registry.live_nodes())
+                live = await self.registry_calls.call("live_nodes", self.registry.live_nodes())
                 peers = sorted(live - {self.node_id})
         for index, session_id in enumerate(left):
             if not peers:
@@ -344,7 +348,7 @@ class BrokerNode:
             peer = peers[index % len(peers)]
             moved = False
             with contextlib.suppress(BackendUnavailable):
-                moved = await self._registry_call(
+                moved = await self.registry_calls.call(
                     "transfer_session",
                     self.registry.transfer_session(session_id, self.node_id, peer),
                 )
@@ -397,6 +401,9 @@ class BrokerNode:
         if self.backend.standalone:
             return True
         return self.subscribed and self.backend_up
+
+    def _backend_changed(self, up: bool) -> None:
+        self.backend_up = up
 
     def _loop_state(self, name: str, up: bool) -> None:
         if name == "bus-subscriber":
@@ -650,7 +657,7 @@ class BrokerNode:
         if self.standalone or self.core.knows_channel(cid, channel_id):
             return False
         try:
-            record = await self._registry_call(
+            record = await self.registry_calls.call(
                 "find_channel", self.registry.find_channel(ChannelId(channel_id))
             )
         except BackendUnavailable:
@@ -669,7 +676,7 @@ class BrokerNode:
         error = None
         self._writing_connections.add(cid)
         try:
-            await self._registry_call("add_connection", self.registry.add_connection(plan))
+            await self.registry_calls.call("add_connection", self.registry.add_connection(plan))
         except BackendUnavailable:
             error = REGISTRY_UNAVAILABLE
             # Outcome unknown: a stalled Redis runs the write when it resumes, which would
@@ -690,7 +697,7 @@ class BrokerNode:
             return
         claim = None
         with contextlib.suppress(BackendUnavailable):
-            claim = await self._registry_call(
+            claim = await self.registry_calls.call(
                 "claim_session",
                 self.registry.claim_session(
                     plan.session_id,
@@ -709,7 +716,7 @@ class BrokerNode:
             return
         ids = None
         with contextlib.suppress(BackendUnavailable):
-            ids = await self._registry_call(
+            ids = await self.registry_calls.call(
                 "list_by_role", self.registry.list_by_role(request.role)
             )
         self.execute(self.core.finish_list(cid, request, ids))
@@ -727,7 +734,7 @@ class BrokerNode:
             self.execute(refusal)
             return
         try:
-            target = await self._registry_call(
+            target = await self.registry_calls.call(
                 "find_connection", self.registry.find_connection(ConnectionId(request.targetId))
             )
             plan = core.plan_open(cid, request, target)
@@ -736,7 +743,7 @@ class BrokerNode:
                 return
             self._writing_channels.add(plan.channel_id)
             try:
-                await self._registry_call("add_channel", self.registry.add_channel(plan))
+                await self.registry_calls.call("add_channel", self.registry.add_channel(plan))
             except BackendUnavailable:
                 # As for register: the channel may still be written; resynchronise when back.
                 self._registry_dirty = True
@@ -747,47 +754,6 @@ class BrokerNode:
             self.execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
             return
         self.execute(core.launch_open(cid, request, plan))
-
-    async def _registry_call(self, operation: str, call: Awaitable[_T]) -> _T:
-        started = time.perf_counter()
-        failed = True
-        error: BaseException | None = None
-        try:
-            async with asyncio.timeout(self.settings.request_timeout):
-                result = await call
-            failed = False
-            return result
-        except TimeoutError as exc:
-            error = BackendUnavailable(operation, exc)
-            raise error from exc
-        except asyncio.CancelledError:
-            # The node is stopping: that says nothing about the backend.
-            failed = False
-            raise
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.stats.registry_call(operation, time.perf_counter() - started, failed)
-            if failed:
-                self._backend_state(False, error)
-
-    @property
-    def _backend_name(self) -> str:
-        url = self.settings.redis_url
-        return masked_url(url) if url is not None else "in memory"
-
-    def _backend_state(self, up: bool, error: BaseException | None = None) -> None:
-        # Logged once per transition, never per request.
-        if up and not self.backend_up:
-            logger.info("cluster backend is back")
-        elif not up and self.backend_up:
-            logger.warning(
-                "cluster backend lost (%s: %s); requests that need it fail until it is back",
-                self._backend_name,
-                error,
-            )
-        self.backend_up = up
 
     # --- the registry in the background -----------------------------------------------------
 
@@ -822,11 +788,11 @@ class BrokerNode:
                 connections = [a.record for a in batch if isinstance(a, ForgetConnection)]
                 try:
                     if channels:
-                        await self._registry_call(
+                        await self.registry_calls.call(
                             "remove_channels", self.registry.remove_channels(channels)
                         )
                     if connections:
-                        await self._registry_call(
+                        await self.registry_calls.call(
                             "remove_connections", self.registry.remove_connections(connections)
                         )
                 except BackendUnavailable:
@@ -848,19 +814,19 @@ class BrokerNode:
                 action = work.popleft()
                 try:
                     if type(action) is MarkDetached:
-                        await self._registry_call(
+                        await self.registry_calls.call(
                             "mark_detached",
                             registry.mark_detached(
                                 action.record.connection_id, self.node_id, action.at_ms
                             ),
                         )
                     elif type(action) is EndSession:
-                        ended = await self._registry_call(
+                        ended = await self.registry_calls.call(
                             "end_session", registry.end_session(action.record)
                         )
                         self.execute(self.core.session_ended(action.record.connection_id, ended))
                     elif type(action) is MoveChannels:
-                        await self._registry_call(
+                        await self.registry_calls.call(
                             "move_channels",
                             registry.move_channels(list(action.records), action.from_node),
                         )
@@ -886,10 +852,12 @@ class BrokerNode:
         found: list[ChannelRecord] = []
         ids: set[ChannelId] = set()
         for node_id in {previous_node, self.node_id}:
-            _, channels = await self._registry_call("node_index", self.registry.node_index(node_id))
+            _, channels = await self.registry_calls.call(
+                "node_index", self.registry.node_index(node_id)
+            )
             ids |= channels
         for channel_id in sorted(ids):
-            record = await self._registry_call(
+            record = await self.registry_calls.call(
                 "find_channel", self.registry.find_channel(channel_id)
             )
             if record is not None and record.peer_of(session_id) is not None:
@@ -919,7 +887,7 @@ class BrokerNode:
                 elif not failures:
                     logger.warning(
                         "cannot subscribe to this node's bus inbox at %s (%s); retrying",
-                        self._backend_name,
+                        self.registry_calls.backend_name,
                         exc,
                     )
                 self.subscribed = False
@@ -1047,16 +1015,16 @@ class BrokerNode:
                     # (which restores our entries) before judging anyone.
                     await self._beat(first=False, after_outage=False)
                     next_beat = started + self.settings.heartbeat_interval
-                self._backend_state(True)
+                self.registry_calls.backend_state(True)
             except BackendUnavailable as exc:
                 logger.debug("liveness round failed: %s", exc)
                 failed = True
-                self._backend_state(False, exc)
+                self.registry_calls.backend_state(False, exc)
             await asyncio.sleep(self.peer_check_interval)
 
     async def _beat(self, *, first: bool, after_outage: bool) -> None:
         registry = self.registry
-        beat = await self._registry_call(
+        beat = await self.registry_calls.call(
             "heartbeat", registry.heartbeat(self.node_id, self.heartbeat_ttl_ms)
         )
         if beat is Heartbeat.FENCED:
@@ -1082,20 +1050,20 @@ class BrokerNode:
         if self.backend.standalone or time.monotonic() < self._liveness_grace_until:
             return False
         registry = self.registry
-        live = await self._registry_call("live_nodes", registry.live_nodes())
+        live = await self.registry_calls.call("live_nodes", registry.live_nodes())
         if self.node_id not in live:
             return True
-        lapsed = await self._registry_call("lapsed_nodes", registry.lapsed_nodes())
+        lapsed = await self.registry_calls.call("lapsed_nodes", registry.lapsed_nodes())
         for node_id in lapsed:
             if node_id == self.node_id:
                 continue
             if self.core.resume is None:
-                removed = await self._registry_call("reap", registry.reap(node_id))
+                removed = await self.registry_calls.call("reap", registry.reap(node_id))
                 if removed is not None:
                     self.stats.reaped_nodes += 1
                     logger.info("reaped lost node %s (%d channels)", node_id, len(removed))
                 continue
-            reaped = await self._registry_call(
+            reaped = await self.registry_calls.call(
                 "reap",
                 registry.reap_adopting(node_id, self.node_id, int(time.time() * 1000)),
             )
@@ -1127,7 +1095,7 @@ class BrokerNode:
         core = self.core
         connections, channels = core.records()
         self._registry_dirty = False
-        await self._registry_call(
+        await self.registry_calls.call(
             "restore", self.registry.restore(self.node_id, connections, channels)
         )
         # What left while the records were being written was removed before they landed:
@@ -1147,7 +1115,7 @@ class BrokerNode:
         self._registry_dirty = False
         core = self.core
         try:
-            indexed_connections, indexed_channels = await self._registry_call(
+            indexed_connections, indexed_channels = await self.registry_calls.call(
                 "node_index", self.registry.node_index(self.node_id)
             )
             live_connections, live_channels = core.records()
@@ -1162,7 +1130,7 @@ class BrokerNode:
                 - self._writing_channels
                 - core.pending_channel_ids()
             )
-            await self._registry_call(
+            await self.registry_calls.call(
                 "prune",
                 self.registry.prune(
                     self.node_id, sorted(stale_connections), sorted(stale_channels)
@@ -1185,7 +1153,7 @@ class BrokerNode:
         self._notify_forgotten(list(self._registry_backlog))
         self._registry_backlog.clear()
         self._registry_dirty = False
-        await self._registry_call(
+        await self.registry_calls.call(
             "rejoin", self.registry.rejoin(self.node_id, self.heartbeat_ttl_ms)
         )
 
