@@ -24,6 +24,7 @@ from websockets.server import ServerProtocol
 from broker_node.admission import client_address, origin_allowed, parse_networks
 from broker_node.auth.identity import TokenRefusal
 from broker_node.auth.service import NodeAuth
+from broker_node.bus_link import BusLink
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
@@ -47,13 +48,12 @@ from broker_node.core.actions import (
     Send,
 )
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore, ResumeRules
-from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
 from broker_node.core.records import ChannelRecord
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
 from broker_node.health import http_response, serve_metrics_connection
+from broker_node.logs import LIMIT_LOG_INTERVAL
 from broker_node.metrics import metrics_registry
-from broker_node.outbox import Outbox
 from broker_node.registry_calls import RegistryCalls
 from broker_node.supervisor import Supervisor
 from shared.codec import CLOSE_GOING_AWAY, Rejection
@@ -84,14 +84,8 @@ PEER_CHECK_INTERVAL: Final = 1.0
 DRAIN_POLL: Final = 0.005
 #: Registry removals written per round trip by the registry writer.
 REMOVAL_BATCH: Final = 500
-#: Close notices kept to send again after an outage, and how often each is tried.
-MAX_CLOSED_RETRY: Final = 10_000
-CLOSED_ATTEMPTS: Final = 3
 #: Close code for clients of a node that was reaped while it could not reach Redis.
 CLOSE_SERVICE_RESTART: Final = 1012
-#: A condition met again and again (refusals at a limit, dropped envelopes) is logged at most
-#: once per this many seconds; the counters in /metrics hold every occurrence.
-LIMIT_LOG_INTERVAL: Final = 10.0
 #: How many ids of a list_by_role reply weigh as much as one request against the rate limit.
 LIST_IDS_PER_REQUEST: Final = 50
 #: File descriptors kept for Redis connections, the listeners, logs and the like.
@@ -138,15 +132,19 @@ class BrokerNode:
             list_page_size=settings.max_list_page,
             resume=_resume_rules(settings),
         )
-        self.outbox = Outbox(
-            self.backend.bus,
-            on_undeliverable=self._undeliverable,
-            on_unknown=self._unknown,
-            on_published=self._published,
-            on_retry=self._retried,
+        self.bus_link = BusLink(
+            node_id=self.node_id,
+            bus=self.backend.bus,
+            stats=self.stats,
+            backend_name=self.registry_calls.backend_name,
+            on_bus=self.core.on_bus,
+            undeliverable=self.core.undeliverable,
+            execute=self.execute,
+            on_subscribed=self._subscription_changed,
             batch_delay=settings.bus_batch_delay,
             retry_window=settings.request_timeout,
         )
+        self.outbox = self.bus_link.outbox
         self.clients: dict[ConnectionId, ClientConnection] = {}
         self.sockets: set[ClientConnection] = set()
         self.supervisor = Supervisor(on_state=self._loop_state)
@@ -171,16 +169,12 @@ class BrokerNode:
         self._writing_channels: set[ChannelId] = set()
         self._registry_wake = asyncio.Event()
         self._registry_dirty = False
-        self._subscribed_event = asyncio.Event()
         self._liveness_grace_until = 0.0
-        self._closed_retry: list[tuple[NodeId, Closed, int]] = []
-        self._closed_attempts: dict[tuple[NodeId, Closed], int] = {}
         self._stopped = asyncio.Event()
         #: The running loop, kept at start: asyncio.get_running_loop() costs a system call.
         self._loop: asyncio.AbstractEventLoop
         self._no_sockets = asyncio.Event()
         # --- hostile input and resource limits (issue 15)
-        self._dropped_logged_at = -LIMIT_LOG_INTERVAL
         self._limit_logged_at: dict[str, float] = {}
         #: Sockets still in their HTTP handshake, oldest first.
         self._handshaking: dict[ClientConnection, None] = {}
@@ -193,7 +187,7 @@ class BrokerNode:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.supervisor.start("bus-subscriber", self._subscriber_loop)
+        self.supervisor.start("bus-subscriber", self.bus_link.subscriber_loop)
         self.supervisor.start("registry-writer", self._registry_writer_loop)
         self.supervisor.start("session-writer", self._session_writer_loop)
         self.supervisor.start("expiry", self._expiry_loop)
@@ -209,7 +203,7 @@ class BrokerNode:
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
                 async with asyncio.timeout(self.settings.request_timeout * 2):
-                    await self._subscribed_event.wait()
+                    await self.bus_link.wait_subscribed()
             except TimeoutError:
                 logger.warning("bus subscription not ready yet; starting not-ready")
         self.supervisor.start("liveness", self._liveness_loop)
@@ -405,9 +399,12 @@ class BrokerNode:
     def _backend_changed(self, up: bool) -> None:
         self.backend_up = up
 
+    def _subscription_changed(self, subscribed: bool) -> None:
+        self.subscribed = subscribed
+
     def _loop_state(self, name: str, up: bool) -> None:
-        if name == "bus-subscriber":
-            self.subscribed = up
+        if name == "bus-subscriber" and not up:
+            self.bus_link.subscriber_down()
 
     # --- connections ------------------------------------------------------------------------
 
@@ -864,98 +861,6 @@ class BrokerNode:
                 found.append(record)
         return found
 
-    # --- the bus ----------------------------------------------------------------------------
-
-    async def _subscriber_loop(self) -> None:
-        # A lost subscription is made again at once: while it is missing, what other nodes
-        # send here reaches nobody (their outboxes retry for a while). Only repeated failures
-        # wait, a little longer each time.
-        failures = 0
-        while True:
-            try:
-                bus = self.backend.bus
-                async with bus.subscribe(self.node_id, self._on_bus_payload) as subscription:
-                    if not self.subscribed:
-                        logger.info("subscribed to this node's bus inbox")
-                    self.subscribed = True
-                    self._subscribed_event.set()
-                    failures = 0
-                    await subscription.wait_lost()
-            except BackendUnavailable as exc:
-                if self.subscribed:
-                    logger.warning("bus subscription lost; resubscribing")
-                elif not failures:
-                    logger.warning(
-                        "cannot subscribe to this node's bus inbox at %s (%s); retrying",
-                        self.registry_calls.backend_name,
-                        exc,
-                    )
-                self.subscribed = False
-                self._subscribed_event.clear()
-                if failures:
-                    await asyncio.sleep(min(0.05 * 2**failures, 1.0))
-                failures += 1
-
-    def _on_bus_payload(self, payload: bytes) -> None:
-        envelopes, dropped = decode_batch(payload)
-        if dropped:
-            # The others of the batch are still handled. Logged at most once per interval:
-            # a flood of bad envelopes must not flood the log (the counter has them all).
-            self.stats.bus_envelopes_dropped += dropped
-            self._log_dropped_envelopes(dropped, len(payload))
-        self.stats.bus_batches_in += 1
-        self.execute(self.core.on_bus(envelopes))
-
-    def _log_dropped_envelopes(self, dropped: int, size: int) -> None:
-        now = time.monotonic()
-        if now - self._dropped_logged_at >= LIMIT_LOG_INTERVAL:
-            self._dropped_logged_at = now
-            logger.warning(
-                "dropped %d undecodable bus envelope(s) of a %d-byte payload (%d so far)",
-                dropped,
-                size,
-                self.stats.bus_envelopes_dropped,
-            )
-
-    def _undeliverable(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
-        """``node_id`` did not listen on its inbox for a whole retry window."""
-        self._keep_close_notices(node_id, envelopes)
-        self.execute(self.core.undeliverable(node_id, envelopes))
-
-    def _unknown(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
-        """Redis did not answer: these may or may not reach ``node_id``. What waits on them
-        is answered when its deadline passes ("not confirmed in time": outcome unknown)."""
-        self._keep_close_notices(node_id, envelopes)
-
-    def _keep_close_notices(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
-        # A close notice that may not have gone out is sent again once Redis answers (it is
-        # idempotent there): otherwise the far end could keep a channel that is gone. A few
-        # attempts, then it is dropped (its node is likely gone too, and then its clients
-        # were told).
-        for envelope in envelopes:
-            if isinstance(envelope, CloseRequest):
-                envelope = Closed(envelope.channel_id, envelope.recipient)
-            if isinstance(envelope, Closed) and len(self._closed_retry) < MAX_CLOSED_RETRY:
-                attempts = self._closed_attempts.pop((node_id, envelope), 0) + 1
-                if attempts <= CLOSED_ATTEMPTS:
-                    self._closed_retry.append((node_id, envelope, attempts))
-
-    def _retried(self, count: int) -> None:
-        self.stats.bus_retries += count
-
-    def _resend_closed(self) -> None:
-        retry, self._closed_retry = self._closed_retry, []
-        for node_id, envelope, attempts in retry:
-            self._closed_attempts[(node_id, envelope)] = attempts
-            self.outbox.put(node_id, envelope)
-        # Attempts of notices that went through are not needed any more; keep the map small.
-        if len(self._closed_attempts) > MAX_CLOSED_RETRY:
-            self._closed_attempts.clear()
-
-    def _published(self, seconds: float, count: int) -> None:
-        self.stats.bus_publishes += count
-        self.stats.bus_publish_seconds += seconds
-
     # --- time -------------------------------------------------------------------------------
 
     async def _expiry_loop(self) -> None:
@@ -1041,8 +946,8 @@ class BrokerNode:
             await self._restore()
         elif self._registry_dirty:
             await self._resync()
-        if self._closed_retry:
-            self._resend_closed()
+        if self.bus_link.close_notices:
+            self.bus_link.resend_close_notices()
 
     async def _check_liveness(self) -> bool:
         """Reap lapsed nodes and close channels to nodes that are gone. True when this node's
@@ -1091,7 +996,7 @@ class BrokerNode:
         if not self.backend.standalone and not self.subscribed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.request_timeout):
-                    await self._subscribed_event.wait()
+                    await self.bus_link.wait_subscribed()
         core = self.core
         connections, channels = core.records()
         self._registry_dirty = False
