@@ -13,7 +13,7 @@ import contextlib
 import logging
 import resource
 import time
-from collections import Counter, deque
+from collections import Counter
 from typing import Final
 
 from websockets.frames import CloseCode
@@ -48,13 +48,13 @@ from broker_node.core.actions import (
     Send,
 )
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore, ResumeRules
-from broker_node.core.records import ChannelRecord
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
 from broker_node.health import http_response, serve_metrics_connection
 from broker_node.logs import LIMIT_LOG_INTERVAL
 from broker_node.metrics import metrics_registry
 from broker_node.registry_calls import RegistryCalls
+from broker_node.registry_writer import RegistryWriter
 from broker_node.supervisor import Supervisor
 from shared.codec import CLOSE_GOING_AWAY, Rejection
 from shared.ids import ChannelId, ConnectionId, NodeId, node_name
@@ -82,8 +82,6 @@ KEEPALIVE_SLICES: Final = 20
 PEER_CHECK_INTERVAL: Final = 1.0
 #: How often a drain checks whether every request it read has been answered.
 DRAIN_POLL: Final = 0.005
-#: Registry removals written per round trip by the registry writer.
-REMOVAL_BATCH: Final = 500
 #: Close code for clients of a node that was reaped while it could not reach Redis.
 CLOSE_SERVICE_RESTART: Final = 1012
 #: How many ids of a list_by_role reply weigh as much as one request against the rate limit.
@@ -145,6 +143,14 @@ class BrokerNode:
             retry_window=settings.request_timeout,
         )
         self.outbox = self.bus_link.outbox
+        self.registry_writer = RegistryWriter(
+            node_id=self.node_id,
+            registry=self.registry,
+            calls=self.registry_calls,
+            answers=self.core,
+            execute=self.execute,
+            draining=lambda: self.draining,
+        )
         self.clients: dict[ConnectionId, ClientConnection] = {}
         self.sockets: set[ClientConnection] = set()
         self.supervisor = Supervisor(on_state=self._loop_state)
@@ -160,15 +166,6 @@ class BrokerNode:
         self._flush_scheduled = False
         self._flushing = False
         self._accepted = 0
-        self._registry_backlog: deque[ForgetChannel | ForgetConnection] = deque()
-        #: Session resume's registry work (issue 14), done in order by the session writer.
-        self._session_work: deque[MarkDetached | EndSession | MoveChannels | LoadSession] = deque()
-        self._session_wake = asyncio.Event()
-        #: Connections and channels whose registry write is under way: live for a resync.
-        self._writing_connections: set[ConnectionId] = set()
-        self._writing_channels: set[ChannelId] = set()
-        self._registry_wake = asyncio.Event()
-        self._registry_dirty = False
         self._liveness_grace_until = 0.0
         self._stopped = asyncio.Event()
         #: The running loop, kept at start: asyncio.get_running_loop() costs a system call.
@@ -188,8 +185,8 @@ class BrokerNode:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.supervisor.start("bus-subscriber", self.bus_link.subscriber_loop)
-        self.supervisor.start("registry-writer", self._registry_writer_loop)
-        self.supervisor.start("session-writer", self._session_writer_loop)
+        self.supervisor.start("registry-writer", self.registry_writer.removal_loop)
+        self.supervisor.start("session-writer", self.registry_writer.session_loop)
         self.supervisor.start("expiry", self._expiry_loop)
         if self.settings.ping_interval > 0:
             self.supervisor.start("keepalive", self._keepalive_loop)
@@ -328,7 +325,7 @@ class BrokerNode:
             await asyncio.sleep(DRAIN_POLL * 10)
         left = core.detached_sessions()
         if not left:
-            await self._wait_session_work()
+            await self.registry_writer.wait_session_work()
             return
         peers: list[NodeId] = []
         if not self.standalone:
@@ -351,12 +348,7 @@ class BrokerNode:
             else:
                 self.execute(core.session_ended(session_id, True))
         await self.outbox.wait_idle()
-        await self._wait_session_work()
-
-    async def _wait_session_work(self) -> None:
-        # Polled: the session writer empties its queue one registry call at a time.
-        while self._session_work:  # noqa: ASYNC110
-            await asyncio.sleep(DRAIN_POLL)
+        await self.registry_writer.wait_session_work()
 
     async def _answer_what_was_read(self) -> None:
         """Stop reading every client, then wait until every request read so far is answered:
@@ -530,7 +522,7 @@ class BrokerNode:
                 if client is not None:
                     client.close(action.code, action.reason)
             elif type(action) is ForgetChannel or type(action) is ForgetConnection:
-                self._forget(action)
+                self.registry_writer.forget(action)
             elif type(action) is PauseReading:
                 client = clients.get(action.connection_id)
                 if client is not None:
@@ -567,8 +559,7 @@ class BrokerNode:
                 old.connection_id = None
                 old.close(action.code, action.reason)
         elif type(action) in (MarkDetached, EndSession, MoveChannels, LoadSession):
-            self._session_work.append(action)  # type: ignore[arg-type]
-            self._session_wake.set()
+            self.registry_writer.queue_session_work(action)  # type: ignore[arg-type]
 
     def receipts_written(self, receipts: list[Receipt]) -> None:
         """The kernel accepted these frames: confirm them (batched while flushing)."""
@@ -671,18 +662,16 @@ class BrokerNode:
             self.execute(self.core.finish_register(cid, request, limit_error))
             return
         error = None
-        self._writing_connections.add(cid)
-        try:
-            await self.registry_calls.call("add_connection", self.registry.add_connection(plan))
-        except BackendUnavailable:
-            error = REGISTRY_UNAVAILABLE
-            # Outcome unknown: a stalled Redis runs the write when it resumes, which would
-            # list a connection that was refused. Resynchronise once it answers.
-            self._registry_dirty = True
-        finally:
-            self._writing_connections.discard(cid)
+        with self.registry_writer.writing_connection(cid):
+            try:
+                await self.registry_calls.call("add_connection", self.registry.add_connection(plan))
+            except BackendUnavailable:
+                error = REGISTRY_UNAVAILABLE
+                # Outcome unknown: a stalled Redis runs the write when it resumes, which would
+                # list a connection that was refused. Resynchronise once it answers.
+                self.registry_writer.mark_dirty()
         if error is None and not self.core.is_connected(cid):
-            self._forget(ForgetConnection(plan))
+            self.registry_writer.forget(ForgetConnection(plan))
         if error is not None or not self.core.is_connected(cid):
             self.node_auth.drop_slot(cid)
         self.execute(self.core.finish_register(cid, request, error))
@@ -738,128 +727,17 @@ class BrokerNode:
             if isinstance(plan, list):
                 self.execute(plan)
                 return
-            self._writing_channels.add(plan.channel_id)
-            try:
-                await self.registry_calls.call("add_channel", self.registry.add_channel(plan))
-            except BackendUnavailable:
-                # As for register: the channel may still be written; resynchronise when back.
-                self._registry_dirty = True
-                raise
-            finally:
-                self._writing_channels.discard(plan.channel_id)
+            with self.registry_writer.writing_channel(plan.channel_id):
+                try:
+                    await self.registry_calls.call("add_channel", self.registry.add_channel(plan))
+                except BackendUnavailable:
+                    # As for register: the channel may still be written; resynchronise when back.
+                    self.registry_writer.mark_dirty()
+                    raise
         except BackendUnavailable:
             self.execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
             return
         self.execute(core.launch_open(cid, request, plan))
-
-    # --- the registry in the background -----------------------------------------------------
-
-    def _forget(self, action: ForgetChannel | ForgetConnection) -> None:
-        # No bound: the queue holds at most one entry per connection and channel this node
-        # had, and the writer takes it in batches.
-        if (
-            type(action) is ForgetConnection
-            and action.then
-            and (self.draining or not self.backend_up)
-        ):
-            # Leaving (the node's entries go with it) or Redis away (the removal waits for a
-            # resync): the notices must not wait for that.
-            self.execute(list(action.then))
-            action = ForgetConnection(action.record)
-        self._registry_backlog.append(action)
-        self._registry_wake.set()
-
-    def _notify_forgotten(self, batch: list[ForgetChannel | ForgetConnection]) -> None:
-        for action in batch:
-            if type(action) is ForgetConnection and action.then:
-                self.execute(list(action.then))
-
-    async def _registry_writer_loop(self) -> None:
-        backlog = self._registry_backlog
-        while True:
-            await self._registry_wake.wait()
-            self._registry_wake.clear()
-            while backlog:
-                batch = [backlog.popleft() for _ in range(min(REMOVAL_BATCH, len(backlog)))]
-                channels = [a.record for a in batch if isinstance(a, ForgetChannel)]
-                connections = [a.record for a in batch if isinstance(a, ForgetConnection)]
-                try:
-                    if channels:
-                        await self.registry_calls.call(
-                            "remove_channels", self.registry.remove_channels(channels)
-                        )
-                    if connections:
-                        await self.registry_calls.call(
-                            "remove_connections", self.registry.remove_connections(connections)
-                        )
-                except BackendUnavailable:
-                    # Whatever is still queued is not live either: the resync, once the
-                    # backend is back, removes it with every other entry that is not live.
-                    batch += backlog
-                    backlog.clear()
-                    self._registry_dirty = True
-                self._notify_forgotten(batch)
-
-    async def _session_writer_loop(self) -> None:
-        """Session resume's registry work, in order; each answer goes back to the core."""
-        work = self._session_work
-        registry = self.registry
-        while True:
-            await self._session_wake.wait()
-            self._session_wake.clear()
-            while work:
-                action = work.popleft()
-                try:
-                    if type(action) is MarkDetached:
-                        await self.registry_calls.call(
-                            "mark_detached",
-                            registry.mark_detached(
-                                action.record.connection_id, self.node_id, action.at_ms
-                            ),
-                        )
-                    elif type(action) is EndSession:
-                        ended = await self.registry_calls.call(
-                            "end_session", registry.end_session(action.record)
-                        )
-                        self.execute(self.core.session_ended(action.record.connection_id, ended))
-                    elif type(action) is MoveChannels:
-                        await self.registry_calls.call(
-                            "move_channels",
-                            registry.move_channels(list(action.records), action.from_node),
-                        )
-                    elif type(action) is LoadSession:
-                        channels = await self._session_channels(
-                            action.connection_id, action.previous_node
-                        )
-                        self.execute(self.core.install_lost(action.connection_id, channels))
-                except BackendUnavailable:
-                    if type(action) is EndSession:
-                        # Tried again at the next expiry check.
-                        self.execute(self.core.session_retry(action.record.connection_id))
-                    elif type(action) is LoadSession:
-                        self.execute(self.core.install_lost(action.connection_id, None))
-                    else:
-                        self._registry_dirty = True
-
-    async def _session_channels(
-        self, session_id: ConnectionId, previous_node: NodeId
-    ) -> list[ChannelRecord]:
-        """The channels of a session, per the registry: among those indexed under the node
-        that held it (and under this node, where a resume may have moved some already)."""
-        found: list[ChannelRecord] = []
-        ids: set[ChannelId] = set()
-        for node_id in {previous_node, self.node_id}:
-            _, channels = await self.registry_calls.call(
-                "node_index", self.registry.node_index(node_id)
-            )
-            ids |= channels
-        for channel_id in sorted(ids):
-            record = await self.registry_calls.call(
-                "find_channel", self.registry.find_channel(channel_id)
-            )
-            if record is not None and record.peer_of(session_id) is not None:
-                found.append(record)
-        return found
 
     # --- time -------------------------------------------------------------------------------
 
@@ -944,7 +822,7 @@ class BrokerNode:
             if not first:
                 logger.warning("cluster backend came back empty; restoring this node's state")
             await self._restore()
-        elif self._registry_dirty:
+        elif self.registry_writer.dirty:
             await self._resync()
         if self.bus_link.close_notices:
             self.bus_link.resend_close_notices()
@@ -999,7 +877,7 @@ class BrokerNode:
                     await self.bus_link.wait_subscribed()
         core = self.core
         connections, channels = core.records()
-        self._registry_dirty = False
+        self.registry_writer.clear_dirty()
         await self.registry_calls.call(
             "restore", self.registry.restore(self.node_id, connections, channels)
         )
@@ -1007,17 +885,17 @@ class BrokerNode:
         # remove it again.
         for connection in connections:
             if not core.is_connected(connection.connection_id):
-                self._forget(ForgetConnection(connection))
+                self.registry_writer.forget(ForgetConnection(connection))
         for channel in channels:
             if channel.channel_id not in core.channels:
-                self._forget(ForgetChannel(channel))
+                self.registry_writer.forget(ForgetChannel(channel))
 
     async def _resync(self) -> None:
         """After writes whose outcome is unknown: make the registry hold exactly this node's
         live entries, without a moment in which a live entry is missing (no leave + restore):
         remove what is indexed under the node and is not live, then write the live again."""
         logger.info("resynchronising this node's registry entries after failed writes")
-        self._registry_dirty = False
+        self.registry_writer.clear_dirty()
         core = self.core
         try:
             indexed_connections, indexed_channels = await self.registry_calls.call(
@@ -1027,12 +905,12 @@ class BrokerNode:
             stale_connections = (
                 indexed_connections
                 - {c.connection_id for c in live_connections}
-                - self._writing_connections
+                - self.registry_writer.writing_connections
             )
             stale_channels = (
                 indexed_channels
                 - {c.channel_id for c in live_channels}
-                - self._writing_channels
+                - self.registry_writer.writing_channels
                 - core.pending_channel_ids()
             )
             await self.registry_calls.call(
@@ -1043,7 +921,7 @@ class BrokerNode:
             )
             await self._restore()
         except BackendUnavailable:
-            self._registry_dirty = True
+            self.registry_writer.mark_dirty()
             raise
 
     async def _fenced(self) -> None:
@@ -1055,9 +933,7 @@ class BrokerNode:
         for client in list(self.clients.values()):
             client.close(CLOSE_SERVICE_RESTART, "Node was reaped; reconnect")
         # What the reaper removed must not come back: drop queued removals and start empty.
-        self._notify_forgotten(list(self._registry_backlog))
-        self._registry_backlog.clear()
-        self._registry_dirty = False
+        self.registry_writer.drop_queued_removals()
         await self.registry_calls.call(
             "rejoin", self.registry.rejoin(self.node_id, self.heartbeat_ttl_ms)
         )
