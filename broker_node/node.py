@@ -25,7 +25,7 @@ from broker_node.admission import client_address, origin_allowed, parse_networks
 from broker_node.auth.identity import TokenRefusal
 from broker_node.auth.service import NodeAuth
 from broker_node.bus_link import BusLink
-from broker_node.cluster.base import Backend, Heartbeat
+from broker_node.cluster.base import Backend
 from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
 from broker_node.connection import ClientConnection
@@ -51,11 +51,13 @@ from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore,
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
 from broker_node.health import http_response, serve_metrics_connection
+from broker_node.heartbeat import NodeHeartbeat
 from broker_node.logs import LIMIT_LOG_INTERVAL
 from broker_node.metrics import metrics_registry
 from broker_node.registry_calls import RegistryCalls
 from broker_node.registry_writer import RegistryWriter
 from broker_node.supervisor import Supervisor
+from broker_node.timers import KEEPALIVE_SLICES, expiry_loop, keepalive_loop
 from shared.codec import CLOSE_GOING_AWAY, Rejection
 from shared.ids import ChannelId, ConnectionId, NodeId, node_name
 from shared.messages import (
@@ -72,18 +74,8 @@ from shared.messages import (
 
 logger = logging.getLogger("broker_node.node")
 
-#: How often cross-node work is checked against the request timeout.
-EXPIRY_INTERVAL: Final = 0.25
-#: Keepalive pings go out in this many slices per ping interval.
-KEEPALIVE_SLICES: Final = 20
-#: Peers' liveness is checked this often (or once per heartbeat, if that is more often): a
-#: cheap SMEMBERS + EXISTS pipeline. It is the slack between a heartbeat key's TTL and the
-#: node TTL, so that a dead node's peers are told within the node TTL (see ``heartbeat_ttl``).
-PEER_CHECK_INTERVAL: Final = 1.0
 #: How often a drain checks whether every request it read has been answered.
 DRAIN_POLL: Final = 0.005
-#: Close code for clients of a node that was reaped while it could not reach Redis.
-CLOSE_SERVICE_RESTART: Final = 1012
 #: How many ids of a list_by_role reply weigh as much as one request against the rate limit.
 LIST_IDS_PER_REQUEST: Final = 50
 #: File descriptors kept for Redis connections, the listeners, logs and the like.
@@ -152,6 +144,21 @@ class BrokerNode:
             draining=lambda: self.draining,
         )
         self.clients: dict[ConnectionId, ClientConnection] = {}
+        self.heartbeat = NodeHeartbeat(
+            node_id=self.node_id,
+            registry=self.registry,
+            standalone=self.standalone,
+            calls=self.registry_calls,
+            writer=self.registry_writer,
+            inbox=self.bus_link,
+            core=self.core,
+            execute=self.execute,
+            clients=self.clients,
+            stats=self.stats,
+            node_ttl=settings.node_ttl,
+            heartbeat_interval=settings.heartbeat_interval,
+            request_timeout=settings.request_timeout,
+        )
         self.sockets: set[ClientConnection] = set()
         self.supervisor = Supervisor(on_state=self._loop_state)
         self.metrics = metrics_registry(self)
@@ -166,7 +173,6 @@ class BrokerNode:
         self._flush_scheduled = False
         self._flushing = False
         self._accepted = 0
-        self._liveness_grace_until = 0.0
         self._stopped = asyncio.Event()
         #: The running loop, kept at start: asyncio.get_running_loop() costs a system call.
         self._loop: asyncio.AbstractEventLoop
@@ -187,9 +193,16 @@ class BrokerNode:
         self.supervisor.start("bus-subscriber", self.bus_link.subscriber_loop)
         self.supervisor.start("registry-writer", self.registry_writer.removal_loop)
         self.supervisor.start("session-writer", self.registry_writer.session_loop)
-        self.supervisor.start("expiry", self._expiry_loop)
+        self.supervisor.start("expiry", lambda: expiry_loop(self.core.expire, self.execute))
         if self.settings.ping_interval > 0:
-            self.supervisor.start("keepalive", self._keepalive_loop)
+            self.supervisor.start(
+                "keepalive",
+                lambda: keepalive_loop(
+                    self.clients,
+                    interval=self.settings.ping_interval,
+                    timeout=self.settings.ping_timeout,
+                ),
+            )
         await self.node_auth.start(
             self.supervisor,
             check_tokens=lambda: self.execute(self.core.check_tokens()),
@@ -203,7 +216,7 @@ class BrokerNode:
                     await self.bus_link.wait_subscribed()
             except TimeoutError:
                 logger.warning("bus subscription not ready yet; starting not-ready")
-        self.supervisor.start("liveness", self._liveness_loop)
+        self.supervisor.start("liveness", self.heartbeat.liveness_loop)
         try:
             await self._listen()
         except OSError:
@@ -738,205 +751,6 @@ class BrokerNode:
             self.execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
             return
         self.execute(core.launch_open(cid, request, plan))
-
-    # --- time -------------------------------------------------------------------------------
-
-    async def _expiry_loop(self) -> None:
-        while True:
-            await asyncio.sleep(EXPIRY_INTERVAL)
-            self.execute(self.core.expire())
-
-    async def _keepalive_loop(self) -> None:
-        # Clients are pinged a slice at a time, each slice once per interval: tens of thousands
-        # of pings in one loop turn would stall every message behind them.
-        interval = self.settings.ping_interval
-        timeout = self.settings.ping_timeout
-        loop = asyncio.get_running_loop()
-        current = 0
-        while True:
-            await asyncio.sleep(interval / KEEPALIVE_SLICES)
-            now = loop.time()
-            for client in list(self.clients.values()):
-                if client.keepalive_slice == current:
-                    client.keepalive(now, timeout)
-            current = (current + 1) % KEEPALIVE_SLICES
-
-    # --- liveness: heartbeat, reaping, restore ----------------------------------------------
-
-    @property
-    def peer_check_interval(self) -> float:
-        return min(PEER_CHECK_INTERVAL, self.settings.heartbeat_interval)
-
-    @property
-    def heartbeat_ttl_ms(self) -> int:
-        """The TTL of this node's heartbeat key: the node TTL less one peer check interval.
-
-        A node killed right after renewing its key is gone from Redis one key TTL later; its
-        peers notice at their next check, at most one interval after that: within the node
-        TTL. When the heartbeat interval leaves no room for that slack, the key keeps the
-        full node TTL (and the bound is the node TTL plus one check interval).
-        """
-        settings = self.settings
-        ttl = settings.node_ttl - self.peer_check_interval
-        if ttl <= settings.heartbeat_interval:
-            ttl = settings.node_ttl
-        return int(ttl * 1000)
-
-    async def _liveness_loop(self) -> None:
-        first = True
-        failed = False
-        next_beat = 0.0
-        while True:
-            try:
-                started = time.monotonic()
-                if failed or started >= next_beat:
-                    await self._beat(first=first, after_outage=failed)
-                    next_beat = started + self.settings.heartbeat_interval
-                    first = failed = False
-                if await self._check_liveness():
-                    # Our own key was missing: Redis lost its state (or we stalled). Renew
-                    # (which restores our entries) before judging anyone.
-                    await self._beat(first=False, after_outage=False)
-                    next_beat = started + self.settings.heartbeat_interval
-                self.registry_calls.backend_state(True)
-            except BackendUnavailable as exc:
-                logger.debug("liveness round failed: %s", exc)
-                failed = True
-                self.registry_calls.backend_state(False, exc)
-            await asyncio.sleep(self.peer_check_interval)
-
-    async def _beat(self, *, first: bool, after_outage: bool) -> None:
-        registry = self.registry
-        beat = await self.registry_calls.call(
-            "heartbeat", registry.heartbeat(self.node_id, self.heartbeat_ttl_ms)
-        )
-        if beat is Heartbeat.FENCED:
-            await self._fenced()
-            return
-        if beat is Heartbeat.REJOINED or after_outage:
-            # Every node's heartbeat may have lapsed while Redis was away (or vanished with an
-            # empty Redis): give them a TTL to renew before judging them. Reaping a node now
-            # would close its clients for an outage that was nobody's fault.
-            self._liveness_grace_until = time.monotonic() + self.settings.node_ttl
-        if beat is Heartbeat.REJOINED:
-            if not first:
-                logger.warning("cluster backend came back empty; restoring this node's state")
-            await self._restore()
-        elif self.registry_writer.dirty:
-            await self._resync()
-        if self.bus_link.close_notices:
-            self.bus_link.resend_close_notices()
-
-    async def _check_liveness(self) -> bool:
-        """Reap lapsed nodes and close channels to nodes that are gone. True when this node's
-        own heartbeat was found missing (nothing was judged then)."""
-        if self.backend.standalone or time.monotonic() < self._liveness_grace_until:
-            return False
-        registry = self.registry
-        live = await self.registry_calls.call("live_nodes", registry.live_nodes())
-        if self.node_id not in live:
-            return True
-        lapsed = await self.registry_calls.call("lapsed_nodes", registry.lapsed_nodes())
-        for node_id in lapsed:
-            if node_id == self.node_id:
-                continue
-            if self.core.resume is None:
-                removed = await self.registry_calls.call("reap", registry.reap(node_id))
-                if removed is not None:
-                    self.stats.reaped_nodes += 1
-                    logger.info("reaped lost node %s (%d channels)", node_id, len(removed))
-                continue
-            reaped = await self.registry_calls.call(
-                "reap",
-                registry.reap_adopting(node_id, self.node_id, int(time.time() * 1000)),
-            )
-            if reaped is not None:
-                self.stats.reaped_nodes += 1
-                logger.info(
-                    "reaped lost node %s (%d channels; %d sessions adopted)",
-                    node_id,
-                    len(reaped.removed),
-                    len(reaped.adopted),
-                )
-                self.execute(self.core.adopt(reaped, node_id))
-        # A node holding the other end of a channel here is lost once its heartbeat is gone
-        # (lapsed, reaped by anyone, or left). A resync never removes a heartbeat, and an
-        # empty Redis is recognised above by our own missing key.
-        for node_id in self.core.remote_nodes() - live:
-            self.stats.lost_nodes += 1
-            logger.info("node %s is gone; closing this node's channels to it", node_id)
-            self.execute(self.core.node_lost(node_id))
-        return False
-
-    async def _restore(self) -> None:
-        # Entries written back are found by other nodes at once: this node's inbox must be
-        # listened to by then, or what they send reaches nobody.
-        if not self.backend.standalone and not self.subscribed:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.request_timeout):
-                    await self.bus_link.wait_subscribed()
-        core = self.core
-        connections, channels = core.records()
-        self.registry_writer.clear_dirty()
-        await self.registry_calls.call(
-            "restore", self.registry.restore(self.node_id, connections, channels)
-        )
-        # What left while the records were being written was removed before they landed:
-        # remove it again.
-        for connection in connections:
-            if not core.is_connected(connection.connection_id):
-                self.registry_writer.forget(ForgetConnection(connection))
-        for channel in channels:
-            if channel.channel_id not in core.channels:
-                self.registry_writer.forget(ForgetChannel(channel))
-
-    async def _resync(self) -> None:
-        """After writes whose outcome is unknown: make the registry hold exactly this node's
-        live entries, without a moment in which a live entry is missing (no leave + restore):
-        remove what is indexed under the node and is not live, then write the live again."""
-        logger.info("resynchronising this node's registry entries after failed writes")
-        self.registry_writer.clear_dirty()
-        core = self.core
-        try:
-            indexed_connections, indexed_channels = await self.registry_calls.call(
-                "node_index", self.registry.node_index(self.node_id)
-            )
-            live_connections, live_channels = core.records()
-            stale_connections = (
-                indexed_connections
-                - {c.connection_id for c in live_connections}
-                - self.registry_writer.writing_connections
-            )
-            stale_channels = (
-                indexed_channels
-                - {c.channel_id for c in live_channels}
-                - self.registry_writer.writing_channels
-                - core.pending_channel_ids()
-            )
-            await self.registry_calls.call(
-                "prune",
-                self.registry.prune(
-                    self.node_id, sorted(stale_connections), sorted(stale_channels)
-                ),
-            )
-            await self._restore()
-        except BackendUnavailable:
-            self.registry_writer.mark_dirty()
-            raise
-
-    async def _fenced(self) -> None:
-        logger.warning(
-            "this node was reaped while it could not reach the cluster; "
-            "closing its %d clients so they reconnect cleanly",
-            len(self.clients),
-        )
-        for client in list(self.clients.values()):
-            client.close(CLOSE_SERVICE_RESTART, "Node was reaped; reconnect")
-        # What the reaper removed must not come back: drop queued removals and start empty.
-        self.registry_writer.drop_queued_removals()
-        await self.registry_calls.call(
-            "rejoin", self.registry.rejoin(self.node_id, self.heartbeat_ttl_ms)
-        )
 
 
 #: What a refresh is checked against on a node without authentication (the core refuses it).
