@@ -208,10 +208,17 @@ class NodeHeartbeat:
         core = self._core
         writer = self._writer
         connections, channels = core.records()
+        # Cleared before the write: a write that fails meanwhile marks it again.
         writer.clear_dirty()
-        await self._calls.call(
-            "restore", self._registry.restore(self._node_id, connections, channels)
-        )
+        try:
+            await self._calls.call(
+                "restore", self._registry.restore(self._node_id, connections, channels)
+            )
+        except BaseException:
+            # Nothing else would write the entries back: the node is known again, so the
+            # next beat says RENEWED, not REJOINED. Marked dirty, they are resynchronised.
+            writer.mark_dirty()
+            raise
         # What left while the records were being written was removed before they landed:
         # remove it again.
         for connection in connections:
