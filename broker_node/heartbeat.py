@@ -93,6 +93,7 @@ class NodeHeartbeat:
         node_ttl: float,
         heartbeat_interval: float,
         request_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._node_id = node_id
         self._registry = registry
@@ -106,6 +107,7 @@ class NodeHeartbeat:
         self._stats = stats
         self._heartbeat_interval = heartbeat_interval
         self._request_timeout = request_timeout
+        self._clock = clock
         self._grace = GraceWindow(node_ttl)
         self.peer_check_interval = peer_check_interval(heartbeat_interval)
         self.heartbeat_ttl_ms = heartbeat_ttl_ms(
@@ -118,7 +120,7 @@ class NodeHeartbeat:
         next_beat = 0.0
         while True:
             try:
-                started = time.monotonic()
+                started = self._clock()
                 if failed or started >= next_beat:
                     await self.beat(first=first, after_outage=failed)
                     next_beat = started + self._heartbeat_interval
@@ -150,7 +152,7 @@ class NodeHeartbeat:
             await self._fenced()
             return
         if then.start_grace:
-            self._grace.start(time.monotonic())
+            self._grace.start(self._clock())
         if then.came_back_empty:
             logger.warning("cluster backend came back empty; restoring this node's state")
         if then.restore:
@@ -163,7 +165,7 @@ class NodeHeartbeat:
     async def check_liveness(self) -> bool:
         """Reap lapsed nodes and close channels to nodes that are gone. True when this node's
         own heartbeat was found missing (nothing was judged then)."""
-        if self._standalone or not self._grace.judging(time.monotonic()):
+        if self._standalone or not self._grace.judging(self._clock()):
             return False
         registry = self._registry
         call = self._calls.call

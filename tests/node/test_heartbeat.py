@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
 from broker_node.cluster.memory import MemoryHub, MemoryRegistry
-from broker_node.core.actions import Action
+from broker_node.core.actions import Action, CloseClient, ForgetConnection
 from broker_node.core.broker import ResumeRules
 from broker_node.core.records import ChannelRecord, ConnectionRecord, Reaped
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
-from broker_node.heartbeat import Closable, NodeHeartbeat
+from broker_node.heartbeat import CLOSE_SERVICE_RESTART, NodeHeartbeat
 from broker_node.registry_calls import RegistryCalls
 from broker_node.registry_writer import RegistryWriter
 from shared.ids import ChannelId, ConnectionId, NodeId
 
-ME = NodeId("me")
+ME, PEER = NodeId("me"), NodeId("peer")
 RECORD = ConnectionRecord(ConnectionId("c1"), ME, "role")
 
 
@@ -52,14 +53,19 @@ class OneConnection:
     def pending_channel_ids(self) -> set[ChannelId]:
         return set()
 
+    def __init__(self) -> None:
+        self.remote: set[NodeId] = set()
+        self.lost: list[NodeId] = []
+
     def remote_nodes(self) -> set[NodeId]:
-        return set()
+        return self.remote
 
     def adopt(self, reaped: Reaped, lost_node: NodeId) -> list[Action]:
-        raise AssertionError("nobody is reaped here")
+        raise AssertionError("resume is off: nobody is adopted")
 
     def node_lost(self, node_id: NodeId) -> list[Action]:
-        raise AssertionError("nobody is lost here")
+        self.lost.append(node_id)
+        return []
 
     def session_ended(self, connection_id: ConnectionId, ended: bool) -> list[Action]:
         return []
@@ -83,36 +89,54 @@ class Subscribed:
         return None
 
 
+class Client:
+    def __init__(self) -> None:
+        self.closed: list[tuple[int, str]] = []
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+
+class Harness:
+    def __init__(
+        self, registry: FlakyRegistry, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.stats = NodeStats()
+        self.executed: list[Action] = []
+        calls = RegistryCalls(
+            stats=self.stats, request_timeout=1.0, redis_url=None, on_state=lambda up: None
+        )
+        self.core = OneConnection()
+        self.writer = RegistryWriter(
+            node_id=ME,
+            registry=registry,
+            calls=calls,
+            answers=self.core,
+            execute=self.executed.extend,
+            draining=lambda: False,
+        )
+        self.client = Client()
+        self.heartbeat = NodeHeartbeat(
+            node_id=ME,
+            registry=registry,
+            standalone=False,
+            calls=calls,
+            writer=self.writer,
+            inbox=Subscribed(),
+            core=self.core,
+            execute=self.executed.extend,
+            clients={ConnectionId("c1"): self.client},
+            stats=self.stats,
+            node_ttl=3.0,
+            heartbeat_interval=1.0,
+            request_timeout=1.0,
+            clock=clock,
+        )
+
+
 def build(registry: FlakyRegistry) -> tuple[NodeHeartbeat, RegistryWriter]:
-    calls = RegistryCalls(
-        stats=NodeStats(), request_timeout=1.0, redis_url=None, on_state=lambda up: None
-    )
-    core = OneConnection()
-    writer = RegistryWriter(
-        node_id=ME,
-        registry=registry,
-        calls=calls,
-        answers=core,
-        execute=lambda actions: None,
-        draining=lambda: False,
-    )
-    clients: dict[ConnectionId, Closable] = {}
-    heartbeat = NodeHeartbeat(
-        node_id=ME,
-        registry=registry,
-        standalone=False,
-        calls=calls,
-        writer=writer,
-        inbox=Subscribed(),
-        core=core,
-        execute=lambda actions: None,
-        clients=clients,
-        stats=NodeStats(),
-        node_ttl=3.0,
-        heartbeat_interval=1.0,
-        request_timeout=1.0,
-    )
-    return heartbeat, writer
+    harness = Harness(registry)
+    return harness.heartbeat, harness.writer
 
 
 async def test_a_restore_that_fails_after_a_rejoin_is_done_by_a_later_beat() -> None:
@@ -134,3 +158,42 @@ async def test_a_restore_that_fails_after_a_rejoin_is_done_by_a_later_beat() -> 
     await heartbeat.beat(first=False, after_outage=True)
     assert hub.connections == {RECORD.connection_id: RECORD}
     assert not writer.dirty
+
+
+async def test_a_fenced_node_closes_its_clients_drops_queued_removals_and_rejoins() -> None:
+    hub = MemoryHub()
+    harness = Harness(FlakyRegistry(hub))
+    await harness.heartbeat.beat(first=True, after_outage=False)
+    notice = CloseClient(ConnectionId("peer"), 1000, "bye")
+    harness.writer.forget(ForgetConnection(RECORD, then=(notice,)))
+    hub.tombstones.add(ME)  # reaped by a survivor
+    await harness.heartbeat.beat(first=False, after_outage=False)
+    assert harness.client.closed == [(CLOSE_SERVICE_RESTART, "Node was reaped; reconnect")]
+    assert harness.executed == [notice]
+    assert ME not in hub.tombstones
+    assert ME in await hub_live(hub)
+
+
+async def hub_live(hub: MemoryHub) -> set[NodeId]:
+    return await MemoryRegistry(hub).live_nodes()
+
+
+async def test_a_check_reaps_lapsed_nodes_and_tells_the_core_of_lost_ones() -> None:
+    now = [100.0]
+    hub = MemoryHub(clock=lambda: now[0])
+    registry = FlakyRegistry(hub)
+    harness = Harness(registry, clock=lambda: now[0])
+    await registry.heartbeat(PEER, 1000)
+    # A new node rejoins: nobody is judged for one node TTL (3 s).
+    await harness.heartbeat.beat(first=True, after_outage=False)
+    harness.core.remote = {PEER}
+    assert not await harness.heartbeat.check_liveness()
+    now[0] = 103.0
+    # The peer's key lapsed, and ours (2 s) too: nobody is judged before we renew.
+    assert await harness.heartbeat.check_liveness()
+    assert harness.stats.reaped_nodes == 0
+    await harness.heartbeat.beat(first=False, after_outage=False)
+    assert not await harness.heartbeat.check_liveness()
+    assert harness.stats.reaped_nodes == 1
+    assert PEER in hub.tombstones
+    assert harness.core.lost == [PEER]

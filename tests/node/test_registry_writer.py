@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import pytest
 
@@ -14,6 +16,9 @@ from broker_node.core.actions import (
     EndSession,
     ForgetChannel,
     ForgetConnection,
+    LoadSession,
+    MarkDetached,
+    MoveChannels,
 )
 from broker_node.core.records import ChannelRecord, ConnectionRecord
 from broker_node.core.stats import NodeStats
@@ -148,3 +153,24 @@ async def test_session_work_is_done_in_order_and_answered(harness: Harness) -> N
     await harness.writer.wait_session_work()
     await wait_until(lambda: bool(harness.answers.ended), timeout=2, message="answer")
     assert harness.answers.ended == [(GONE.connection_id, False)]
+
+
+class Writer(Protocol):
+    """What the executor and the dispatcher consume, exactly (checked by mypy below)."""
+
+    def forget(self, action: ForgetChannel | ForgetConnection) -> None: ...
+
+    def queue_session_work(
+        self, action: MarkDetached | EndSession | MoveChannels | LoadSession
+    ) -> None: ...
+
+    def mark_dirty(self) -> None: ...
+
+    def writing_connection(self, connection_id: ConnectionId) -> AbstractContextManager[None]: ...
+
+    def writing_channel(self, channel_id: ChannelId) -> AbstractContextManager[None]: ...
+
+
+def test_the_writer_is_what_its_consumers_expect() -> None:
+    writer: Writer = Harness().writer
+    writer.mark_dirty()
