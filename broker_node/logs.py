@@ -8,6 +8,10 @@ import sys
 import time
 from typing import Final
 
+#: A condition met again and again (refusals at a limit, dropped envelopes) is logged at most
+#: once per this many seconds; the counters in /metrics hold every occurrence.
+LIMIT_LOG_INTERVAL: Final = 10.0
+
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)-7s node=%(node_id)s %(name)s: %(message)s"
 
 

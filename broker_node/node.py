@@ -13,9 +13,8 @@ import contextlib
 import logging
 import resource
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable
-from typing import Final, TypeVar
+from collections import Counter
+from typing import Final
 
 from websockets.frames import CloseCode
 from websockets.http11 import Request as HttpRequest
@@ -25,8 +24,9 @@ from websockets.server import ServerProtocol
 from broker_node.admission import client_address, origin_allowed, parse_networks
 from broker_node.auth.identity import TokenRefusal
 from broker_node.auth.service import NodeAuth
-from broker_node.cluster.base import Backend, Heartbeat
-from broker_node.cluster.factory import create_backend, masked_url
+from broker_node.bus_link import BusLink
+from broker_node.cluster.base import Backend
+from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
 from broker_node.connection import ClientConnection
 from broker_node.core.actions import (
@@ -48,16 +48,18 @@ from broker_node.core.actions import (
     Send,
 )
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore, ResumeRules
-from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
-from broker_node.core.records import ChannelRecord
 from broker_node.core.stats import NodeStats
-from broker_node.drain import Drain, wait_until_empty
+from broker_node.drain import Drain
 from broker_node.errors import BackendUnavailable
 from broker_node.health import HealthEndpoints
+from broker_node.heartbeat import NodeHeartbeat
+from broker_node.logs import LIMIT_LOG_INTERVAL
 from broker_node.metrics import NodeCollector, metrics_registry
-from broker_node.outbox import Outbox
+from broker_node.registry_calls import RegistryCalls
+from broker_node.registry_writer import RegistryWriter
 from broker_node.status import NodeStatus, StatusBoard
 from broker_node.supervisor import Supervisor
+from broker_node.timers import KEEPALIVE_SLICES, expiry_loop, keepalive_loop
 from shared.codec import Rejection, rejection_kind
 from shared.ids import ChannelId, ConnectionId, NodeId, node_name
 from shared.messages import (
@@ -74,26 +76,6 @@ from shared.messages import (
 
 logger = logging.getLogger("broker_node.node")
 
-_T = TypeVar("_T")
-
-#: How often cross-node work is checked against the request timeout.
-EXPIRY_INTERVAL: Final = 0.25
-#: Keepalive pings go out in this many slices per ping interval.
-KEEPALIVE_SLICES: Final = 20
-#: Peers' liveness is checked this often (or once per heartbeat, if that is more often): a
-#: cheap SMEMBERS + EXISTS pipeline. It is the slack between a heartbeat key's TTL and the
-#: node TTL, so that a dead node's peers are told within the node TTL (see ``heartbeat_ttl``).
-PEER_CHECK_INTERVAL: Final = 1.0
-#: Registry removals written per round trip by the registry writer.
-REMOVAL_BATCH: Final = 500
-#: Close notices kept to send again after an outage, and how often each is tried.
-MAX_CLOSED_RETRY: Final = 10_000
-CLOSED_ATTEMPTS: Final = 3
-#: Close code for clients of a node that was reaped while it could not reach Redis.
-CLOSE_SERVICE_RESTART: Final = 1012
-#: A condition met again and again (refusals at a limit, dropped envelopes) is logged at most
-#: once per this many seconds; the counters in /metrics hold every occurrence.
-LIMIT_LOG_INTERVAL: Final = 10.0
 #: How many ids of a list_by_role reply weigh as much as one request against the rate limit.
 LIST_IDS_PER_REQUEST: Final = 50
 #: File descriptors kept for Redis connections, the listeners, logs and the like.
@@ -110,6 +92,14 @@ class BrokerNode:
         self.registry = self.backend.registry
         self.standalone = self.backend.standalone
         self.stats = NodeStats()
+        #: What the node says about itself (/readyz, /metrics), replaced whole on each change.
+        self.status_board = StatusBoard(NodeStatus(self.node_id, self.standalone))
+        self.registry_calls = RegistryCalls(
+            stats=self.stats,
+            request_timeout=settings.request_timeout,
+            redis_url=settings.redis_url,
+            on_state=self.status_board.on_backend,
+        )
         # Authentication (issue 13): off (the original protocol) unless a key is configured.
         self.node_auth = NodeAuth(settings, self.node_id)
         self.auth = self.node_auth.setup
@@ -133,20 +123,45 @@ class BrokerNode:
             list_page_size=settings.max_list_page,
             resume=_resume_rules(settings),
         )
-        self.outbox = Outbox(
-            self.backend.bus,
-            on_undeliverable=self._undeliverable,
-            on_unknown=self._unknown,
-            on_published=self._published,
-            on_retry=self._retried,
+        self.bus_link = BusLink(
+            node_id=self.node_id,
+            bus=self.backend.bus,
+            stats=self.stats,
+            backend_name=self.registry_calls.backend_name,
+            on_bus=self.core.on_bus,
+            undeliverable=self.core.undeliverable,
+            execute=self.execute,
+            on_subscribed=self.status_board.on_subscribed,
             batch_delay=settings.bus_batch_delay,
             retry_window=settings.request_timeout,
         )
+        self.outbox = self.bus_link.outbox
+        self.registry_writer = RegistryWriter(
+            node_id=self.node_id,
+            registry=self.registry,
+            calls=self.registry_calls,
+            answers=self.core,
+            execute=self.execute,
+            draining=lambda: self.draining,
+        )
         self.clients: dict[ConnectionId, ClientConnection] = {}
+        self.heartbeat = NodeHeartbeat(
+            node_id=self.node_id,
+            registry=self.registry,
+            standalone=self.standalone,
+            calls=self.registry_calls,
+            writer=self.registry_writer,
+            inbox=self.bus_link,
+            core=self.core,
+            execute=self.execute,
+            clients=self.clients,
+            stats=self.stats,
+            node_ttl=settings.node_ttl,
+            heartbeat_interval=settings.heartbeat_interval,
+            request_timeout=settings.request_timeout,
+        )
         self.sockets: set[ClientConnection] = set()
         self.supervisor = Supervisor(on_state=self._loop_state)
-        #: What the node says about itself (/readyz, /metrics), replaced whole on each change.
-        self.status_board = StatusBoard(NodeStatus(self.node_id, self.standalone))
         self.metrics = metrics_registry(
             NodeCollector(
                 self.status_board,
@@ -170,25 +185,11 @@ class BrokerNode:
         self._flush_scheduled = False
         self._flushing = False
         self._accepted = 0
-        self._registry_backlog: deque[ForgetChannel | ForgetConnection] = deque()
-        #: Session resume's registry work (issue 14), done in order by the session writer.
-        self._session_work: deque[MarkDetached | EndSession | MoveChannels | LoadSession] = deque()
-        self._session_wake = asyncio.Event()
-        #: Connections and channels whose registry write is under way: live for a resync.
-        self._writing_connections: set[ConnectionId] = set()
-        self._writing_channels: set[ChannelId] = set()
-        self._registry_wake = asyncio.Event()
-        self._registry_dirty = False
-        self._subscribed_event = asyncio.Event()
-        self._liveness_grace_until = 0.0
-        self._closed_retry: list[tuple[NodeId, Closed, int]] = []
-        self._closed_attempts: dict[tuple[NodeId, Closed], int] = {}
         self._stopped = asyncio.Event()
         #: The running loop, kept at start: asyncio.get_running_loop() costs a system call.
         self._loop: asyncio.AbstractEventLoop
         self._no_sockets = asyncio.Event()
         # --- hostile input and resource limits (issue 15)
-        self._dropped_logged_at = -LIMIT_LOG_INTERVAL
         self._limit_logged_at: dict[str, float] = {}
         #: Sockets still in their HTTP handshake, oldest first.
         self._handshaking: dict[ClientConnection, None] = {}
@@ -206,36 +207,43 @@ class BrokerNode:
             flush_all=self._flush_all,
             outbox=self.outbox,
             registry=self.registry,
-            registry_call=self._registry_call,
+            registry_call=self.registry_calls.call,
             sockets=self.sockets,
             no_sockets=self._no_sockets,
-            wait_session_work=lambda: wait_until_empty(self._session_work),
+            wait_session_work=self.registry_writer.wait_session_work,
         )
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.supervisor.start("bus-subscriber", self._subscriber_loop)
-        self.supervisor.start("registry-writer", self._registry_writer_loop)
-        self.supervisor.start("session-writer", self._session_writer_loop)
-        self.supervisor.start("expiry", self._expiry_loop)
+        self.supervisor.start("bus-subscriber", self.bus_link.subscriber_loop)
+        self.supervisor.start("registry-writer", self.registry_writer.removal_loop)
+        self.supervisor.start("session-writer", self.registry_writer.session_loop)
+        self.supervisor.start("expiry", lambda: expiry_loop(self.core.expire, self.execute))
         if self.settings.ping_interval > 0:
-            self.supervisor.start("keepalive", self._keepalive_loop)
+            self.supervisor.start(
+                "keepalive",
+                lambda: keepalive_loop(
+                    self.clients,
+                    interval=self.settings.ping_interval,
+                    timeout=self.settings.ping_timeout,
+                ),
+            )
         await self.node_auth.start(
             self.supervisor,
             check_tokens=lambda: self.execute(self.core.check_tokens()),
             on_revoked=lambda: self.execute(self.core.revoke(self.node_auth.is_revoked)),
         )
         if not self.backend.standalone:
-            logger.info("cluster backend %s", self._backend_name)
+            logger.info("cluster backend %s", self.registry_calls.backend_name)
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
                 async with asyncio.timeout(self.settings.request_timeout * 2):
-                    await self._subscribed_event.wait()
+                    await self.bus_link.wait_subscribed()
             except TimeoutError:
                 logger.warning("bus subscription not ready yet; starting not-ready")
-        self.supervisor.start("liveness", self._liveness_loop)
+        self.supervisor.start("liveness", self.heartbeat.liveness_loop)
         try:
             await self._listen()
         except OSError:
@@ -342,8 +350,8 @@ class BrokerNode:
         return self.status_board.current.backend_up
 
     def _loop_state(self, name: str, up: bool) -> None:
-        if name == "bus-subscriber":
-            self.status_board.on_subscribed(up)
+        if name == "bus-subscriber" and not up:
+            self.bus_link.subscriber_down()
 
     # --- connections ------------------------------------------------------------------------
 
@@ -469,7 +477,7 @@ class BrokerNode:
                 if client is not None:
                     client.close(action.code, action.reason)
             elif type(action) is ForgetChannel or type(action) is ForgetConnection:
-                self._forget(action)
+                self.registry_writer.forget(action)
             elif type(action) is PauseReading:
                 client = clients.get(action.connection_id)
                 if client is not None:
@@ -506,8 +514,7 @@ class BrokerNode:
                 old.connection_id = None
                 old.close(action.code, action.reason)
         elif type(action) in (MarkDetached, EndSession, MoveChannels, LoadSession):
-            self._session_work.append(action)  # type: ignore[arg-type]
-            self._session_wake.set()
+            self.registry_writer.queue_session_work(action)  # type: ignore[arg-type]
 
     def receipts_written(self, receipts: list[Receipt]) -> None:
         """The kernel accepted these frames: confirm them (batched while flushing)."""
@@ -593,7 +600,7 @@ class BrokerNode:
         if self.standalone or self.core.knows_channel(cid, channel_id):
             return False
         try:
-            record = await self._registry_call(
+            record = await self.registry_calls.call(
                 "find_channel", self.registry.find_channel(ChannelId(channel_id))
             )
         except BackendUnavailable:
@@ -610,18 +617,16 @@ class BrokerNode:
             self.execute(self.core.finish_register(cid, request, limit_error))
             return
         error = None
-        self._writing_connections.add(cid)
-        try:
-            await self._registry_call("add_connection", self.registry.add_connection(plan))
-        except BackendUnavailable:
-            error = REGISTRY_UNAVAILABLE
-            # Outcome unknown: a stalled Redis runs the write when it resumes, which would
-            # list a connection that was refused. Resynchronise once it answers.
-            self._registry_dirty = True
-        finally:
-            self._writing_connections.discard(cid)
+        with self.registry_writer.writing_connection(cid):
+            try:
+                await self.registry_calls.call("add_connection", self.registry.add_connection(plan))
+            except BackendUnavailable:
+                error = REGISTRY_UNAVAILABLE
+                # Outcome unknown: a stalled Redis runs the write when it resumes, which would
+                # list a connection that was refused. Resynchronise once it answers.
+                self.registry_writer.mark_dirty()
         if error is None and not self.core.is_connected(cid):
-            self._forget(ForgetConnection(plan))
+            self.registry_writer.forget(ForgetConnection(plan))
         if error is not None or not self.core.is_connected(cid):
             self.node_auth.drop_slot(cid)
         self.execute(self.core.finish_register(cid, request, error))
@@ -633,7 +638,7 @@ class BrokerNode:
             return
         claim = None
         with contextlib.suppress(BackendUnavailable):
-            claim = await self._registry_call(
+            claim = await self.registry_calls.call(
                 "claim_session",
                 self.registry.claim_session(
                     plan.session_id,
@@ -652,7 +657,7 @@ class BrokerNode:
             return
         ids = None
         with contextlib.suppress(BackendUnavailable):
-            ids = await self._registry_call(
+            ids = await self.registry_calls.call(
                 "list_by_role", self.registry.list_by_role(request.role)
             )
         self.execute(self.core.finish_list(cid, request, ids))
@@ -670,467 +675,24 @@ class BrokerNode:
             self.execute(refusal)
             return
         try:
-            target = await self._registry_call(
+            target = await self.registry_calls.call(
                 "find_connection", self.registry.find_connection(ConnectionId(request.targetId))
             )
             plan = core.plan_open(cid, request, target)
             if isinstance(plan, list):
                 self.execute(plan)
                 return
-            self._writing_channels.add(plan.channel_id)
-            try:
-                await self._registry_call("add_channel", self.registry.add_channel(plan))
-            except BackendUnavailable:
-                # As for register: the channel may still be written; resynchronise when back.
-                self._registry_dirty = True
-                raise
-            finally:
-                self._writing_channels.discard(plan.channel_id)
+            with self.registry_writer.writing_channel(plan.channel_id):
+                try:
+                    await self.registry_calls.call("add_channel", self.registry.add_channel(plan))
+                except BackendUnavailable:
+                    # As for register: the channel may still be written; resynchronise when back.
+                    self.registry_writer.mark_dirty()
+                    raise
         except BackendUnavailable:
             self.execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
             return
         self.execute(core.launch_open(cid, request, plan))
-
-    async def _registry_call(self, operation: str, call: Awaitable[_T]) -> _T:
-        started = time.perf_counter()
-        failed = True
-        error: BaseException | None = None
-        try:
-            async with asyncio.timeout(self.settings.request_timeout):
-                result = await call
-            failed = False
-            return result
-        except TimeoutError as exc:
-            error = BackendUnavailable(operation, exc)
-            raise error from exc
-        except asyncio.CancelledError:
-            # The node is stopping: that says nothing about the backend.
-            failed = False
-            raise
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.stats.registry_call(operation, time.perf_counter() - started, failed)
-            if failed:
-                self._backend_state(False, error)
-
-    @property
-    def _backend_name(self) -> str:
-        url = self.settings.redis_url
-        return masked_url(url) if url is not None else "in memory"
-
-    def _backend_state(self, up: bool, error: BaseException | None = None) -> None:
-        # Logged once per transition, never per request.
-        if up and not self.backend_up:
-            logger.info("cluster backend is back")
-        elif not up and self.backend_up:
-            logger.warning(
-                "cluster backend lost (%s: %s); requests that need it fail until it is back",
-                self._backend_name,
-                error,
-            )
-        self.status_board.on_backend(up)
-
-    # --- the registry in the background -----------------------------------------------------
-
-    def _forget(self, action: ForgetChannel | ForgetConnection) -> None:
-        # No bound: the queue holds at most one entry per connection and channel this node
-        # had, and the writer takes it in batches.
-        if (
-            type(action) is ForgetConnection
-            and action.then
-            and (self.draining or not self.backend_up)
-        ):
-            # Leaving (the node's entries go with it) or Redis away (the removal waits for a
-            # resync): the notices must not wait for that.
-            self.execute(list(action.then))
-            action = ForgetConnection(action.record)
-        self._registry_backlog.append(action)
-        self._registry_wake.set()
-
-    def _notify_forgotten(self, batch: list[ForgetChannel | ForgetConnection]) -> None:
-        for action in batch:
-            if type(action) is ForgetConnection and action.then:
-                self.execute(list(action.then))
-
-    async def _registry_writer_loop(self) -> None:
-        backlog = self._registry_backlog
-        while True:
-            await self._registry_wake.wait()
-            self._registry_wake.clear()
-            while backlog:
-                batch = [backlog.popleft() for _ in range(min(REMOVAL_BATCH, len(backlog)))]
-                channels = [a.record for a in batch if isinstance(a, ForgetChannel)]
-                connections = [a.record for a in batch if isinstance(a, ForgetConnection)]
-                try:
-                    if channels:
-                        await self._registry_call(
-                            "remove_channels", self.registry.remove_channels(channels)
-                        )
-                    if connections:
-                        await self._registry_call(
-                            "remove_connections", self.registry.remove_connections(connections)
-                        )
-                except BackendUnavailable:
-                    # Whatever is still queued is not live either: the resync, once the
-                    # backend is back, removes it with every other entry that is not live.
-                    batch += backlog
-                    backlog.clear()
-                    self._registry_dirty = True
-                self._notify_forgotten(batch)
-
-    async def _session_writer_loop(self) -> None:
-        """Session resume's registry work, in order; each answer goes back to the core."""
-        work = self._session_work
-        registry = self.registry
-        while True:
-            await self._session_wake.wait()
-            self._session_wake.clear()
-            while work:
-                action = work.popleft()
-                try:
-                    if type(action) is MarkDetached:
-                        await self._registry_call(
-                            "mark_detached",
-                            registry.mark_detached(
-                                action.record.connection_id, self.node_id, action.at_ms
-                            ),
-                        )
-                    elif type(action) is EndSession:
-                        ended = await self._registry_call(
-                            "end_session", registry.end_session(action.record)
-                        )
-                        self.execute(self.core.session_ended(action.record.connection_id, ended))
-                    elif type(action) is MoveChannels:
-                        await self._registry_call(
-                            "move_channels",
-                            registry.move_channels(list(action.records), action.from_node),
-                        )
-                    elif type(action) is LoadSession:
-                        channels = await self._session_channels(
-                            action.connection_id, action.previous_node
-                        )
-                        self.execute(self.core.install_lost(action.connection_id, channels))
-                except BackendUnavailable:
-                    if type(action) is EndSession:
-                        # Tried again at the next expiry check.
-                        self.execute(self.core.session_retry(action.record.connection_id))
-                    elif type(action) is LoadSession:
-                        self.execute(self.core.install_lost(action.connection_id, None))
-                    else:
-                        self._registry_dirty = True
-
-    async def _session_channels(
-        self, session_id: ConnectionId, previous_node: NodeId
-    ) -> list[ChannelRecord]:
-        """The channels of a session, per the registry: among those indexed under the node
-        that held it (and under this node, where a resume may have moved some already)."""
-        found: list[ChannelRecord] = []
-        ids: set[ChannelId] = set()
-        for node_id in {previous_node, self.node_id}:
-            _, channels = await self._registry_call("node_index", self.registry.node_index(node_id))
-            ids |= channels
-        for channel_id in sorted(ids):
-            record = await self._registry_call(
-                "find_channel", self.registry.find_channel(channel_id)
-            )
-            if record is not None and record.peer_of(session_id) is not None:
-                found.append(record)
-        return found
-
-    # --- the bus ----------------------------------------------------------------------------
-
-    async def _subscriber_loop(self) -> None:
-        # A lost subscription is made again at once: while it is missing, what other nodes
-        # send here reaches nobody (their outboxes retry for a while). Only repeated failures
-        # wait, a little longer each time.
-        failures = 0
-        while True:
-            try:
-                bus = self.backend.bus
-                async with bus.subscribe(self.node_id, self._on_bus_payload) as subscription:
-                    if not self.subscribed:
-                        logger.info("subscribed to this node's bus inbox")
-                    self.status_board.on_subscribed(True)
-                    self._subscribed_event.set()
-                    failures = 0
-                    await subscription.wait_lost()
-            except BackendUnavailable as exc:
-                if self.subscribed:
-                    logger.warning("bus subscription lost; resubscribing")
-                elif not failures:
-                    logger.warning(
-                        "cannot subscribe to this node's bus inbox at %s (%s); retrying",
-                        self._backend_name,
-                        exc,
-                    )
-                self.status_board.on_subscribed(False)
-                self._subscribed_event.clear()
-                if failures:
-                    await asyncio.sleep(min(0.05 * 2**failures, 1.0))
-                failures += 1
-
-    def _on_bus_payload(self, payload: bytes) -> None:
-        envelopes, dropped = decode_batch(payload)
-        if dropped:
-            # The others of the batch are still handled. Logged at most once per interval:
-            # a flood of bad envelopes must not flood the log (the counter has them all).
-            self.stats.bus_envelopes_dropped += dropped
-            self._log_dropped_envelopes(dropped, len(payload))
-        self.stats.bus_batches_in += 1
-        self.execute(self.core.on_bus(envelopes))
-
-    def _log_dropped_envelopes(self, dropped: int, size: int) -> None:
-        now = time.monotonic()
-        if now - self._dropped_logged_at >= LIMIT_LOG_INTERVAL:
-            self._dropped_logged_at = now
-            logger.warning(
-                "dropped %d undecodable bus envelope(s) of a %d-byte payload (%d so far)",
-                dropped,
-                size,
-                self.stats.bus_envelopes_dropped,
-            )
-
-    def _undeliverable(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
-        """``node_id`` did not listen on its inbox for a whole retry window."""
-        self._keep_close_notices(node_id, envelopes)
-        self.execute(self.core.undeliverable(node_id, envelopes))
-
-    def _unknown(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
-        """Redis did not answer: these may or may not reach ``node_id``. What waits on them
-        is answered when its deadline passes ("not confirmed in time": outcome unknown)."""
-        self._keep_close_notices(node_id, envelopes)
-
-    def _keep_close_notices(self, node_id: NodeId, envelopes: list[Envelope]) -> None:
-        # A close notice that may not have gone out is sent again once Redis answers (it is
-        # idempotent there): otherwise the far end could keep a channel that is gone. A few
-        # attempts, then it is dropped (its node is likely gone too, and then its clients
-        # were told).
-        for envelope in envelopes:
-            if isinstance(envelope, CloseRequest):
-                envelope = Closed(envelope.channel_id, envelope.recipient)
-            if isinstance(envelope, Closed) and len(self._closed_retry) < MAX_CLOSED_RETRY:
-                attempts = self._closed_attempts.pop((node_id, envelope), 0) + 1
-                if attempts <= CLOSED_ATTEMPTS:
-                    self._closed_retry.append((node_id, envelope, attempts))
-
-    def _retried(self, count: int) -> None:
-        self.stats.bus_retries += count
-
-    def _resend_closed(self) -> None:
-        retry, self._closed_retry = self._closed_retry, []
-        for node_id, envelope, attempts in retry:
-            self._closed_attempts[(node_id, envelope)] = attempts
-            self.outbox.put(node_id, envelope)
-        # Attempts of notices that went through are not needed any more; keep the map small.
-        if len(self._closed_attempts) > MAX_CLOSED_RETRY:
-            self._closed_attempts.clear()
-
-    def _published(self, seconds: float, count: int) -> None:
-        self.stats.bus_publishes += count
-        self.stats.bus_publish_seconds += seconds
-
-    # --- time -------------------------------------------------------------------------------
-
-    async def _expiry_loop(self) -> None:
-        while True:
-            await asyncio.sleep(EXPIRY_INTERVAL)
-            self.execute(self.core.expire())
-
-    async def _keepalive_loop(self) -> None:
-        # Clients are pinged a slice at a time, each slice once per interval: tens of thousands
-        # of pings in one loop turn would stall every message behind them.
-        interval = self.settings.ping_interval
-        timeout = self.settings.ping_timeout
-        loop = asyncio.get_running_loop()
-        current = 0
-        while True:
-            await asyncio.sleep(interval / KEEPALIVE_SLICES)
-            now = loop.time()
-            for client in list(self.clients.values()):
-                if client.keepalive_slice == current:
-                    client.keepalive(now, timeout)
-            current = (current + 1) % KEEPALIVE_SLICES
-
-    # --- liveness: heartbeat, reaping, restore ----------------------------------------------
-
-    @property
-    def peer_check_interval(self) -> float:
-        return min(PEER_CHECK_INTERVAL, self.settings.heartbeat_interval)
-
-    @property
-    def heartbeat_ttl_ms(self) -> int:
-        """The TTL of this node's heartbeat key: the node TTL less one peer check interval.
-
-        A node killed right after renewing its key is gone from Redis one key TTL later; its
-        peers notice at their next check, at most one interval after that: within the node
-        TTL. When the heartbeat interval leaves no room for that slack, the key keeps the
-        full node TTL (and the bound is the node TTL plus one check interval).
-        """
-        settings = self.settings
-        ttl = settings.node_ttl - self.peer_check_interval
-        if ttl <= settings.heartbeat_interval:
-            ttl = settings.node_ttl
-        return int(ttl * 1000)
-
-    async def _liveness_loop(self) -> None:
-        first = True
-        failed = False
-        next_beat = 0.0
-        while True:
-            try:
-                started = time.monotonic()
-                if failed or started >= next_beat:
-                    await self._beat(first=first, after_outage=failed)
-                    next_beat = started + self.settings.heartbeat_interval
-                    first = failed = False
-                if await self._check_liveness():
-                    # Our own key was missing: Redis lost its state (or we stalled). Renew
-                    # (which restores our entries) before judging anyone.
-                    await self._beat(first=False, after_outage=False)
-                    next_beat = started + self.settings.heartbeat_interval
-                self._backend_state(True)
-            except BackendUnavailable as exc:
-                logger.debug("liveness round failed: %s", exc)
-                failed = True
-                self._backend_state(False, exc)
-            await asyncio.sleep(self.peer_check_interval)
-
-    async def _beat(self, *, first: bool, after_outage: bool) -> None:
-        registry = self.registry
-        beat = await self._registry_call(
-            "heartbeat", registry.heartbeat(self.node_id, self.heartbeat_ttl_ms)
-        )
-        if beat is Heartbeat.FENCED:
-            await self._fenced()
-            return
-        if beat is Heartbeat.REJOINED or after_outage:
-            # Every node's heartbeat may have lapsed while Redis was away (or vanished with an
-            # empty Redis): give them a TTL to renew before judging them. Reaping a node now
-            # would close its clients for an outage that was nobody's fault.
-            self._liveness_grace_until = time.monotonic() + self.settings.node_ttl
-        if beat is Heartbeat.REJOINED:
-            if not first:
-                logger.warning("cluster backend came back empty; restoring this node's state")
-            await self._restore()
-        elif self._registry_dirty:
-            await self._resync()
-        if self._closed_retry:
-            self._resend_closed()
-
-    async def _check_liveness(self) -> bool:
-        """Reap lapsed nodes and close channels to nodes that are gone. True when this node's
-        own heartbeat was found missing (nothing was judged then)."""
-        if self.backend.standalone or time.monotonic() < self._liveness_grace_until:
-            return False
-        registry = self.registry
-        live = await self._registry_call("live_nodes", registry.live_nodes())
-        if self.node_id not in live:
-            return True
-        lapsed = await self._registry_call("lapsed_nodes", registry.lapsed_nodes())
-        for node_id in lapsed:
-            if node_id == self.node_id:
-                continue
-            if self.core.resume is None:
-                removed = await self._registry_call("reap", registry.reap(node_id))
-                if removed is not None:
-                    self.stats.reaped_nodes += 1
-                    logger.info("reaped lost node %s (%d channels)", node_id, len(removed))
-                continue
-            reaped = await self._registry_call(
-                "reap",
-                registry.reap_adopting(node_id, self.node_id, int(time.time() * 1000)),
-            )
-            if reaped is not None:
-                self.stats.reaped_nodes += 1
-                logger.info(
-                    "reaped lost node %s (%d channels; %d sessions adopted)",
-                    node_id,
-                    len(reaped.removed),
-                    len(reaped.adopted),
-                )
-                self.execute(self.core.adopt(reaped, node_id))
-        # A node holding the other end of a channel here is lost once its heartbeat is gone
-        # (lapsed, reaped by anyone, or left). A resync never removes a heartbeat, and an
-        # empty Redis is recognised above by our own missing key.
-        for node_id in self.core.remote_nodes() - live:
-            self.stats.lost_nodes += 1
-            logger.info("node %s is gone; closing this node's channels to it", node_id)
-            self.execute(self.core.node_lost(node_id))
-        return False
-
-    async def _restore(self) -> None:
-        # Entries written back are found by other nodes at once: this node's inbox must be
-        # listened to by then, or what they send reaches nobody.
-        if not self.backend.standalone and not self.subscribed:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.request_timeout):
-                    await self._subscribed_event.wait()
-        core = self.core
-        connections, channels = core.records()
-        self._registry_dirty = False
-        await self._registry_call(
-            "restore", self.registry.restore(self.node_id, connections, channels)
-        )
-        # What left while the records were being written was removed before they landed:
-        # remove it again.
-        for connection in connections:
-            if not core.is_connected(connection.connection_id):
-                self._forget(ForgetConnection(connection))
-        for channel in channels:
-            if channel.channel_id not in core.channels:
-                self._forget(ForgetChannel(channel))
-
-    async def _resync(self) -> None:
-        """After writes whose outcome is unknown: make the registry hold exactly this node's
-        live entries, without a moment in which a live entry is missing (no leave + restore):
-        remove what is indexed under the node and is not live, then write the live again."""
-        logger.info("resynchronising this node's registry entries after failed writes")
-        self._registry_dirty = False
-        core = self.core
-        try:
-            indexed_connections, indexed_channels = await self._registry_call(
-                "node_index", self.registry.node_index(self.node_id)
-            )
-            live_connections, live_channels = core.records()
-            stale_connections = (
-                indexed_connections
-                - {c.connection_id for c in live_connections}
-                - self._writing_connections
-            )
-            stale_channels = (
-                indexed_channels
-                - {c.channel_id for c in live_channels}
-                - self._writing_channels
-                - core.pending_channel_ids()
-            )
-            await self._registry_call(
-                "prune",
-                self.registry.prune(
-                    self.node_id, sorted(stale_connections), sorted(stale_channels)
-                ),
-            )
-            await self._restore()
-        except BackendUnavailable:
-            self._registry_dirty = True
-            raise
-
-    async def _fenced(self) -> None:
-        logger.warning(
-            "this node was reaped while it could not reach the cluster; "
-            "closing its %d clients so they reconnect cleanly",
-            len(self.clients),
-        )
-        for client in list(self.clients.values()):
-            client.close(CLOSE_SERVICE_RESTART, "Node was reaped; reconnect")
-        # What the reaper removed must not come back: drop queued removals and start empty.
-        self._notify_forgotten(list(self._registry_backlog))
-        self._registry_backlog.clear()
-        self._registry_dirty = False
-        await self._registry_call(
-            "rejoin", self.registry.rejoin(self.node_id, self.heartbeat_ttl_ms)
-        )
 
 
 #: What a refresh is checked against on a node without authentication (the core refuses it).
