@@ -56,12 +56,6 @@ class RegistryCall(Protocol):
     def __call__(self, operation: str, call: Awaitable[_T], /) -> Awaitable[_T]: ...
 
 
-async def wait_until_empty(queue: Sized) -> None:
-    """Until ``queue`` is empty, polled: its worker empties it one registry call at a time."""
-    while queue:  # noqa: ASYNC110
-        await asyncio.sleep(DRAIN_POLL)
-
-
 class Drain:
     """Runs a node's drain once, with the node's parts as narrow collaborators."""
 
