@@ -14,7 +14,7 @@ import logging
 import resource
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Final, TypeVar
 
 from websockets.frames import CloseCode
@@ -30,28 +30,21 @@ from broker_node.cluster.factory import create_backend, masked_url
 from broker_node.config import Settings
 from broker_node.connection import ClientConnection
 from broker_node.core.actions import (
-    Action,
-    CloseClient,
     EndSession,
     ForgetChannel,
     ForgetConnection,
-    KeepFrames,
     LoadSession,
     MarkDetached,
     MoveChannels,
-    PauseReading,
-    Publish,
     Rebind,
     Receipt,
-    Replay,
-    ResumeReading,
-    Send,
 )
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore, ResumeRules
 from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
 from broker_node.core.records import ChannelRecord
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
+from broker_node.executor import Executor
 from broker_node.health import http_response, serve_metrics_connection
 from broker_node.metrics import metrics_registry
 from broker_node.outbox import Outbox
@@ -143,6 +136,15 @@ class BrokerNode:
             retry_window=settings.request_timeout,
         )
         self.clients: dict[ConnectionId, ClientConnection] = {}
+        self.executor = Executor(
+            clients=self.clients,
+            core=self.core,
+            publish=self.outbox.put,
+            registry=self,
+            rebind=self._rebind,
+        )
+        #: The executor's own method, not a wrapper: it is called for every message.
+        self.execute = self.executor.execute
         self.sockets: set[ClientConnection] = set()
         self.supervisor = Supervisor(on_state=self._loop_state)
         self.metrics = metrics_registry(self)
@@ -504,67 +506,19 @@ class BrokerNode:
 
     # --- executing decisions ----------------------------------------------------------------
 
-    def execute(self, actions: list[Action]) -> None:
+    def _rebind(self, action: Rebind) -> None:
         clients = self.clients
-        for action in actions:
-            if type(action) is Send:
-                client = clients.get(action.connection_id)
-                if client is None:
-                    # No socket: a detached session keeps it; otherwise it is not delivered.
-                    self.execute(self.core.hold(action.connection_id, action.frame, action.receipt))
-                    continue
-                log = client.session_log
-                if log is not None and not log.append(action.frame):
-                    client.send(action.frame, action.receipt)
-                    self.execute(self.core.session_overflow(action.connection_id))
-                    continue
-                client.send(action.frame, action.receipt)
-            elif type(action) is Publish:
-                self.outbox.put(action.node_id, action.envelope)
-            elif type(action) is CloseClient:
-                client = clients.get(action.connection_id)
-                if client is not None:
-                    client.close(action.code, action.reason)
-            elif type(action) is ForgetChannel or type(action) is ForgetConnection:
-                self._forget(action)
-            elif type(action) is PauseReading:
-                client = clients.get(action.connection_id)
-                if client is not None:
-                    client.pause_reading("flow")
-            elif type(action) is ResumeReading:
-                client = clients.get(action.connection_id)
-                if client is not None:
-                    client.resume_reading("flow")
-            else:
-                self._execute_session(action)
-
-    def _execute_session(self, action: Action) -> None:
-        """Session resume's actions (issue 14)."""
-        clients = self.clients
-        if type(action) is KeepFrames:
-            client = clients.get(action.connection_id)
-            if client is not None:
-                client.session_log = action.log
-        elif type(action) is Replay:
-            client = clients.get(action.connection_id)
-            if client is not None:
-                for frame in action.frames:
-                    client.send(frame)
-        elif type(action) is Rebind:
-            sock = clients.pop(action.from_id, None)
-            if sock is None:
-                return
-            old = clients.get(action.to_id)
-            sock.connection_id = action.to_id
-            sock.session_log = None
-            clients[action.to_id] = sock
-            if old is not None:
-                # Its departure must not detach the session: it is not the session's any more.
-                old.connection_id = None
-                old.close(action.code, action.reason)
-        elif type(action) in (MarkDetached, EndSession, MoveChannels, LoadSession):
-            self._session_work.append(action)  # type: ignore[arg-type]
-            self._session_wake.set()
+        sock = clients.pop(action.from_id, None)
+        if sock is None:
+            return
+        old = clients.get(action.to_id)
+        sock.connection_id = action.to_id
+        sock.session_log = None
+        clients[action.to_id] = sock
+        if old is not None:
+            # Its departure must not detach the session: it is not the session's any more.
+            old.connection_id = None
+            old.close(action.code, action.reason)
 
     def receipts_written(self, receipts: list[Receipt]) -> None:
         """The kernel accepted these frames: confirm them (batched while flushing)."""
@@ -790,6 +744,35 @@ class BrokerNode:
         self.backend_up = up
 
     # --- the registry in the background -----------------------------------------------------
+
+    # RegistryWrites (executor.py), served here until the registry writer has its own module.
+    def forget(self, action: ForgetChannel | ForgetConnection) -> None:
+        self._forget(action)
+
+    def queue_session_work(
+        self, action: MarkDetached | EndSession | MoveChannels | LoadSession
+    ) -> None:
+        self._session_work.append(action)
+        self._session_wake.set()
+
+    def mark_dirty(self) -> None:
+        self._registry_dirty = True
+
+    @contextlib.contextmanager
+    def writing_connection(self, connection_id: ConnectionId) -> Iterator[None]:
+        self._writing_connections.add(connection_id)
+        try:
+            yield
+        finally:
+            self._writing_connections.discard(connection_id)
+
+    @contextlib.contextmanager
+    def writing_channel(self, channel_id: ChannelId) -> Iterator[None]:
+        self._writing_channels.add(channel_id)
+        try:
+            yield
+        finally:
+            self._writing_channels.discard(channel_id)
 
     def _forget(self, action: ForgetChannel | ForgetConnection) -> None:
         # No bound: the queue holds at most one entry per connection and channel this node
