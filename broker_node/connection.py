@@ -22,7 +22,8 @@ import asyncio
 import logging
 from bisect import bisect_right
 from collections import deque
-from typing import TYPE_CHECKING, Final, cast
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final, Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.frames import Frame, Opcode
@@ -32,7 +33,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
 from broker_node.auth.handshake import RedactTokens, handshake_token, select_subprotocol
-from broker_node.core.actions import Receipt
+from broker_node.core.actions import Action, Receipt
 from broker_node.core.rate import RateLimits
 from broker_node.core.sessions import SessionLog
 from broker_node.frame_scanner import FAST_PONG, FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
@@ -110,11 +111,87 @@ def wants_legacy_errors(path: str) -> bool:
     return "legacy" in query.get("errors", ())
 
 
+class ReceiptOutcomes(Protocol):
+    """The core's answers once frames with receipts were, or were never, taken by the kernel."""
+
+    def written(self, receipts: Iterable[Receipt], *, held: bool = False) -> list[Action]: ...
+    def unwritten(self, receipts: Iterable[Receipt], *, handed: bool) -> list[Action]: ...
+    def unwritten_to(
+        self, recipient: ConnectionId, receipts: Iterable[Receipt], *, handed: bool
+    ) -> list[Action]: ...
+
+
+class Flushable(Protocol):
+    def flush(self) -> None: ...
+
+
+class WriteScheduler:
+    """Every connection's frames of one loop turn go out in one write per connection, at the
+    end of the turn; the frames the kernel took meanwhile are confirmed in one go."""
+
+    def __init__(self, core: ReceiptOutcomes, execute: Callable[[list[Action]], None]) -> None:
+        self._core = core
+        self._execute = execute
+        self._dirty: list[Flushable] = []
+        #: Frames the kernel accepted during this flush, to confirm in one go.
+        self._written: list[Receipt] = []
+        self._flush_scheduled = False
+        self._flushing = False
+        #: The running loop, kept at start: asyncio.get_running_loop() costs a system call.
+        self._loop: asyncio.AbstractEventLoop
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def receipts_written(self, receipts: list[Receipt]) -> None:
+        """The kernel accepted these frames: confirm them (batched while flushing)."""
+        if self._flushing:
+            self._written += receipts
+        else:
+            self._execute(self._core.written(receipts))
+
+    def receipts_unwritten(
+        self, receipts: list[Receipt], *, handed: bool, recipient: ConnectionId | None
+    ) -> None:
+        if recipient is None:
+            self._execute(self._core.unwritten(receipts, handed=handed))
+        else:
+            self._execute(self._core.unwritten_to(recipient, receipts, handed=handed))
+
+    def flush_soon(self, sock: Flushable) -> None:
+        self._dirty.append(sock)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush_all)
+
+    def flush_now(self) -> None:
+        """Write what this turn produced so far, rather than at the end of the turn."""
+        if self._dirty and not self._flushing:
+            self.flush_all()
+
+    def flush_all(self) -> None:
+        # Confirmations of what the kernel took go out in the same turn: flushing may make
+        # more frames (the senders' replies), which are flushed in turn.
+        self._flushing = True
+        try:
+            while self._dirty:
+                dirty, self._dirty = self._dirty, []
+                for sock in dirty:
+                    sock.flush()
+                if self._written:
+                    written, self._written = self._written, []
+                    self._execute(self._core.written(written))
+        finally:
+            self._flushing = False
+            self._flush_scheduled = False
+
+
 class ClientConnection(asyncio.Protocol):
     """The adapter between one TCP connection and the node."""
 
     def __init__(self, node: BrokerNode) -> None:
         self.node = node
+        self._writes = node.writes
         self.ws = ServerProtocol(
             max_size=node.settings.max_message_size,
             logger=_websockets_logger,
@@ -258,7 +335,7 @@ class ClientConnection(asyncio.Protocol):
             # Handed to the socket, never known to be taken by the kernel: outcome unknown.
             receipts, self._receipts = self._receipts, []
             self._receipt_ends.clear()
-            self.node.receipts_unwritten(receipts, handed=True, recipient=self.connection_id)
+            self._writes.receipts_unwritten(receipts, handed=True, recipient=self.connection_id)
         if self._rate_timer is not None:
             self._rate_timer.cancel()
         self._handshake_over()
@@ -408,7 +485,7 @@ class ClientConnection(asyncio.Protocol):
         if self.ws.state is _OPEN:
             # This may be a close frame, or a frame that fails the connection: the replies to
             # the frames before it (confirmations of frames the kernel takes now) go first.
-            self.node.flush_now()
+            self._writes.flush_now()
         self.ws.receive_data(data)
         for event in self.ws.events_received():
             if type(event) is Frame:
@@ -554,11 +631,13 @@ class ClientConnection(asyncio.Protocol):
         """
         if self.ws.state is not _OPEN:
             if receipt is not None:
-                self.node.receipts_unwritten([receipt], handed=False, recipient=self.connection_id)
+                self._writes.receipts_unwritten(
+                    [receipt], handed=False, recipient=self.connection_id
+                )
             return
         outgoing = self.outgoing
         if not outgoing:
-            self.node.flush_soon(self)
+            self._writes.flush_soon(self)
         data = text_frame(frame)
         outgoing.append(data)
         queued = self._outgoing_bytes + len(data)
@@ -623,7 +702,7 @@ class ClientConnection(asyncio.Protocol):
             released = self._receipts[:count]
             del self._receipts[:count]
             del ends[:count]
-        self.node.receipts_written(released)
+        self._writes.receipts_written(released)
 
     def _drop_outgoing(self) -> None:
         """Forget the frames not yet handed to the transport; their senders are told."""
@@ -635,7 +714,7 @@ class ClientConnection(asyncio.Protocol):
             dropped = self._receipts[kept:]
             del self._receipts[kept:]
             del ends[kept:]
-            self.node.receipts_unwritten(dropped, handed=False, recipient=self.connection_id)
+            self._writes.receipts_unwritten(dropped, handed=False, recipient=self.connection_id)
 
     def _close_slow_consumer(self, why: str) -> None:
         if self.connection_id is None or self.ws.state is not State.OPEN:

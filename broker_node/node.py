@@ -28,7 +28,7 @@ from broker_node.auth.service import NodeAuth
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend, masked_url
 from broker_node.config import Settings
-from broker_node.connection import ClientConnection
+from broker_node.connection import ClientConnection, WriteScheduler
 from broker_node.core.actions import (
     EndSession,
     ForgetChannel,
@@ -37,7 +37,6 @@ from broker_node.core.actions import (
     MarkDetached,
     MoveChannels,
     Rebind,
-    Receipt,
 )
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore, ResumeRules
 from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
@@ -145,6 +144,7 @@ class BrokerNode:
         )
         #: The executor's own method, not a wrapper: it is called for every message.
         self.execute = self.executor.execute
+        self.writes = WriteScheduler(self.core, self.execute)
         self.sockets: set[ClientConnection] = set()
         self.supervisor = Supervisor(on_state=self._loop_state)
         self.metrics = metrics_registry(self)
@@ -154,11 +154,6 @@ class BrokerNode:
         self.started = False
         self.subscribed = False
         self.backend_up = True
-        self._dirty: list[ClientConnection] = []
-        #: Frames the kernel accepted during this flush, to confirm in one go.
-        self._written: list[Receipt] = []
-        self._flush_scheduled = False
-        self._flushing = False
         self._accepted = 0
         self._registry_backlog: deque[ForgetChannel | ForgetConnection] = deque()
         #: Session resume's registry work (issue 14), done in order by the session writer.
@@ -174,8 +169,6 @@ class BrokerNode:
         self._closed_retry: list[tuple[NodeId, Closed, int]] = []
         self._closed_attempts: dict[tuple[NodeId, Closed], int] = {}
         self._stopped = asyncio.Event()
-        #: The running loop, kept at start: asyncio.get_running_loop() costs a system call.
-        self._loop: asyncio.AbstractEventLoop
         self._no_sockets = asyncio.Event()
         # --- hostile input and resource limits (issue 15)
         self._dropped_logged_at = -LIMIT_LOG_INTERVAL
@@ -190,7 +183,7 @@ class BrokerNode:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.writes.start(asyncio.get_running_loop())
         self.supervisor.start("bus-subscriber", self._subscriber_loop)
         self.supervisor.start("registry-writer", self._registry_writer_loop)
         self.supervisor.start("session-writer", self._session_writer_loop)
@@ -305,7 +298,7 @@ class BrokerNode:
             # Reading again lets the closing handshake complete; frames that arrive now are
             # past the close and never handled.
             client.resume_reading("drain")
-        self._flush_all()
+        self.writes.flush_all()
         await self.outbox.wait_idle()
         # Give clients a moment to answer the closing handshake; then the TCP goes anyway.
         if self.sockets:
@@ -387,7 +380,7 @@ class BrokerNode:
             logger.warning(
                 "drain: requests still unanswered after %.1fs", self.settings.drain_timeout / 2
             )
-        self._flush_all()
+        self.writes.flush_all()
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()
@@ -519,48 +512,6 @@ class BrokerNode:
             # Its departure must not detach the session: it is not the session's any more.
             old.connection_id = None
             old.close(action.code, action.reason)
-
-    def receipts_written(self, receipts: list[Receipt]) -> None:
-        """The kernel accepted these frames: confirm them (batched while flushing)."""
-        if self._flushing:
-            self._written += receipts
-        else:
-            self.execute(self.core.written(receipts))
-
-    def receipts_unwritten(
-        self, receipts: list[Receipt], *, handed: bool, recipient: ConnectionId | None
-    ) -> None:
-        if recipient is None:
-            self.execute(self.core.unwritten(receipts, handed=handed))
-        else:
-            self.execute(self.core.unwritten_to(recipient, receipts, handed=handed))
-
-    def flush_soon(self, sock: ClientConnection) -> None:
-        self._dirty.append(sock)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_all)
-
-    def flush_now(self) -> None:
-        """Write what this turn produced so far, rather than at the end of the turn."""
-        if self._dirty and not self._flushing:
-            self._flush_all()
-
-    def _flush_all(self) -> None:
-        # Confirmations of what the kernel took go out in the same turn: flushing may make
-        # more frames (the senders' replies), which are flushed in turn.
-        self._flushing = True
-        try:
-            while self._dirty:
-                dirty, self._dirty = self._dirty, []
-                for sock in dirty:
-                    sock.flush()
-                if self._written:
-                    written, self._written = self._written, []
-                    self.execute(self.core.written(written))
-        finally:
-            self._flushing = False
-            self._flush_scheduled = False
 
     async def handle_request(self, cid: ConnectionId, request: Request | Rejection) -> None:
         """One request, in arrival order, possibly waiting for the registry."""
