@@ -19,6 +19,7 @@ the handshake completes, and again from the moment it is no longer open (closing
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from bisect import bisect_right
 from collections import deque
@@ -79,6 +80,44 @@ _PONG: Final = Opcode.PONG
 _OPEN: Final = State.OPEN
 #: Close code for a client that stopped answering keepalive pings.
 CLOSE_PING_TIMEOUT: Final = 1011
+
+
+class SocketState(enum.Enum):
+    """Where one TCP connection is in its life, as the node sees it.
+
+    Theory of operation: a connection starts in HANDSHAKE, reading its HTTP request. It is
+    answered once: with a plain HTTP response (health, metrics, a refusal, a bad request:
+    HTTP, then the server closes), or with a WebSocket upgrade (OPEN: the client is in the
+    node's table). An open client leaves the table when either side starts the closing
+    handshake or the connection fails (CLOSING); CLOSED once the TCP connection is gone, from
+    any state. Websockets keeps the WebSocket protocol's own state (``ws.state``); it is read
+    where that is what matters (frames after a close frame, a close frame not sent twice).
+    """
+
+    HANDSHAKE = "handshake"
+    HTTP = "http"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+#: Which states may follow each state; any other transition is a bug here.
+SOCKET_TRANSITIONS: Final[dict[SocketState, frozenset[SocketState]]] = {
+    SocketState.HANDSHAKE: frozenset({SocketState.HTTP, SocketState.OPEN, SocketState.CLOSED}),
+    SocketState.HTTP: frozenset({SocketState.CLOSED}),
+    SocketState.OPEN: frozenset({SocketState.CLOSING, SocketState.CLOSED}),
+    SocketState.CLOSING: frozenset({SocketState.CLOSED}),
+    SocketState.CLOSED: frozenset(),
+}
+
+_SOCKET_CLOSED: Final = SocketState.CLOSED
+
+
+def next_socket_state(current: SocketState, new: SocketState) -> SocketState:
+    """``new``, if it may follow ``current``; a transition the table has not is a bug."""
+    if new not in SOCKET_TRANSITIONS[current]:
+        raise RuntimeError(f"socket state {current.name} -> {new.name}")
+    return new
 
 
 #: The answer to an HTTP request that is not a GET websockets can parse.
@@ -225,7 +264,7 @@ class ClientConnection(asyncio.Protocol):
         #: Why reading from the socket is paused (e.g. "backlog"); empty: reading.
         self._read_paused_by: set[str] = set()
         self._close_timer: asyncio.TimerHandle | None = None
-        self.closed = False
+        self.state = SocketState.HANDSHAKE
         #: When the unanswered keepalive ping was sent (loop time), or None.
         self.ping_sent_at: float | None = None
         #: Which slice of the ping interval this client is pinged in (see the node's loop).
@@ -261,7 +300,6 @@ class ClientConnection(asyncio.Protocol):
         self.ip_counted = False
         #: Bytes read from the socket so far (tests wait on it to split reads where they mean to).
         self.bytes_received = 0
-        self._http_answered = False
         #: The HTTP request gathered until its headers end (None once it is whole).
         self._head: bytearray | None = bytearray()
 
@@ -316,7 +354,7 @@ class ClientConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self._become(SocketState.CLOSED)
         if self._close_timer is not None:
             self._close_timer.cancel()
         # The request being worked on is never cancelled: its registry write may already be on
@@ -364,26 +402,39 @@ class ClientConnection(asyncio.Protocol):
 
     # --- HTTP and the handshake -------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """The TCP connection is gone."""
+        return self.state is _SOCKET_CLOSED
+
+    def _become(self, state: SocketState) -> None:
+        self.state = next_socket_state(self.state, state)
+
     def _on_http_request(self, request: HttpRequest) -> None:
-        if self._http_answered:
+        if self.state is not SocketState.HANDSHAKE:
             # A pipelined request behind the first: websockets answers one request per
             # connection and then closes it (answering again would fail an assertion).
             return
-        self._http_answered = True
         self._handshake_over()
         if request.headers.get("Upgrade", "").lower() != "websocket":
+            self._become(SocketState.HTTP)
             self.ws.send_response(self.node.http_response(self.ws, request))
             return
         if self.node.draining:
+            self._become(SocketState.HTTP)
             self.ws.send_response(self.ws.reject(503, "Node is draining\n"))
             return
         refusal = self.node.admit(self, request)
         if refusal is not None:
+            self._become(SocketState.HTTP)
             self.ws.send_response(refusal)
             return
         response = self.ws.accept(request)
+        if response.status_code != 101:
+            self._become(SocketState.HTTP)
         self.ws.send_response(response)
         if response.status_code == 101:
+            self._become(SocketState.OPEN)
             self.connection_id = new_connection_id()
             token = None
             if self.node.auth is not None:
@@ -419,10 +470,10 @@ class ClientConnection(asyncio.Protocol):
             return b""
         self._head = None
         self._receive_via_websockets(bytes(head[: end + 4]))
-        if not self._http_answered and self.transport is not None:
+        if self.state is SocketState.HANDSHAKE and self.transport is not None:
             # Not a request websockets accepts (another method, a malformed line): it closes
             # without a word; say why first.
-            self._http_answered = True
+            self._become(SocketState.HTTP)
             self._handshake_over()
             self.transport.write(_BAD_REQUEST)
         rest = bytes(head[end + 4 :])
@@ -430,7 +481,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
-        if not self.closed:
+        if self.state is not _SOCKET_CLOSED:
             self.node.limit_reached("handshake_timeout", self)
             self.abort()
 
@@ -443,7 +494,8 @@ class ClientConnection(asyncio.Protocol):
     def _refuse_raw(self, status: int, reason: str) -> None:
         # Websockets holds a request it has not finished parsing: answer without it.
         self._handshake_over()
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and self.state is SocketState.HANDSHAKE:
+            self._become(SocketState.HTTP)
             body = f"{reason}\n".encode()
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
@@ -520,7 +572,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_text(self, data: BytesLike) -> None:
         cid = self.connection_id
-        if cid is None or self.closed or self.ws.state is not _OPEN:
+        if cid is None or self.state is _SOCKET_CLOSED or self.ws.state is not _OPEN:
             return
         self._frames_seen += 1
         request = decode_request(data, self._max_json_depth)
@@ -585,7 +637,7 @@ class ClientConnection(asyncio.Protocol):
         # TCP backpressure slows the client down, and no error storm goes back to it.
         wait = rates.charge(self._frames_seen, size, self._loop.time())
         self._frames_seen = 0
-        if wait > 0 and self._rate_timer is None and not self.closed:
+        if wait > 0 and self._rate_timer is None and self.state is not _SOCKET_CLOSED:
             self.node.limit_reached(rates.exceeded, self)
             self.pause_reading("rate")
             self._rate_timer = self._loop.call_later(wait, self._rate_lifted)
@@ -610,16 +662,18 @@ class ClientConnection(asyncio.Protocol):
         reading resumes once every reason has been lifted."""
         if reason in self._read_paused_by:
             return
-        if not self._read_paused_by and self.transport is not None and not self.closed:
-            self.transport.pause_reading()
+        transport = self.transport
+        if not self._read_paused_by and transport is not None and self.state is not _SOCKET_CLOSED:
+            transport.pause_reading()
         self._read_paused_by.add(reason)
 
     def resume_reading(self, reason: str) -> None:
         if reason not in self._read_paused_by:
             return
         self._read_paused_by.discard(reason)
-        if not self._read_paused_by and self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        transport = self.transport
+        if not self._read_paused_by and transport is not None and self.state is not _SOCKET_CLOSED:
+            transport.resume_reading()
 
     # --- frames out -------------------------------------------------------------------------
 
@@ -651,7 +705,7 @@ class ClientConnection(asyncio.Protocol):
     def flush(self) -> None:
         """Hand queued frames to the transport while the kernel keeps taking them."""
         transport = self.transport
-        if transport is None or self.closed:
+        if transport is None or self.state is _SOCKET_CLOSED:
             self._drop_outgoing()
             return
         outgoing = self.outgoing
@@ -733,7 +787,7 @@ class ClientConnection(asyncio.Protocol):
             self._write_protocol_data()
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
-        self.node.client_closing(self)
+        self._leaving()
 
     def keepalive(self, now: float, timeout: float) -> None:
         """Ping the client, or close it if the previous ping went unanswered for ``timeout``."""
@@ -769,4 +823,10 @@ class ClientConnection(asyncio.Protocol):
                 self._write_now(b"")
                 transport.close()
         if self.ws.state is State.CLOSED or self.ws.close_expected():
-            self.node.client_closing(self)
+            self._leaving()
+
+    def _leaving(self) -> None:
+        """Either side started the closing handshake, or the connection failed."""
+        if self.state is SocketState.OPEN:
+            self._become(SocketState.CLOSING)
+        self.node.client_closing(self)
