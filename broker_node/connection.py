@@ -231,6 +231,8 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, node: BrokerNode) -> None:
         self.node = node
         self._writes = node.writes
+        self._try_now = node.dispatcher.try_now
+        self._handle = node.dispatcher.handle
         self.ws = ServerProtocol(
             max_size=node.settings.max_message_size,
             logger=_websockets_logger,
@@ -580,23 +582,8 @@ class ClientConnection(asyncio.Protocol):
         if log is not None and isinstance(request, _REQUEST_TYPES):
             # What a resume need not send again: every request read so far.
             log.last_request_id = request.id
-        if self._backlog:
+        if self._backlog or not self._try_now(cid, request):
             self._enqueue(request)
-            return
-        # message and close on a channel this node holds never wait for the registry: decide
-        # and execute right here.
-        kind = type(request)
-        if kind is Message or kind is Close:
-            node = self.node
-            core = node.core
-            channel_id: str = request.channelId  # type: ignore[union-attr]
-            if node.standalone or core.knows_channel(cid, channel_id):
-                if kind is Message:
-                    node.execute(core.message(cid, request))  # type: ignore[arg-type]
-                else:
-                    node.execute(core.close(cid, request))  # type: ignore[arg-type]
-                return
-        self._enqueue(request)
 
     def _enqueue(self, request: Request | Rejection) -> None:
         # Requests after one that waits for the registry wait too: replies keep request order
@@ -618,7 +605,7 @@ class ClientConnection(asyncio.Protocol):
                 # Read each time: a resume binds this socket to its session's id.
                 cid = self.connection_id
                 assert cid is not None
-                await self.node.handle_request(cid, self._backlog[0])
+                await self._handle(cid, self._backlog[0])
                 if self.closed:
                     # The client left during the await: the request finished (and removed
                     # what it wrote, the core having forgotten the client); nothing else runs.

@@ -23,7 +23,6 @@ from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
 from broker_node.admission import client_address, origin_allowed, parse_networks
-from broker_node.auth.identity import TokenRefusal
 from broker_node.auth.service import NodeAuth
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend, masked_url
@@ -38,29 +37,19 @@ from broker_node.core.actions import (
     MoveChannels,
     Rebind,
 )
-from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore, ResumeRules
+from broker_node.core.broker import AuthRules, BrokerCore, ResumeRules
 from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
 from broker_node.core.records import ChannelRecord
 from broker_node.core.stats import NodeStats
+from broker_node.dispatch import Dispatcher
 from broker_node.errors import BackendUnavailable
 from broker_node.executor import Executor
 from broker_node.health import http_response, serve_metrics_connection
 from broker_node.metrics import metrics_registry
 from broker_node.outbox import Outbox
 from broker_node.supervisor import Supervisor
-from shared.codec import CLOSE_GOING_AWAY, Rejection
+from shared.codec import CLOSE_GOING_AWAY
 from shared.ids import ChannelId, ConnectionId, NodeId, node_name
-from shared.messages import (
-    Ack,
-    Close,
-    ListByRole,
-    Message,
-    Open,
-    Refresh,
-    Register,
-    Request,
-    Resume,
-)
 
 logger = logging.getLogger("broker_node.node")
 
@@ -86,8 +75,6 @@ CLOSE_SERVICE_RESTART: Final = 1012
 #: A condition met again and again (refusals at a limit, dropped envelopes) is logged at most
 #: once per this many seconds; the counters in /metrics hold every occurrence.
 LIMIT_LOG_INTERVAL: Final = 10.0
-#: How many ids of a list_by_role reply weigh as much as one request against the rate limit.
-LIST_IDS_PER_REQUEST: Final = 50
 #: File descriptors kept for Redis connections, the listeners, logs and the like.
 FD_RESERVE: Final = 32
 
@@ -145,6 +132,19 @@ class BrokerNode:
         #: The executor's own method, not a wrapper: it is called for every message.
         self.execute = self.executor.execute
         self.writes = WriteScheduler(self.core, self.execute)
+        self.dispatcher = Dispatcher(
+            node_id=self.node_id,
+            core=self.core,
+            execute=self.execute,
+            registry=self.registry,
+            calls=self,
+            writes=self,
+            auth=self.node_auth,
+            clients=self.clients,
+            bad_frame=self.bad_frame,
+            standalone=self.standalone,
+            max_list_page=settings.max_list_page,
+        )
         self.sockets: set[ClientConnection] = set()
         self.supervisor = Supervisor(on_state=self._loop_state)
         self.metrics = metrics_registry(self)
@@ -513,146 +513,6 @@ class BrokerNode:
             old.connection_id = None
             old.close(action.code, action.reason)
 
-    async def handle_request(self, cid: ConnectionId, request: Request | Rejection) -> None:
-        """One request, in arrival order, possibly waiting for the registry."""
-        core = self.core
-        if not core.is_connected(cid):
-            return
-        if isinstance(request, Message):
-            elsewhere = await self._open_elsewhere(cid, request.channelId)
-            if elsewhere is not None:
-                self.execute(core.message(cid, request, elsewhere=elsewhere))
-            else:
-                self.execute(core.fail_on_channel(cid, "message", request, REGISTRY_UNAVAILABLE))
-        elif isinstance(request, Close):
-            elsewhere = await self._open_elsewhere(cid, request.channelId)
-            if elsewhere is not None:
-                self.execute(core.close(cid, request, elsewhere=elsewhere))
-            else:
-                self.execute(core.fail_on_channel(cid, "close", request, REGISTRY_UNAVAILABLE))
-        elif isinstance(request, Register):
-            await self._register(cid, request)
-        elif isinstance(request, ListByRole):
-            await self._list_by_role(cid, request)
-        elif isinstance(request, Open):
-            await self._open(cid, request)
-        elif isinstance(request, Refresh):
-            verified = self.node_auth.verify(request.token)
-            self.execute(core.refresh(cid, request, verified if verified is not None else _NO_AUTH))
-        elif isinstance(request, Resume):
-            await self._resume(cid, request)
-        elif isinstance(request, Ack):
-            self.execute(core.ack(cid, request))
-        else:
-            self.bad_frame(_rejection_kind(request))
-            self.execute(core.reject(cid, request))
-
-    async def _open_elsewhere(self, cid: ConnectionId, channel_id: str) -> bool | None:
-        """For a channel this node does not hold: is it open on other nodes, with ``cid`` not
-        one of its ends? (That connection is then "not authorized", as on one node, rather
-        than told the channel does not exist; an end of a channel this node no longer holds
-        was closed already.) None when the registry cannot say."""
-        if self.standalone or self.core.knows_channel(cid, channel_id):
-            return False
-        try:
-            record = await self._registry_call(
-                "find_channel", self.registry.find_channel(ChannelId(channel_id))
-            )
-        except BackendUnavailable:
-            return None
-        return record is not None and record.peer_of(cid) is None
-
-    async def _register(self, cid: ConnectionId, request: Register) -> None:
-        plan = self.core.begin_register(cid, request, self.node_auth.verify(request.token))
-        if isinstance(plan, list):
-            self.execute(plan)
-            return
-        limit_error = await self.node_auth.take_slot(cid, self.core.identity_of(cid))
-        if limit_error is not None:
-            self.execute(self.core.finish_register(cid, request, limit_error))
-            return
-        error = None
-        self._writing_connections.add(cid)
-        try:
-            await self._registry_call("add_connection", self.registry.add_connection(plan))
-        except BackendUnavailable:
-            error = REGISTRY_UNAVAILABLE
-            # Outcome unknown: a stalled Redis runs the write when it resumes, which would
-            # list a connection that was refused. Resynchronise once it answers.
-            self._registry_dirty = True
-        finally:
-            self._writing_connections.discard(cid)
-        if error is None and not self.core.is_connected(cid):
-            self._forget(ForgetConnection(plan))
-        if error is not None or not self.core.is_connected(cid):
-            self.node_auth.drop_slot(cid)
-        self.execute(self.core.finish_register(cid, request, error))
-
-    async def _resume(self, cid: ConnectionId, request: Resume) -> None:
-        plan = self.core.begin_resume(cid, request, self.node_auth.verify(request.token))
-        if isinstance(plan, list):
-            self.execute(plan)
-            return
-        claim = None
-        with contextlib.suppress(BackendUnavailable):
-            claim = await self._registry_call(
-                "claim_session",
-                self.registry.claim_session(
-                    plan.session_id,
-                    plan.token_hash,
-                    plan.new_token_hash,
-                    self.node_id,
-                    int(time.time() * 1000),
-                ),
-            )
-        self.execute(self.core.claimed(cid, request, plan, claim))
-
-    async def _list_by_role(self, cid: ConnectionId, request: ListByRole) -> None:
-        refusal = self.core.begin_list(cid, request)
-        if refusal is not None:
-            self.execute(refusal)
-            return
-        ids = None
-        with contextlib.suppress(BackendUnavailable):
-            ids = await self._registry_call(
-                "list_by_role", self.registry.list_by_role(request.role)
-            )
-        self.execute(self.core.finish_list(cid, request, ids))
-        client = self.clients.get(cid)
-        if ids and client is not None:
-            # A reply of many ids costs the node and Redis far more than one request: it
-            # counts as one request per LIST_IDS_PER_REQUEST ids against the client's rate.
-            page = min(len(ids), self.settings.max_list_page, request.limit or len(ids))
-            client.add_request_cost(page // LIST_IDS_PER_REQUEST)
-
-    async def _open(self, cid: ConnectionId, request: Open) -> None:
-        core = self.core
-        refusal = core.begin_open(cid, request)
-        if refusal is not None:
-            self.execute(refusal)
-            return
-        try:
-            target = await self._registry_call(
-                "find_connection", self.registry.find_connection(ConnectionId(request.targetId))
-            )
-            plan = core.plan_open(cid, request, target)
-            if isinstance(plan, list):
-                self.execute(plan)
-                return
-            self._writing_channels.add(plan.channel_id)
-            try:
-                await self._registry_call("add_channel", self.registry.add_channel(plan))
-            except BackendUnavailable:
-                # As for register: the channel may still be written; resynchronise when back.
-                self._registry_dirty = True
-                raise
-            finally:
-                self._writing_channels.discard(plan.channel_id)
-        except BackendUnavailable:
-            self.execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
-            return
-        self.execute(core.launch_open(cid, request, plan))
-
     async def _registry_call(self, operation: str, call: Awaitable[_T]) -> _T:
         started = time.perf_counter()
         failed = True
@@ -695,6 +555,9 @@ class BrokerNode:
         self.backend_up = up
 
     # --- the registry in the background -----------------------------------------------------
+
+    # RegistryCaller (dispatch.py), served here until registry calls have their own module.
+    call = _registry_call
 
     # RegistryWrites (executor.py), served here until the registry writer has its own module.
     def forget(self, action: ForgetChannel | ForgetConnection) -> None:
@@ -1124,10 +987,6 @@ class BrokerNode:
         )
 
 
-#: What a refresh is checked against on a node without authentication (the core refuses it).
-_NO_AUTH: Final = TokenRefusal("authentication is off")
-
-
 def _resume_rules(settings: Settings) -> ResumeRules | None:
     if settings.resume_window <= 0:
         return None
@@ -1147,17 +1006,3 @@ def _socket_budget() -> int | None:
     if soft == resource.RLIM_INFINITY:
         return None
     return max(soft - FD_RESERVE, 1)
-
-
-def _rejection_kind(rejection: Rejection) -> str:
-    from shared.codec import CLOSE_INVALID_DATA, CloseConnection, ErrorReply, FailedReply
-
-    if rejection.kind is not None:
-        return rejection.kind
-    if isinstance(rejection, FailedReply):
-        return "bad_fields"
-    if isinstance(rejection, ErrorReply):
-        return "unknown_type" if rejection.reply_to is not None else "bad_shape"
-    if isinstance(rejection, CloseConnection) and rejection.code == CLOSE_INVALID_DATA:
-        return "invalid_utf8"
-    return "invalid_json"
