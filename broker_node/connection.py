@@ -53,7 +53,10 @@ from shared.messages import (
 )
 
 if TYPE_CHECKING:
-    from broker_node.node import BrokerNode
+    from websockets.http11 import Response
+
+    from broker_node.config import Settings
+    from broker_node.core.stats import NodeStats
     from shared.codec import Rejection
 
 #: Requests (as opposed to the codec's refusals), whose id a session's log records.
@@ -225,12 +228,55 @@ class WriteScheduler:
             self._flush_scheduled = False
 
 
+class SocketBook(Protocol):
+    """The node's table of sockets and clients (client_table.py)."""
+
+    def connection_opened(self, sock: ClientConnection) -> None: ...
+    def handshake_over(self, sock: ClientConnection) -> None: ...
+    def admit(self, sock: ClientConnection, request: HttpRequest) -> Response | None: ...
+    def client_accepted(
+        self, sock: ClientConnection, *, legacy_errors: bool, token: str | None = None
+    ) -> None: ...
+    def client_gone(self, sock: ClientConnection) -> None: ...
+    def connection_lost(self, sock: ClientConnection) -> None: ...
+    def limit_reached(self, limit: str, sock: ClientConnection | None = None) -> None: ...
+
+
+class Requests(Protocol):
+    """Where a client's requests go (dispatch.py)."""
+
+    def try_now(self, cid: ConnectionId, request: Request | Rejection) -> bool: ...
+    async def handle(self, cid: ConnectionId, request: Request | Rejection) -> None: ...
+    def binary(self, cid: ConnectionId | None) -> None: ...
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs of the node that accepted it."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def auth(self) -> object | None: ...
+    @property
+    def stats(self) -> NodeStats: ...
+    @property
+    def writes(self) -> WriteScheduler: ...
+    @property
+    def client_table(self) -> SocketBook: ...
+    @property
+    def dispatcher(self) -> Requests: ...
+    def http_response(self, ws: ServerProtocol, request: HttpRequest) -> Response: ...
+
+
 class ClientConnection(asyncio.Protocol):
     """The adapter between one TCP connection and the node."""
 
-    def __init__(self, node: BrokerNode) -> None:
+    def __init__(self, node: ConnectionHost) -> None:
         self.node = node
         self._writes = node.writes
+        self._table = node.client_table
         self._try_now = node.dispatcher.try_now
         self._handle = node.dispatcher.handle
         self.ws = ServerProtocol(
@@ -319,7 +365,7 @@ class ClientConnection(asyncio.Protocol):
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.node.settings.handshake_timeout, self._handshake_expired
         )
-        self.node.connection_opened(self)
+        self._table.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_received += len(data)
@@ -379,7 +425,7 @@ class ClientConnection(asyncio.Protocol):
         if self._rate_timer is not None:
             self._rate_timer.cancel()
         self._handshake_over()
-        self.node.connection_lost(self)
+        self._table.connection_lost(self)
 
     def pause_writing(self) -> None:
         # The kernel did not take everything: the rest waits in the transport's buffer.
@@ -426,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
             self._become(SocketState.HTTP)
             self.ws.send_response(self.ws.reject(503, "Node is draining\n"))
             return
-        refusal = self.node.admit(self, request)
+        refusal = self._table.admit(self, request)
         if refusal is not None:
             self._become(SocketState.HTTP)
             self.ws.send_response(refusal)
@@ -445,7 +491,7 @@ class ClientConnection(asyncio.Protocol):
                     request.headers,
                     query_allowed=self.node.settings.auth_query_token,
                 )
-            self.node.client_accepted(
+            self._table.client_accepted(
                 self, legacy_errors=wants_legacy_errors(request.path), token=token
             )
 
@@ -467,7 +513,7 @@ class ClientConnection(asyncio.Protocol):
         if end < 0 or end + 4 > limit:
             if len(head) > limit:
                 self._head = None
-                self.node.limit_reached("header_bytes", self)
+                self._table.limit_reached("header_bytes", self)
                 self._refuse_raw(431, "Request Header Fields Too Large")
             return b""
         self._head = None
@@ -484,14 +530,14 @@ class ClientConnection(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
         if self.state is not _SOCKET_CLOSED:
-            self.node.limit_reached("handshake_timeout", self)
+            self._table.limit_reached("handshake_timeout", self)
             self.abort()
 
     def _handshake_over(self) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        self.node.handshake_over(self)
+        self._table.handshake_over(self)
 
     def _refuse_raw(self, status: int, reason: str) -> None:
         # Websockets holds a request it has not finished parsing: answer without it.
@@ -567,10 +613,7 @@ class ClientConnection(asyncio.Protocol):
         elif opcode is _PONG:
             self.ping_sent_at = None
         elif opcode is _BINARY:
-            self.node.bad_frame("binary")
-            cid = self.connection_id
-            if cid is not None:
-                self.node.execute(self.node.core.binary_frame(cid))
+            self.node.dispatcher.binary(self.connection_id)
 
     def _on_text(self, data: BytesLike) -> None:
         cid = self.connection_id
@@ -625,7 +668,7 @@ class ClientConnection(asyncio.Protocol):
         wait = rates.charge(self._frames_seen, size, self._loop.time())
         self._frames_seen = 0
         if wait > 0 and self._rate_timer is None and self.state is not _SOCKET_CLOSED:
-            self.node.limit_reached(rates.exceeded, self)
+            self._table.limit_reached(rates.exceeded, self)
             self.pause_reading("rate")
             self._rate_timer = self._loop.call_later(wait, self._rate_lifted)
 
@@ -816,4 +859,4 @@ class ClientConnection(asyncio.Protocol):
         """Either side started the closing handshake, or the connection failed."""
         if self.state is SocketState.OPEN:
             self._become(SocketState.CLOSING)
-        self.node.client_closing(self)
+        self._table.client_gone(self)

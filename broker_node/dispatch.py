@@ -113,6 +113,12 @@ class Dispatcher:
                 return True
         return False
 
+    def binary(self, cid: ConnectionId | None) -> None:
+        """A binary message: refused (the protocol is text only)."""
+        self._bad_frame("binary")
+        if cid is not None:
+            self._execute(self._core.binary_frame(cid))
+
     async def handle(self, cid: ConnectionId, request: Request | Rejection) -> None:
         """One request, in arrival order, possibly waiting for the registry."""
         core = self._core

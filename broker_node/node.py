@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import resource
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable, Iterator
 from typing import Final, TypeVar
 
-from websockets.frames import CloseCode
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
-from broker_node.admission import client_address, origin_allowed, parse_networks
 from broker_node.auth.service import NodeAuth
+from broker_node.client_table import LIMIT_LOG_INTERVAL, ClientTable
 from broker_node.cluster.base import Backend, Heartbeat
 from broker_node.cluster.factory import create_backend, masked_url
 from broker_node.config import Settings
@@ -35,7 +33,6 @@ from broker_node.core.actions import (
     LoadSession,
     MarkDetached,
     MoveChannels,
-    Rebind,
 )
 from broker_node.core.broker import AuthRules, BrokerCore, ResumeRules
 from broker_node.core.envelopes import Closed, CloseRequest, Envelope, decode_batch
@@ -72,11 +69,6 @@ MAX_CLOSED_RETRY: Final = 10_000
 CLOSED_ATTEMPTS: Final = 3
 #: Close code for clients of a node that was reaped while it could not reach Redis.
 CLOSE_SERVICE_RESTART: Final = 1012
-#: A condition met again and again (refusals at a limit, dropped envelopes) is logged at most
-#: once per this many seconds; the counters in /metrics hold every occurrence.
-LIMIT_LOG_INTERVAL: Final = 10.0
-#: File descriptors kept for Redis connections, the listeners, logs and the like.
-FD_RESERVE: Final = 32
 
 
 class BrokerNode:
@@ -121,13 +113,22 @@ class BrokerNode:
             batch_delay=settings.bus_batch_delay,
             retry_window=settings.request_timeout,
         )
-        self.clients: dict[ConnectionId, ClientConnection] = {}
+        self.client_table = ClientTable(
+            settings,
+            core=self.core,
+            execute=lambda actions: self.execute(actions),
+            auth=self.node_auth,
+            stats=self.stats,
+            keepalive_slices=KEEPALIVE_SLICES,
+        )
+        self.clients = self.client_table.clients
+        self.sockets = self.client_table.sockets
         self.executor = Executor(
             clients=self.clients,
             core=self.core,
             publish=self.outbox.put,
             registry=self,
-            rebind=self._rebind,
+            rebind=self.client_table.rebind,
         )
         #: The executor's own method, not a wrapper: it is called for every message.
         self.execute = self.executor.execute
@@ -141,11 +142,10 @@ class BrokerNode:
             writes=self,
             auth=self.node_auth,
             clients=self.clients,
-            bad_frame=self.bad_frame,
+            bad_frame=self.client_table.bad_frame,
             standalone=self.standalone,
             max_list_page=settings.max_list_page,
         )
-        self.sockets: set[ClientConnection] = set()
         self.supervisor = Supervisor(on_state=self._loop_state)
         self.metrics = metrics_registry(self)
         self.server: asyncio.Server | None = None
@@ -154,7 +154,6 @@ class BrokerNode:
         self.started = False
         self.subscribed = False
         self.backend_up = True
-        self._accepted = 0
         self._registry_backlog: deque[ForgetChannel | ForgetConnection] = deque()
         #: Session resume's registry work (issue 14), done in order by the session writer.
         self._session_work: deque[MarkDetached | EndSession | MoveChannels | LoadSession] = deque()
@@ -169,15 +168,9 @@ class BrokerNode:
         self._closed_retry: list[tuple[NodeId, Closed, int]] = []
         self._closed_attempts: dict[tuple[NodeId, Closed], int] = {}
         self._stopped = asyncio.Event()
-        self._no_sockets = asyncio.Event()
+        self._no_sockets = self.client_table.no_sockets
         # --- hostile input and resource limits (issue 15)
         self._dropped_logged_at = -LIMIT_LOG_INTERVAL
-        self._limit_logged_at: dict[str, float] = {}
-        #: Sockets still in their HTTP handshake, oldest first.
-        self._handshaking: dict[ClientConnection, None] = {}
-        self._ip_connections: Counter[str] = Counter()
-        self._trusted_proxies = parse_networks(settings.trusted_proxies)
-        self._socket_budget = _socket_budget()
         self.metrics_server: asyncio.Server | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -399,119 +392,14 @@ class BrokerNode:
 
     # --- connections ------------------------------------------------------------------------
 
-    def connection_opened(self, sock: ClientConnection) -> None:
-        self.sockets.add(sock)
-        self._handshaking[sock] = None
-        if self._socket_budget is not None and len(self.sockets) > self._socket_budget:
-            # Short of file descriptors: the oldest socket still in its handshake goes (often
-            # a silent or dripping one), so that /healthz and real clients still get in.
-            self.limit_reached("file_descriptors", sock)
-            oldest = next(iter(self._handshaking))
-            self.handshake_over(oldest)
-            oldest.abort()
-
     @property
     def handshaking_count(self) -> int:
-        return len(self._handshaking)
-
-    def handshake_over(self, sock: ClientConnection) -> None:
-        self._handshaking.pop(sock, None)
-
-    def admit(self, sock: ClientConnection, request: HttpRequest) -> Response | None:
-        """Refuse a WebSocket upgrade at a limit (before any state is made), or None."""
-        settings = self.settings
-        headers = request.headers
-        if not origin_allowed(headers, settings.allowed_origins):
-            self.limit_reached("origin", sock)
-            return sock.ws.reject(403, "Origin not allowed\n")
-        if len(self.clients) >= settings.max_connections:
-            self.limit_reached("connections", sock)
-            return sock.ws.reject(503, "Node is at its connection limit; try another\n")
-        sock.client_ip = client_address(sock.peer, headers, self._trusted_proxies)
-        per_ip = settings.max_connections_per_ip
-        if per_ip and self._ip_connections[sock.client_ip] >= per_ip:
-            self.limit_reached("connections_per_ip", sock)
-            return sock.ws.reject(429, "Too many connections from this address\n")
-        return None
-
-    def client_accepted(
-        self, sock: ClientConnection, *, legacy_errors: bool, token: str | None = None
-    ) -> None:
-        assert sock.connection_id is not None
-        self._accepted += 1
-        sock.keepalive_slice = self._accepted % KEEPALIVE_SLICES
-        self._ip_connections[sock.client_ip] += 1
-        sock.ip_counted = True
-        self.clients[sock.connection_id] = sock
-        self.core.connect(sock.connection_id, legacy_errors=legacy_errors)
-        verified = self.node_auth.verify(token)
-        if verified is not None:
-            self.execute(self.core.authenticated(sock.connection_id, verified))
-
-    def client_closing(self, sock: ClientConnection) -> None:
-        cid = sock.connection_id
-        if cid is not None and self.clients.get(cid) is sock:
-            del self.clients[cid]
-            # A client that closes with 1000 ends its session on purpose; any other end of
-            # its socket leaves a resumable session detached, waiting for it.
-            bye = sock.ws.close_rcvd
-            gone = self.core.client_gone(cid, said_bye=bye is not None and bye.code == 1000)
-            if not self.core.is_connected(cid):
-                self.node_auth.drop_slot(cid)
-            self.execute(gone)
-
-    def connection_lost(self, sock: ClientConnection) -> None:
-        self.sockets.discard(sock)
-        self._handshaking.pop(sock, None)
-        if sock.ip_counted:
-            sock.ip_counted = False
-            left = self._ip_connections[sock.client_ip] - 1
-            if left > 0:
-                self._ip_connections[sock.client_ip] = left
-            else:
-                del self._ip_connections[sock.client_ip]
-        if not self.sockets:
-            self._no_sockets.set()
-        # Websockets closes with 1009 only for a frame or message over the size limit.
-        close_sent = sock.ws.close_sent
-        if close_sent is not None and close_sent.code == CloseCode.MESSAGE_TOO_BIG:
-            self.bad_frame("too_big")
-        self.client_closing(sock)
-
-    def limit_reached(self, limit: str, sock: ClientConnection | None = None) -> None:
-        """Count a refusal or pause at ``limit``; logged at most once per interval."""
-        self.stats.limit_refusals[limit] += 1
-        now = time.monotonic()
-        if now - self._limit_logged_at.get(limit, -LIMIT_LOG_INTERVAL) >= LIMIT_LOG_INTERVAL:
-            self._limit_logged_at[limit] = now
-            logger.warning(
-                "limit %s reached (%d times so far%s)",
-                limit,
-                self.stats.limit_refusals[limit],
-                f", e.g. by {sock.peer}" if sock is not None and sock.peer else "",
-            )
-
-    def bad_frame(self, kind: str) -> None:
-        self.stats.bad_frames[kind] += 1
+        return self.client_table.handshaking_count
 
     def http_response(self, ws: ServerProtocol, request: HttpRequest) -> Response:
         return http_response(self, ws, request)
 
     # --- executing decisions ----------------------------------------------------------------
-
-    def _rebind(self, action: Rebind) -> None:
-        clients = self.clients
-        sock = clients.pop(action.from_id, None)
-        if sock is None:
-            return
-        old = clients.get(action.to_id)
-        sock.connection_id = action.to_id
-        sock.session_log = None
-        clients[action.to_id] = sock
-        if old is not None:
-            # Its departure must not detach the session: it is not the session's any more.
-            old.connection_id = None
-            old.close(action.code, action.reason)
 
     async def _registry_call(self, operation: str, call: Awaitable[_T]) -> _T:
         started = time.perf_counter()
@@ -998,11 +886,3 @@ def _resume_rules(settings: Settings) -> ResumeRules | None:
         # sessions' channel ends went. Twice that, and the channel closes as before.
         orphan_timeout=2 * settings.node_ttl + settings.request_timeout,
     )
-
-
-def _socket_budget() -> int | None:
-    """Client sockets this process can hold, keeping some descriptors for everything else."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    return max(soft - FD_RESERVE, 1)
