@@ -116,6 +116,7 @@ class BrokerNode:
         self.client_table = ClientTable(
             settings,
             core=self.core,
+            # Late-bound: the executor, built next, reads the table's clients.
             execute=lambda actions: self.execute(actions),
             auth=self.node_auth,
             stats=self.stats,
