@@ -14,18 +14,19 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final, Generic, Protocol, TypeVar
 
 from websockets.frames import CloseCode
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
+from websockets.server import ServerProtocol
 
 from broker_node.admission import client_address, origin_allowed, parse_networks
 from broker_node.auth.identity import Identity, TokenRefusal
 from broker_node.config import Settings
-from broker_node.connection import ClientConnection
 from broker_node.core.actions import Action, Rebind
 from broker_node.core.broker import BrokerCore
+from broker_node.core.sessions import SessionLog
 from broker_node.core.stats import NodeStats
 from shared.ids import ConnectionId
 
@@ -39,12 +40,30 @@ LIMIT_LOG_INTERVAL: Final = 10.0
 FD_RESERVE: Final = 32
 
 
+class TableSocket(Protocol):
+    """What the table reads and sets on a socket (connection.py's _Socket)."""
+
+    ws: ServerProtocol
+    connection_id: ConnectionId | None
+    session_log: SessionLog | None
+    peer: str
+    client_ip: str
+    ip_counted: bool
+    keepalive_slice: int
+
+    def abort(self) -> None: ...
+    def close(self, code: int, reason: str) -> None: ...
+
+
+_Socket = TypeVar("_Socket", bound=TableSocket)
+
+
 class TokenCheck(Protocol):
     def verify(self, token: str | None) -> Identity | TokenRefusal | None: ...
     def drop_slot(self, cid: ConnectionId) -> None: ...
 
 
-class ClientTable:
+class ClientTable(Generic[_Socket]):
     """The node's sockets and clients (see the module docstring)."""
 
     def __init__(
@@ -63,21 +82,21 @@ class ClientTable:
         self._auth = auth
         self._stats = stats
         self._keepalive_slices = keepalive_slices
-        self.clients: dict[ConnectionId, ClientConnection] = {}
-        self.sockets: set[ClientConnection] = set()
+        self.clients: dict[ConnectionId, _Socket] = {}
+        self.sockets: set[_Socket] = set()
         #: Set whenever the last socket is gone (the drain waits on it).
         self.no_sockets = asyncio.Event()
         self._accepted = 0
         self._limit_logged_at: dict[str, float] = {}
         #: Sockets still in their HTTP handshake, oldest first.
-        self._handshaking: dict[ClientConnection, None] = {}
+        self._handshaking: dict[_Socket, None] = {}
         self._ip_connections: Counter[str] = Counter()
         self._trusted_proxies = parse_networks(settings.trusted_proxies)
         self._socket_budget = socket_budget()
 
     # --- sockets ----------------------------------------------------------------------------
 
-    def connection_opened(self, sock: ClientConnection) -> None:
+    def connection_opened(self, sock: _Socket) -> None:
         self.sockets.add(sock)
         self._handshaking[sock] = None
         if self._socket_budget is not None and len(self.sockets) > self._socket_budget:
@@ -92,10 +111,10 @@ class ClientTable:
     def handshaking_count(self) -> int:
         return len(self._handshaking)
 
-    def handshake_over(self, sock: ClientConnection) -> None:
+    def handshake_over(self, sock: _Socket) -> None:
         self._handshaking.pop(sock, None)
 
-    def connection_lost(self, sock: ClientConnection) -> None:
+    def connection_lost(self, sock: _Socket) -> None:
         self.sockets.discard(sock)
         self._handshaking.pop(sock, None)
         if sock.ip_counted:
@@ -115,7 +134,7 @@ class ClientTable:
 
     # --- clients ----------------------------------------------------------------------------
 
-    def admit(self, sock: ClientConnection, request: HttpRequest) -> Response | None:
+    def admit(self, sock: _Socket, request: HttpRequest) -> Response | None:
         """Refuse a WebSocket upgrade at a limit (before any state is made), or None."""
         settings = self._settings
         headers = request.headers
@@ -133,7 +152,7 @@ class ClientTable:
         return None
 
     def client_accepted(
-        self, sock: ClientConnection, *, legacy_errors: bool, token: str | None = None
+        self, sock: _Socket, *, legacy_errors: bool, token: str | None = None
     ) -> None:
         assert sock.connection_id is not None
         self._accepted += 1
@@ -146,7 +165,7 @@ class ClientTable:
         if verified is not None:
             self._execute(self._core.authenticated(sock.connection_id, verified))
 
-    def client_gone(self, sock: ClientConnection) -> None:
+    def client_gone(self, sock: _Socket) -> None:
         """The socket closes (from either side) or is lost: the client leaves, once."""
         cid = sock.connection_id
         if cid is not None and self.clients.get(cid) is sock:
@@ -176,7 +195,7 @@ class ClientTable:
 
     # --- limits and bad input ---------------------------------------------------------------
 
-    def limit_reached(self, limit: str, sock: ClientConnection | None = None) -> None:
+    def limit_reached(self, limit: str, sock: _Socket | None = None) -> None:
         """Count a refusal or pause at ``limit``; logged at most once per interval."""
         self._stats.limit_refusals[limit] += 1
         now = time.monotonic()

@@ -113,7 +113,7 @@ class BrokerNode:
             batch_delay=settings.bus_batch_delay,
             retry_window=settings.request_timeout,
         )
-        self.client_table = ClientTable(
+        self.client_table: ClientTable[ClientConnection] = ClientTable(
             settings,
             core=self.core,
             # Late-bound: the executor, built next, reads the table's clients.
