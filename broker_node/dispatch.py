@@ -232,6 +232,8 @@ class Dispatcher:
             client.add_request_cost(page // LIST_IDS_PER_REQUEST)
 
     async def _open(self, cid: ConnectionId, request: Open) -> None:
+        # One flow, a core decision at each step: may it open, who is the target (registry),
+        # which channel, the channel written (registry), then the two ends told.
         core = self._core
         refusal = core.begin_open(cid, request)
         if refusal is not None:
@@ -241,19 +243,19 @@ class Dispatcher:
             target = await self._calls.call(
                 "find_connection", self._registry.find_connection(ConnectionId(request.targetId))
             )
-            plan = core.plan_open(cid, request, target)
-            if isinstance(plan, list):
-                self._execute(plan)
-                return
-            with self._writes.writing_channel(plan.channel_id):
-                try:
-                    await self._calls.call("add_channel", self._registry.add_channel(plan))
-                except BackendUnavailable:
-                    # As for register: the channel may still be written; resynchronise when
-                    # back.
-                    self._writes.mark_dirty()
-                    raise
         except BackendUnavailable:
+            self._execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
+            return
+        plan = core.plan_open(cid, request, target)
+        if isinstance(plan, list):
+            self._execute(plan)
+            return
+        try:
+            with self._writes.writing_channel(plan.channel_id):
+                await self._calls.call("add_channel", self._registry.add_channel(plan))
+        except BackendUnavailable:
+            # As for register: the channel may still be written; resynchronise when back.
+            self._writes.mark_dirty()
             self._execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
             return
         self._execute(core.launch_open(cid, request, plan))

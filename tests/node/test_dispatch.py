@@ -42,11 +42,13 @@ A, B = ConnectionId("a"), ConnectionId("b")
 class Calls:
     def __init__(self) -> None:
         self.down = False
+        #: Operations that fail while the others answer.
+        self.failing: set[str] = set()
         self.operations: list[str] = []
 
     async def call(self, operation: str, call: Awaitable[_T]) -> _T:
         self.operations.append(operation)
-        if self.down:
+        if self.down or operation in self.failing:
             if hasattr(call, "close"):
                 call.close()
             raise BackendUnavailable(operation, None)
@@ -193,6 +195,20 @@ async def test_open_with_the_registry_down() -> None:
     await registered(fx)
     fx.calls.down = True
     await fx.dispatcher.handle(A, fx.request({"type": "open", "id": 2, "targetId": B}))
+    assert fx.replies(A)[-1]["type"] == "channel_open_failed"
+
+
+async def test_open_whose_channel_write_fails_marks_the_registry_dirty() -> None:
+    fx = Fixture()
+    await registered(fx)
+    fx.calls.failing = {"add_channel"}
+    await fx.dispatcher.handle(A, fx.request({"type": "open", "id": 2, "targetId": B}))
+    assert fx.calls.operations[-2:] == ["find_connection", "add_channel"]
+    assert fx.writes.dirty and fx.writes.writing[-1] == "channel"
+    assert fx.replies(A)[-1]["type"] == "channel_open_failed"
+    # A target that is not there: refused before any write.
+    await fx.dispatcher.handle(A, fx.request({"type": "open", "id": 3, "targetId": "nobody"}))
+    assert fx.calls.operations[-1] == "find_connection"
     assert fx.replies(A)[-1]["type"] == "channel_open_failed"
 
 
