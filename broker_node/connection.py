@@ -19,10 +19,12 @@ the handshake completes, and again from the moment it is no longer open (closing
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from bisect import bisect_right
 from collections import deque
-from typing import TYPE_CHECKING, Final, cast
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final, Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.frames import Frame, Opcode
@@ -32,7 +34,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
 from broker_node.auth.handshake import RedactTokens, handshake_token, select_subprotocol
-from broker_node.core.actions import Receipt
+from broker_node.core.actions import Action, Receipt
 from broker_node.core.rate import RateLimits
 from broker_node.core.sessions import SessionLog
 from broker_node.frame_scanner import FAST_PONG, FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
@@ -51,7 +53,10 @@ from shared.messages import (
 )
 
 if TYPE_CHECKING:
-    from broker_node.node import BrokerNode
+    from websockets.http11 import Response
+
+    from broker_node.config import Settings
+    from broker_node.core.stats import NodeStats
     from shared.codec import Rejection
 
 #: Requests (as opposed to the codec's refusals), whose id a session's log records.
@@ -78,6 +83,44 @@ _PONG: Final = Opcode.PONG
 _OPEN: Final = State.OPEN
 #: Close code for a client that stopped answering keepalive pings.
 CLOSE_PING_TIMEOUT: Final = 1011
+
+
+class SocketState(enum.Enum):
+    """Where one TCP connection is in its life, as the node sees it.
+
+    Theory of operation: a connection starts in HANDSHAKE, reading its HTTP request. It is
+    answered once: with a plain HTTP response (health, metrics, a refusal, a bad request:
+    HTTP, then the server closes), or with a WebSocket upgrade (OPEN: the client is in the
+    node's table). An open client leaves the table when either side starts the closing
+    handshake or the connection fails (CLOSING); CLOSED once the TCP connection is gone, from
+    any state. Websockets keeps the WebSocket protocol's own state (``ws.state``); it is read
+    where that is what matters (frames after a close frame, a close frame not sent twice).
+    """
+
+    HANDSHAKE = "handshake"
+    HTTP = "http"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+#: Which states may follow each state; any other transition is a bug here.
+SOCKET_TRANSITIONS: Final[dict[SocketState, frozenset[SocketState]]] = {
+    SocketState.HANDSHAKE: frozenset({SocketState.HTTP, SocketState.OPEN, SocketState.CLOSED}),
+    SocketState.HTTP: frozenset({SocketState.CLOSED}),
+    SocketState.OPEN: frozenset({SocketState.CLOSING, SocketState.CLOSED}),
+    SocketState.CLOSING: frozenset({SocketState.CLOSED}),
+    SocketState.CLOSED: frozenset(),
+}
+
+_SOCKET_CLOSED: Final = SocketState.CLOSED
+
+
+def next_socket_state(current: SocketState, new: SocketState) -> SocketState:
+    """``new``, if it may follow ``current``; a transition the table has not is a bug."""
+    if new not in SOCKET_TRANSITIONS[current]:
+        raise RuntimeError(f"socket state {current.name} -> {new.name}")
+    return new
 
 
 #: The answer to an HTTP request that is not a GET websockets can parse.
@@ -110,11 +153,132 @@ def wants_legacy_errors(path: str) -> bool:
     return "legacy" in query.get("errors", ())
 
 
+class ReceiptOutcomes(Protocol):
+    """The core's answers once frames with receipts were, or were never, taken by the kernel."""
+
+    def written(self, receipts: Iterable[Receipt], *, held: bool = False) -> list[Action]: ...
+    def unwritten(self, receipts: Iterable[Receipt], *, handed: bool) -> list[Action]: ...
+    def unwritten_to(
+        self, recipient: ConnectionId, receipts: Iterable[Receipt], *, handed: bool
+    ) -> list[Action]: ...
+
+
+class Flushable(Protocol):
+    def flush(self) -> None: ...
+
+
+class WriteScheduler:
+    """Every connection's frames of one loop turn go out in one write per connection, at the
+    end of the turn; the frames the kernel took meanwhile are confirmed in one go."""
+
+    def __init__(self, core: ReceiptOutcomes, execute: Callable[[list[Action]], None]) -> None:
+        self._core = core
+        self._execute = execute
+        self._dirty: list[Flushable] = []
+        #: Frames the kernel accepted during this flush, to confirm in one go.
+        self._written: list[Receipt] = []
+        self._flush_scheduled = False
+        self._flushing = False
+        #: The running loop, kept at start: asyncio.get_running_loop() costs a system call.
+        self._loop: asyncio.AbstractEventLoop
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def receipts_written(self, receipts: list[Receipt]) -> None:
+        """The kernel accepted these frames: confirm them (batched while flushing)."""
+        if self._flushing:
+            self._written += receipts
+        else:
+            self._execute(self._core.written(receipts))
+
+    def receipts_unwritten(
+        self, receipts: list[Receipt], *, handed: bool, recipient: ConnectionId | None
+    ) -> None:
+        if recipient is None:
+            self._execute(self._core.unwritten(receipts, handed=handed))
+        else:
+            self._execute(self._core.unwritten_to(recipient, receipts, handed=handed))
+
+    def flush_soon(self, sock: Flushable) -> None:
+        self._dirty.append(sock)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush_all)
+
+    def flush_now(self) -> None:
+        """Write what this turn produced so far, rather than at the end of the turn."""
+        if self._dirty and not self._flushing:
+            self.flush_all()
+
+    def flush_all(self) -> None:
+        # Confirmations of what the kernel took go out in the same turn: flushing may make
+        # more frames (the senders' replies), which are flushed in turn.
+        self._flushing = True
+        try:
+            while self._dirty:
+                dirty, self._dirty = self._dirty, []
+                for sock in dirty:
+                    sock.flush()
+                if self._written:
+                    written, self._written = self._written, []
+                    self._execute(self._core.written(written))
+        finally:
+            self._flushing = False
+            self._flush_scheduled = False
+
+
+class SocketBook(Protocol):
+    """The node's table of sockets and clients (client_table.py)."""
+
+    def connection_opened(self, sock: ClientConnection) -> None: ...
+    def handshake_over(self, sock: ClientConnection) -> None: ...
+    def admit(self, sock: ClientConnection, request: HttpRequest) -> Response | None: ...
+    def client_accepted(
+        self, sock: ClientConnection, *, legacy_errors: bool, token: str | None = None
+    ) -> None: ...
+    def client_gone(self, sock: ClientConnection) -> None: ...
+    def connection_lost(self, sock: ClientConnection) -> None: ...
+    def limit_reached(self, limit: str, sock: ClientConnection | None = None) -> None: ...
+
+
+class Requests(Protocol):
+    """Where a client's requests go (dispatch.py)."""
+
+    def try_now(self, cid: ConnectionId, request: Request | Rejection) -> bool: ...
+    async def handle(self, cid: ConnectionId, request: Request | Rejection) -> None: ...
+    def binary(self, cid: ConnectionId | None) -> None: ...
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs of the node that accepted it."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def auth(self) -> object | None: ...
+    @property
+    def stats(self) -> NodeStats: ...
+    @property
+    def writes(self) -> WriteScheduler: ...
+    @property
+    def client_table(self) -> SocketBook: ...
+    @property
+    def dispatcher(self) -> Requests: ...
+    def http_response(self, ws: ServerProtocol, request: HttpRequest) -> Response: ...
+
+
 class ClientConnection(asyncio.Protocol):
     """The adapter between one TCP connection and the node."""
 
-    def __init__(self, node: BrokerNode) -> None:
+    def __init__(self, node: ConnectionHost) -> None:
         self.node = node
+        self._writes = node.writes
+        self._table = node.client_table
+        self._try_now = node.dispatcher.try_now
+        self._handle = node.dispatcher.handle
         self.ws = ServerProtocol(
             max_size=node.settings.max_message_size,
             logger=_websockets_logger,
@@ -148,7 +312,7 @@ class ClientConnection(asyncio.Protocol):
         #: Why reading from the socket is paused (e.g. "backlog"); empty: reading.
         self._read_paused_by: set[str] = set()
         self._close_timer: asyncio.TimerHandle | None = None
-        self.closed = False
+        self.state = SocketState.HANDSHAKE
         #: When the unanswered keepalive ping was sent (loop time), or None.
         self.ping_sent_at: float | None = None
         #: Which slice of the ping interval this client is pinged in (see the node's loop).
@@ -184,7 +348,6 @@ class ClientConnection(asyncio.Protocol):
         self.ip_counted = False
         #: Bytes read from the socket so far (tests wait on it to split reads where they mean to).
         self.bytes_received = 0
-        self._http_answered = False
         #: The HTTP request gathered until its headers end (None once it is whole).
         self._head: bytearray | None = bytearray()
 
@@ -202,7 +365,7 @@ class ClientConnection(asyncio.Protocol):
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.node.settings.handshake_timeout, self._handshake_expired
         )
-        self.node.connection_opened(self)
+        self._table.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_received += len(data)
@@ -239,7 +402,7 @@ class ClientConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self._become(SocketState.CLOSED)
         if self._close_timer is not None:
             self._close_timer.cancel()
         # The request being worked on is never cancelled: its registry write may already be on
@@ -258,11 +421,11 @@ class ClientConnection(asyncio.Protocol):
             # Handed to the socket, never known to be taken by the kernel: outcome unknown.
             receipts, self._receipts = self._receipts, []
             self._receipt_ends.clear()
-            self.node.receipts_unwritten(receipts, handed=True, recipient=self.connection_id)
+            self._writes.receipts_unwritten(receipts, handed=True, recipient=self.connection_id)
         if self._rate_timer is not None:
             self._rate_timer.cancel()
         self._handshake_over()
-        self.node.connection_lost(self)
+        self._table.connection_lost(self)
 
     def pause_writing(self) -> None:
         # The kernel did not take everything: the rest waits in the transport's buffer.
@@ -287,26 +450,39 @@ class ClientConnection(asyncio.Protocol):
 
     # --- HTTP and the handshake -------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """The TCP connection is gone."""
+        return self.state is _SOCKET_CLOSED
+
+    def _become(self, state: SocketState) -> None:
+        self.state = next_socket_state(self.state, state)
+
     def _on_http_request(self, request: HttpRequest) -> None:
-        if self._http_answered:
+        if self.state is not SocketState.HANDSHAKE:
             # A pipelined request behind the first: websockets answers one request per
             # connection and then closes it (answering again would fail an assertion).
             return
-        self._http_answered = True
         self._handshake_over()
         if request.headers.get("Upgrade", "").lower() != "websocket":
+            self._become(SocketState.HTTP)
             self.ws.send_response(self.node.http_response(self.ws, request))
             return
         if self.node.draining:
+            self._become(SocketState.HTTP)
             self.ws.send_response(self.ws.reject(503, "Node is draining\n"))
             return
-        refusal = self.node.admit(self, request)
+        refusal = self._table.admit(self, request)
         if refusal is not None:
+            self._become(SocketState.HTTP)
             self.ws.send_response(refusal)
             return
         response = self.ws.accept(request)
+        if response.status_code != 101:
+            self._become(SocketState.HTTP)
         self.ws.send_response(response)
         if response.status_code == 101:
+            self._become(SocketState.OPEN)
             self.connection_id = new_connection_id()
             token = None
             if self.node.auth is not None:
@@ -315,7 +491,7 @@ class ClientConnection(asyncio.Protocol):
                     request.headers,
                     query_allowed=self.node.settings.auth_query_token,
                 )
-            self.node.client_accepted(
+            self._table.client_accepted(
                 self, legacy_errors=wants_legacy_errors(request.path), token=token
             )
 
@@ -337,15 +513,15 @@ class ClientConnection(asyncio.Protocol):
         if end < 0 or end + 4 > limit:
             if len(head) > limit:
                 self._head = None
-                self.node.limit_reached("header_bytes", self)
+                self._table.limit_reached("header_bytes", self)
                 self._refuse_raw(431, "Request Header Fields Too Large")
             return b""
         self._head = None
         self._receive_via_websockets(bytes(head[: end + 4]))
-        if not self._http_answered and self.transport is not None:
+        if self.state is SocketState.HANDSHAKE and self.transport is not None:
             # Not a request websockets accepts (another method, a malformed line): it closes
             # without a word; say why first.
-            self._http_answered = True
+            self._become(SocketState.HTTP)
             self._handshake_over()
             self.transport.write(_BAD_REQUEST)
         rest = bytes(head[end + 4 :])
@@ -353,20 +529,21 @@ class ClientConnection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
-        if not self.closed:
-            self.node.limit_reached("handshake_timeout", self)
+        if self.state is not _SOCKET_CLOSED:
+            self._table.limit_reached("handshake_timeout", self)
             self.abort()
 
     def _handshake_over(self) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        self.node.handshake_over(self)
+        self._table.handshake_over(self)
 
     def _refuse_raw(self, status: int, reason: str) -> None:
         # Websockets holds a request it has not finished parsing: answer without it.
         self._handshake_over()
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and self.state is SocketState.HANDSHAKE:
+            self._become(SocketState.HTTP)
             body = f"{reason}\n".encode()
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
@@ -408,7 +585,7 @@ class ClientConnection(asyncio.Protocol):
         if self.ws.state is _OPEN:
             # This may be a close frame, or a frame that fails the connection: the replies to
             # the frames before it (confirmations of frames the kernel takes now) go first.
-            self.node.flush_now()
+            self._writes.flush_now()
         self.ws.receive_data(data)
         for event in self.ws.events_received():
             if type(event) is Frame:
@@ -436,14 +613,11 @@ class ClientConnection(asyncio.Protocol):
         elif opcode is _PONG:
             self.ping_sent_at = None
         elif opcode is _BINARY:
-            self.node.bad_frame("binary")
-            cid = self.connection_id
-            if cid is not None:
-                self.node.execute(self.node.core.binary_frame(cid))
+            self.node.dispatcher.binary(self.connection_id)
 
     def _on_text(self, data: BytesLike) -> None:
         cid = self.connection_id
-        if cid is None or self.closed or self.ws.state is not _OPEN:
+        if cid is None or self.state is _SOCKET_CLOSED or self.ws.state is not _OPEN:
             return
         self._frames_seen += 1
         request = decode_request(data, self._max_json_depth)
@@ -451,23 +625,8 @@ class ClientConnection(asyncio.Protocol):
         if log is not None and isinstance(request, _REQUEST_TYPES):
             # What a resume need not send again: every request read so far.
             log.last_request_id = request.id
-        if self._backlog:
+        if self._backlog or not self._try_now(cid, request):
             self._enqueue(request)
-            return
-        # message and close on a channel this node holds never wait for the registry: decide
-        # and execute right here.
-        kind = type(request)
-        if kind is Message or kind is Close:
-            node = self.node
-            core = node.core
-            channel_id: str = request.channelId  # type: ignore[union-attr]
-            if node.standalone or core.knows_channel(cid, channel_id):
-                if kind is Message:
-                    node.execute(core.message(cid, request))  # type: ignore[arg-type]
-                else:
-                    node.execute(core.close(cid, request))  # type: ignore[arg-type]
-                return
-        self._enqueue(request)
 
     def _enqueue(self, request: Request | Rejection) -> None:
         # Requests after one that waits for the registry wait too: replies keep request order
@@ -489,7 +648,7 @@ class ClientConnection(asyncio.Protocol):
                 # Read each time: a resume binds this socket to its session's id.
                 cid = self.connection_id
                 assert cid is not None
-                await self.node.handle_request(cid, self._backlog[0])
+                await self._handle(cid, self._backlog[0])
                 if self.closed:
                     # The client left during the await: the request finished (and removed
                     # what it wrote, the core having forgotten the client); nothing else runs.
@@ -508,8 +667,8 @@ class ClientConnection(asyncio.Protocol):
         # TCP backpressure slows the client down, and no error storm goes back to it.
         wait = rates.charge(self._frames_seen, size, self._loop.time())
         self._frames_seen = 0
-        if wait > 0 and self._rate_timer is None and not self.closed:
-            self.node.limit_reached(rates.exceeded, self)
+        if wait > 0 and self._rate_timer is None and self.state is not _SOCKET_CLOSED:
+            self._table.limit_reached(rates.exceeded, self)
             self.pause_reading("rate")
             self._rate_timer = self._loop.call_later(wait, self._rate_lifted)
 
@@ -533,16 +692,18 @@ class ClientConnection(asyncio.Protocol):
         reading resumes once every reason has been lifted."""
         if reason in self._read_paused_by:
             return
-        if not self._read_paused_by and self.transport is not None and not self.closed:
-            self.transport.pause_reading()
+        transport = self.transport
+        if not self._read_paused_by and transport is not None and self.state is not _SOCKET_CLOSED:
+            transport.pause_reading()
         self._read_paused_by.add(reason)
 
     def resume_reading(self, reason: str) -> None:
         if reason not in self._read_paused_by:
             return
         self._read_paused_by.discard(reason)
-        if not self._read_paused_by and self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        transport = self.transport
+        if not self._read_paused_by and transport is not None and self.state is not _SOCKET_CLOSED:
+            transport.resume_reading()
 
     # --- frames out -------------------------------------------------------------------------
 
@@ -554,11 +715,13 @@ class ClientConnection(asyncio.Protocol):
         """
         if self.ws.state is not _OPEN:
             if receipt is not None:
-                self.node.receipts_unwritten([receipt], handed=False, recipient=self.connection_id)
+                self._writes.receipts_unwritten(
+                    [receipt], handed=False, recipient=self.connection_id
+                )
             return
         outgoing = self.outgoing
         if not outgoing:
-            self.node.flush_soon(self)
+            self._writes.flush_soon(self)
         data = text_frame(frame)
         outgoing.append(data)
         queued = self._outgoing_bytes + len(data)
@@ -572,7 +735,7 @@ class ClientConnection(asyncio.Protocol):
     def flush(self) -> None:
         """Hand queued frames to the transport while the kernel keeps taking them."""
         transport = self.transport
-        if transport is None or self.closed:
+        if transport is None or self.state is _SOCKET_CLOSED:
             self._drop_outgoing()
             return
         outgoing = self.outgoing
@@ -623,7 +786,7 @@ class ClientConnection(asyncio.Protocol):
             released = self._receipts[:count]
             del self._receipts[:count]
             del ends[:count]
-        self.node.receipts_written(released)
+        self._writes.receipts_written(released)
 
     def _drop_outgoing(self) -> None:
         """Forget the frames not yet handed to the transport; their senders are told."""
@@ -635,7 +798,7 @@ class ClientConnection(asyncio.Protocol):
             dropped = self._receipts[kept:]
             del self._receipts[kept:]
             del ends[kept:]
-            self.node.receipts_unwritten(dropped, handed=False, recipient=self.connection_id)
+            self._writes.receipts_unwritten(dropped, handed=False, recipient=self.connection_id)
 
     def _close_slow_consumer(self, why: str) -> None:
         if self.connection_id is None or self.ws.state is not State.OPEN:
@@ -654,7 +817,7 @@ class ClientConnection(asyncio.Protocol):
             self._write_protocol_data()
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
-        self.node.client_closing(self)
+        self._leaving()
 
     def keepalive(self, now: float, timeout: float) -> None:
         """Ping the client, or close it if the previous ping went unanswered for ``timeout``."""
@@ -690,4 +853,10 @@ class ClientConnection(asyncio.Protocol):
                 self._write_now(b"")
                 transport.close()
         if self.ws.state is State.CLOSED or self.ws.close_expected():
-            self.node.client_closing(self)
+            self._leaving()
+
+    def _leaving(self) -> None:
+        """Either side started the closing handshake, or the connection failed."""
+        if self.state is SocketState.OPEN:
+            self._become(SocketState.CLOSING)
+        self._table.client_gone(self)

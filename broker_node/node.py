@@ -1,9 +1,18 @@
-"""A broker node: the server, the core, the cluster backend and the background loops.
+"""A broker node: the wiring of the server, the core, the cluster backend and the loops.
 
 Lifecycle: ``start`` subscribes to the node's bus inbox, announces the node (heartbeat) and
-listens; ``stop`` drains: not ready, stop accepting, stop reading clients and answer every
-request already read, close clients with 1001 (their channels' peers are notified), publish
-what is left, leave the registry, exit within the drain timeout.
+listens; ``stop`` drains (see ``drain.py``): not ready, stop accepting, answer every request
+already read, close clients with 1001, publish what is left, leave the registry, exit within
+the drain timeout.
+
+Who does what: a ``ClientConnection`` (connection.py) reads frames and hands each request to
+the ``Dispatcher`` (dispatch.py), which asks the ``BrokerCore`` (core/, pure) for a decision,
+consulting the registry through ``RegistryCalls`` when the node cannot decide alone; the
+``Executor`` (executor.py) carries out the core's actions: frames to sockets (written once per
+loop turn by the ``WriteScheduler``), envelopes to the ``BusLink``'s outbox, registry removals
+and session work to the ``RegistryWriter``. The ``ClientTable`` keeps the sockets and
+admission limits, the ``NodeHeartbeat`` the node's liveness, the ``StatusBoard`` the frozen
+``NodeStatus`` that /readyz and /metrics read.
 """
 
 from __future__ import annotations
@@ -11,75 +20,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import resource
 import time
-from collections import Counter
-from typing import Final
 
-from websockets.frames import CloseCode
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
-from broker_node.admission import client_address, origin_allowed, parse_networks
-from broker_node.auth.identity import TokenRefusal
 from broker_node.auth.service import NodeAuth
 from broker_node.bus_link import BusLink
+from broker_node.client_table import ClientTable
 from broker_node.cluster.base import Backend
 from broker_node.cluster.factory import create_backend
 from broker_node.config import Settings
-from broker_node.connection import ClientConnection
-from broker_node.core.actions import (
-    Action,
-    CloseClient,
-    EndSession,
-    ForgetChannel,
-    ForgetConnection,
-    KeepFrames,
-    LoadSession,
-    MarkDetached,
-    MoveChannels,
-    PauseReading,
-    Publish,
-    Rebind,
-    Receipt,
-    Replay,
-    ResumeReading,
-    Send,
-)
-from broker_node.core.broker import REGISTRY_UNAVAILABLE, AuthRules, BrokerCore, ResumeRules
+from broker_node.connection import ClientConnection, WriteScheduler
+from broker_node.core.actions import Action
+from broker_node.core.broker import AuthRules, BrokerCore, ResumeRules
 from broker_node.core.stats import NodeStats
+from broker_node.dispatch import Dispatcher
 from broker_node.drain import Drain
 from broker_node.errors import BackendUnavailable
+from broker_node.executor import Executor
 from broker_node.health import HealthEndpoints
 from broker_node.heartbeat import NodeHeartbeat
-from broker_node.logs import LIMIT_LOG_INTERVAL
 from broker_node.metrics import NodeCollector, metrics_registry
 from broker_node.registry_calls import RegistryCalls
 from broker_node.registry_writer import RegistryWriter
 from broker_node.status import NodeStatus, StatusBoard
 from broker_node.supervisor import Supervisor
 from broker_node.timers import KEEPALIVE_SLICES, expiry_loop, keepalive_loop
-from shared.codec import Rejection, rejection_kind
-from shared.ids import ChannelId, ConnectionId, NodeId, node_name
-from shared.messages import (
-    Ack,
-    Close,
-    ListByRole,
-    Message,
-    Open,
-    Refresh,
-    Register,
-    Request,
-    Resume,
-)
+from shared.ids import NodeId, node_name
 
 logger = logging.getLogger("broker_node.node")
-
-#: How many ids of a list_by_role reply weigh as much as one request against the rate limit.
-LIST_IDS_PER_REQUEST: Final = 50
-#: File descriptors kept for Redis connections, the listeners, logs and the like.
-FD_RESERVE: Final = 32
 
 
 class BrokerNode:
@@ -103,11 +74,6 @@ class BrokerNode:
         # Authentication (issue 13): off (the original protocol) unless a key is configured.
         self.node_auth = NodeAuth(settings, self.node_id)
         self.auth = self.node_auth.setup
-        auth_rules = None
-        if self.auth is not None:
-            auth_rules = AuthRules(
-                self.auth.policy, timeout=settings.auth_timeout, grace=settings.auth_grace
-            )
         self.core = BrokerCore(
             self.node_id,
             max_role_length=settings.max_role_length,
@@ -117,12 +83,15 @@ class BrokerNode:
             stats=self.stats,
             first_seq=time.time_ns() // 1000,
             max_unconfirmed_bytes=settings.unconfirmed_bytes_bound,
-            auth=auth_rules,
+            auth=_auth_rules(self.node_auth, settings),
             wall_clock=time.time,
             max_channels=settings.max_channels_per_connection,
             list_page_size=settings.max_list_page,
             resume=_resume_rules(settings),
         )
+        # The parts built before the executor reach it late-bound; none of them runs per
+        # message (a bus batch is executed once, whatever its size).
+        execute_late = self._execute_late
         self.bus_link = BusLink(
             node_id=self.node_id,
             bus=self.backend.bus,
@@ -130,7 +99,7 @@ class BrokerNode:
             backend_name=self.registry_calls.backend_name,
             on_bus=self.core.on_bus,
             undeliverable=self.core.undeliverable,
-            execute=self.execute,
+            execute=execute_late,
             on_subscribed=self.status_board.on_subscribed,
             batch_delay=settings.bus_batch_delay,
             retry_window=settings.request_timeout,
@@ -141,10 +110,42 @@ class BrokerNode:
             registry=self.registry,
             calls=self.registry_calls,
             answers=self.core,
-            execute=self.execute,
+            execute=execute_late,
             draining=lambda: self.draining,
         )
-        self.clients: dict[ConnectionId, ClientConnection] = {}
+        self.client_table: ClientTable[ClientConnection] = ClientTable(
+            settings,
+            core=self.core,
+            execute=execute_late,
+            auth=self.node_auth,
+            stats=self.stats,
+            keepalive_slices=KEEPALIVE_SLICES,
+        )
+        self.clients = self.client_table.clients
+        self.sockets = self.client_table.sockets
+        self.executor = Executor(
+            clients=self.clients,
+            core=self.core,
+            publish=self.outbox.put,
+            registry=self.registry_writer,
+            rebind=self.client_table.rebind,
+        )
+        #: The executor's own method, not a wrapper: it is called for every message.
+        self.execute = self.executor.execute
+        self.writes = WriteScheduler(self.core, self.execute)
+        self.dispatcher = Dispatcher(
+            node_id=self.node_id,
+            core=self.core,
+            execute=self.execute,
+            registry=self.registry,
+            calls=self.registry_calls,
+            writes=self.registry_writer,
+            auth=self.node_auth,
+            clients=self.clients,
+            bad_frame=self.client_table.bad_frame,
+            standalone=self.standalone,
+            max_list_page=settings.max_list_page,
+        )
         self.heartbeat = NodeHeartbeat(
             node_id=self.node_id,
             registry=self.registry,
@@ -160,7 +161,6 @@ class BrokerNode:
             heartbeat_interval=settings.heartbeat_interval,
             request_timeout=settings.request_timeout,
         )
-        self.sockets: set[ClientConnection] = set()
         self.supervisor = Supervisor(on_state=self._loop_state)
         self.metrics = metrics_registry(
             NodeCollector(
@@ -168,7 +168,7 @@ class BrokerNode:
                 self.stats,
                 self.core,
                 outbox_length=self.outbox.__len__,
-                handshaking_count=lambda: self.handshaking_count,
+                handshaking_count=lambda: self.client_table.handshaking_count,
             )
         )
         self.health = HealthEndpoints(
@@ -177,46 +177,33 @@ class BrokerNode:
             metrics_on_client_port=settings.metrics_port is None,
             handshake_timeout=settings.handshake_timeout,
         )
-        self.server: asyncio.Server | None = None
-        self.port: int = settings.port
-        self._dirty: list[ClientConnection] = []
-        #: Frames the kernel accepted during this flush, to confirm in one go.
-        self._written: list[Receipt] = []
-        self._flush_scheduled = False
-        self._flushing = False
-        self._accepted = 0
-        self._stopped = asyncio.Event()
-        #: The running loop, kept at start: asyncio.get_running_loop() costs a system call.
-        self._loop: asyncio.AbstractEventLoop
-        self._no_sockets = asyncio.Event()
-        # --- hostile input and resource limits (issue 15)
-        self._limit_logged_at: dict[str, float] = {}
-        #: Sockets still in their HTTP handshake, oldest first.
-        self._handshaking: dict[ClientConnection, None] = {}
-        self._ip_connections: Counter[str] = Counter()
-        self._trusted_proxies = parse_networks(settings.trusted_proxies)
-        self._socket_budget = _socket_budget()
-        self.metrics_server: asyncio.Server | None = None
-        self._drain = Drain(
+        self.drain = Drain(
             node_id=self.node_id,
             standalone=self.standalone,
             drain_timeout=settings.drain_timeout,
             core=self.core,
             clients=self.clients,
             execute=self.execute,
-            flush_all=self._flush_all,
+            flush_all=self.writes.flush_all,
             outbox=self.outbox,
             registry=self.registry,
             registry_call=self.registry_calls.call,
             sockets=self.sockets,
-            no_sockets=self._no_sockets,
+            no_sockets=self.client_table.no_sockets,
             wait_session_work=self.registry_writer.wait_session_work,
         )
+        self.server: asyncio.Server | None = None
+        self.metrics_server: asyncio.Server | None = None
+        self.port: int = settings.port
+        self._stopped = asyncio.Event()
+
+    def _execute_late(self, actions: list[Action]) -> None:
+        self.execute(actions)
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.writes.start(asyncio.get_running_loop())
         self.supervisor.start("bus-subscriber", self.bus_link.subscriber_loop)
         self.supervisor.start("registry-writer", self.registry_writer.removal_loop)
         self.supervisor.start("session-writer", self.registry_writer.session_loop)
@@ -235,7 +222,7 @@ class BrokerNode:
             check_tokens=lambda: self.execute(self.core.check_tokens()),
             on_revoked=lambda: self.execute(self.core.revoke(self.node_auth.is_revoked)),
         )
-        if not self.backend.standalone:
+        if not self.standalone:
             logger.info("cluster backend %s", self.registry_calls.backend_name)
             # A fresh node waits for its inbox so that nobody publishes to it in vain.
             try:
@@ -251,7 +238,7 @@ class BrokerNode:
             await self._abandon_start()
             raise
         self.status_board.update(started=True)
-        mode = "standalone" if self.backend.standalone else "cluster"
+        mode = "standalone" if self.standalone else "cluster"
         logger.info(
             "listening on %s:%d (%s, node %s)", self.settings.host, self.port, mode, self.node_id
         )
@@ -311,7 +298,7 @@ class BrokerNode:
         logger.info("draining: closing %d clients", len(self.clients))
         try:
             async with asyncio.timeout(self.settings.drain_timeout):
-                await self._drain.run()
+                await self.drain.run()
         except TimeoutError:
             logger.warning("drain timed out after %.1fs", self.settings.drain_timeout)
         if self.server is not None:
@@ -328,6 +315,8 @@ class BrokerNode:
     async def serve_forever(self) -> None:
         await self._stopped.wait()
 
+    # --- what the connections and the tests read ------------------------------------------
+
     @property
     def status(self) -> NodeStatus:
         return self.status_board.current
@@ -336,367 +325,24 @@ class BrokerNode:
     def ready(self) -> bool:
         return self.status_board.current.ready
 
-    # Read by code still in this module (and connection.py); the status board holds them.
     @property
     def draining(self) -> bool:
         return self.status_board.current.draining
 
-    @property
-    def subscribed(self) -> bool:
-        return self.status_board.current.subscribed
-
-    @property
-    def backend_up(self) -> bool:
-        return self.status_board.current.backend_up
+    def http_response(self, ws: ServerProtocol, request: HttpRequest) -> Response:
+        return self.health.http_response(ws, request)
 
     def _loop_state(self, name: str, up: bool) -> None:
         if name == "bus-subscriber" and not up:
             self.bus_link.subscriber_down()
 
-    # --- connections ------------------------------------------------------------------------
 
-    def connection_opened(self, sock: ClientConnection) -> None:
-        self.sockets.add(sock)
-        self._handshaking[sock] = None
-        if self._socket_budget is not None and len(self.sockets) > self._socket_budget:
-            # Short of file descriptors: the oldest socket still in its handshake goes (often
-            # a silent or dripping one), so that /healthz and real clients still get in.
-            self.limit_reached("file_descriptors", sock)
-            oldest = next(iter(self._handshaking))
-            self.handshake_over(oldest)
-            oldest.abort()
-
-    @property
-    def handshaking_count(self) -> int:
-        return len(self._handshaking)
-
-    def handshake_over(self, sock: ClientConnection) -> None:
-        self._handshaking.pop(sock, None)
-
-    def admit(self, sock: ClientConnection, request: HttpRequest) -> Response | None:
-        """Refuse a WebSocket upgrade at a limit (before any state is made), or None."""
-        settings = self.settings
-        headers = request.headers
-        if not origin_allowed(headers, settings.allowed_origins):
-            self.limit_reached("origin", sock)
-            return sock.ws.reject(403, "Origin not allowed\n")
-        if len(self.clients) >= settings.max_connections:
-            self.limit_reached("connections", sock)
-            return sock.ws.reject(503, "Node is at its connection limit; try another\n")
-        sock.client_ip = client_address(sock.peer, headers, self._trusted_proxies)
-        per_ip = settings.max_connections_per_ip
-        if per_ip and self._ip_connections[sock.client_ip] >= per_ip:
-            self.limit_reached("connections_per_ip", sock)
-            return sock.ws.reject(429, "Too many connections from this address\n")
+def _auth_rules(node_auth: NodeAuth, settings: Settings) -> AuthRules | None:
+    if node_auth.setup is None:
         return None
-
-    def client_accepted(
-        self, sock: ClientConnection, *, legacy_errors: bool, token: str | None = None
-    ) -> None:
-        assert sock.connection_id is not None
-        self._accepted += 1
-        sock.keepalive_slice = self._accepted % KEEPALIVE_SLICES
-        self._ip_connections[sock.client_ip] += 1
-        sock.ip_counted = True
-        self.clients[sock.connection_id] = sock
-        self.core.connect(sock.connection_id, legacy_errors=legacy_errors)
-        verified = self.node_auth.verify(token)
-        if verified is not None:
-            self.execute(self.core.authenticated(sock.connection_id, verified))
-
-    def client_closing(self, sock: ClientConnection) -> None:
-        cid = sock.connection_id
-        if cid is not None and self.clients.get(cid) is sock:
-            del self.clients[cid]
-            # A client that closes with 1000 ends its session on purpose; any other end of
-            # its socket leaves a resumable session detached, waiting for it.
-            bye = sock.ws.close_rcvd
-            gone = self.core.client_gone(cid, said_bye=bye is not None and bye.code == 1000)
-            if not self.core.is_connected(cid):
-                self.node_auth.drop_slot(cid)
-            self.execute(gone)
-
-    def connection_lost(self, sock: ClientConnection) -> None:
-        self.sockets.discard(sock)
-        self._handshaking.pop(sock, None)
-        if sock.ip_counted:
-            sock.ip_counted = False
-            left = self._ip_connections[sock.client_ip] - 1
-            if left > 0:
-                self._ip_connections[sock.client_ip] = left
-            else:
-                del self._ip_connections[sock.client_ip]
-        if not self.sockets:
-            self._no_sockets.set()
-        # Websockets closes with 1009 only for a frame or message over the size limit.
-        close_sent = sock.ws.close_sent
-        if close_sent is not None and close_sent.code == CloseCode.MESSAGE_TOO_BIG:
-            self.bad_frame("too_big")
-        self.client_closing(sock)
-
-    def limit_reached(self, limit: str, sock: ClientConnection | None = None) -> None:
-        """Count a refusal or pause at ``limit``; logged at most once per interval."""
-        self.stats.limit_refusals[limit] += 1
-        now = time.monotonic()
-        if now - self._limit_logged_at.get(limit, -LIMIT_LOG_INTERVAL) >= LIMIT_LOG_INTERVAL:
-            self._limit_logged_at[limit] = now
-            logger.warning(
-                "limit %s reached (%d times so far%s)",
-                limit,
-                self.stats.limit_refusals[limit],
-                f", e.g. by {sock.peer}" if sock is not None and sock.peer else "",
-            )
-
-    def bad_frame(self, kind: str) -> None:
-        self.stats.bad_frames[kind] += 1
-
-    def http_response(self, ws: ServerProtocol, request: HttpRequest) -> Response:
-        return self.health.http_response(ws, request)
-
-    # --- executing decisions ----------------------------------------------------------------
-
-    def execute(self, actions: list[Action]) -> None:
-        clients = self.clients
-        for action in actions:
-            if type(action) is Send:
-                client = clients.get(action.connection_id)
-                if client is None:
-                    # No socket: a detached session keeps it; otherwise it is not delivered.
-                    self.execute(self.core.hold(action.connection_id, action.frame, action.receipt))
-                    continue
-                log = client.session_log
-                if log is not None and not log.append(action.frame):
-                    client.send(action.frame, action.receipt)
-                    self.execute(self.core.session_overflow(action.connection_id))
-                    continue
-                client.send(action.frame, action.receipt)
-            elif type(action) is Publish:
-                self.outbox.put(action.node_id, action.envelope)
-            elif type(action) is CloseClient:
-                client = clients.get(action.connection_id)
-                if client is not None:
-                    client.close(action.code, action.reason)
-            elif type(action) is ForgetChannel or type(action) is ForgetConnection:
-                self.registry_writer.forget(action)
-            elif type(action) is PauseReading:
-                client = clients.get(action.connection_id)
-                if client is not None:
-                    client.pause_reading("flow")
-            elif type(action) is ResumeReading:
-                client = clients.get(action.connection_id)
-                if client is not None:
-                    client.resume_reading("flow")
-            else:
-                self._execute_session(action)
-
-    def _execute_session(self, action: Action) -> None:
-        """Session resume's actions (issue 14)."""
-        clients = self.clients
-        if type(action) is KeepFrames:
-            client = clients.get(action.connection_id)
-            if client is not None:
-                client.session_log = action.log
-        elif type(action) is Replay:
-            client = clients.get(action.connection_id)
-            if client is not None:
-                for frame in action.frames:
-                    client.send(frame)
-        elif type(action) is Rebind:
-            sock = clients.pop(action.from_id, None)
-            if sock is None:
-                return
-            old = clients.get(action.to_id)
-            sock.connection_id = action.to_id
-            sock.session_log = None
-            clients[action.to_id] = sock
-            if old is not None:
-                # Its departure must not detach the session: it is not the session's any more.
-                old.connection_id = None
-                old.close(action.code, action.reason)
-        elif type(action) in (MarkDetached, EndSession, MoveChannels, LoadSession):
-            self.registry_writer.queue_session_work(action)  # type: ignore[arg-type]
-
-    def receipts_written(self, receipts: list[Receipt]) -> None:
-        """The kernel accepted these frames: confirm them (batched while flushing)."""
-        if self._flushing:
-            self._written += receipts
-        else:
-            self.execute(self.core.written(receipts))
-
-    def receipts_unwritten(
-        self, receipts: list[Receipt], *, handed: bool, recipient: ConnectionId | None
-    ) -> None:
-        if recipient is None:
-            self.execute(self.core.unwritten(receipts, handed=handed))
-        else:
-            self.execute(self.core.unwritten_to(recipient, receipts, handed=handed))
-
-    def flush_soon(self, sock: ClientConnection) -> None:
-        self._dirty.append(sock)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_all)
-
-    def flush_now(self) -> None:
-        """Write what this turn produced so far, rather than at the end of the turn."""
-        if self._dirty and not self._flushing:
-            self._flush_all()
-
-    def _flush_all(self) -> None:
-        # Confirmations of what the kernel took go out in the same turn: flushing may make
-        # more frames (the senders' replies), which are flushed in turn.
-        self._flushing = True
-        try:
-            while self._dirty:
-                dirty, self._dirty = self._dirty, []
-                for sock in dirty:
-                    sock.flush()
-                if self._written:
-                    written, self._written = self._written, []
-                    self.execute(self.core.written(written))
-        finally:
-            self._flushing = False
-            self._flush_scheduled = False
-
-    async def handle_request(self, cid: ConnectionId, request: Request | Rejection) -> None:
-        """One request, in arrival order, possibly waiting for the registry."""
-        core = self.core
-        if not core.is_connected(cid):
-            return
-        if isinstance(request, Message):
-            elsewhere = await self._open_elsewhere(cid, request.channelId)
-            if elsewhere is not None:
-                self.execute(core.message(cid, request, elsewhere=elsewhere))
-            else:
-                self.execute(core.fail_on_channel(cid, "message", request, REGISTRY_UNAVAILABLE))
-        elif isinstance(request, Close):
-            elsewhere = await self._open_elsewhere(cid, request.channelId)
-            if elsewhere is not None:
-                self.execute(core.close(cid, request, elsewhere=elsewhere))
-            else:
-                self.execute(core.fail_on_channel(cid, "close", request, REGISTRY_UNAVAILABLE))
-        elif isinstance(request, Register):
-            await self._register(cid, request)
-        elif isinstance(request, ListByRole):
-            await self._list_by_role(cid, request)
-        elif isinstance(request, Open):
-            await self._open(cid, request)
-        elif isinstance(request, Refresh):
-            verified = self.node_auth.verify(request.token)
-            self.execute(core.refresh(cid, request, verified if verified is not None else _NO_AUTH))
-        elif isinstance(request, Resume):
-            await self._resume(cid, request)
-        elif isinstance(request, Ack):
-            self.execute(core.ack(cid, request))
-        else:
-            self.bad_frame(rejection_kind(request))
-            self.execute(core.reject(cid, request))
-
-    async def _open_elsewhere(self, cid: ConnectionId, channel_id: str) -> bool | None:
-        """For a channel this node does not hold: is it open on other nodes, with ``cid`` not
-        one of its ends? (That connection is then "not authorized", as on one node, rather
-        than told the channel does not exist; an end of a channel this node no longer holds
-        was closed already.) None when the registry cannot say."""
-        if self.standalone or self.core.knows_channel(cid, channel_id):
-            return False
-        try:
-            record = await self.registry_calls.call(
-                "find_channel", self.registry.find_channel(ChannelId(channel_id))
-            )
-        except BackendUnavailable:
-            return None
-        return record is not None and record.peer_of(cid) is None
-
-    async def _register(self, cid: ConnectionId, request: Register) -> None:
-        plan = self.core.begin_register(cid, request, self.node_auth.verify(request.token))
-        if isinstance(plan, list):
-            self.execute(plan)
-            return
-        limit_error = await self.node_auth.take_slot(cid, self.core.identity_of(cid))
-        if limit_error is not None:
-            self.execute(self.core.finish_register(cid, request, limit_error))
-            return
-        error = None
-        with self.registry_writer.writing_connection(cid):
-            try:
-                await self.registry_calls.call("add_connection", self.registry.add_connection(plan))
-            except BackendUnavailable:
-                error = REGISTRY_UNAVAILABLE
-                # Outcome unknown: a stalled Redis runs the write when it resumes, which would
-                # list a connection that was refused. Resynchronise once it answers.
-                self.registry_writer.mark_dirty()
-        if error is None and not self.core.is_connected(cid):
-            self.registry_writer.forget(ForgetConnection(plan))
-        if error is not None or not self.core.is_connected(cid):
-            self.node_auth.drop_slot(cid)
-        self.execute(self.core.finish_register(cid, request, error))
-
-    async def _resume(self, cid: ConnectionId, request: Resume) -> None:
-        plan = self.core.begin_resume(cid, request, self.node_auth.verify(request.token))
-        if isinstance(plan, list):
-            self.execute(plan)
-            return
-        claim = None
-        with contextlib.suppress(BackendUnavailable):
-            claim = await self.registry_calls.call(
-                "claim_session",
-                self.registry.claim_session(
-                    plan.session_id,
-                    plan.token_hash,
-                    plan.new_token_hash,
-                    self.node_id,
-                    int(time.time() * 1000),
-                ),
-            )
-        self.execute(self.core.claimed(cid, request, plan, claim))
-
-    async def _list_by_role(self, cid: ConnectionId, request: ListByRole) -> None:
-        refusal = self.core.begin_list(cid, request)
-        if refusal is not None:
-            self.execute(refusal)
-            return
-        ids = None
-        with contextlib.suppress(BackendUnavailable):
-            ids = await self.registry_calls.call(
-                "list_by_role", self.registry.list_by_role(request.role)
-            )
-        self.execute(self.core.finish_list(cid, request, ids))
-        client = self.clients.get(cid)
-        if ids and client is not None:
-            # A reply of many ids costs the node and Redis far more than one request: it
-            # counts as one request per LIST_IDS_PER_REQUEST ids against the client's rate.
-            page = min(len(ids), self.settings.max_list_page, request.limit or len(ids))
-            client.add_request_cost(page // LIST_IDS_PER_REQUEST)
-
-    async def _open(self, cid: ConnectionId, request: Open) -> None:
-        core = self.core
-        refusal = core.begin_open(cid, request)
-        if refusal is not None:
-            self.execute(refusal)
-            return
-        try:
-            target = await self.registry_calls.call(
-                "find_connection", self.registry.find_connection(ConnectionId(request.targetId))
-            )
-            plan = core.plan_open(cid, request, target)
-            if isinstance(plan, list):
-                self.execute(plan)
-                return
-            with self.registry_writer.writing_channel(plan.channel_id):
-                try:
-                    await self.registry_calls.call("add_channel", self.registry.add_channel(plan))
-                except BackendUnavailable:
-                    # As for register: the channel may still be written; resynchronise when back.
-                    self.registry_writer.mark_dirty()
-                    raise
-        except BackendUnavailable:
-            self.execute(core.fail_open(cid, request, REGISTRY_UNAVAILABLE))
-            return
-        self.execute(core.launch_open(cid, request, plan))
-
-
-#: What a refresh is checked against on a node without authentication (the core refuses it).
-_NO_AUTH: Final = TokenRefusal("authentication is off")
+    return AuthRules(
+        node_auth.setup.policy, timeout=settings.auth_timeout, grace=settings.auth_grace
+    )
 
 
 def _resume_rules(settings: Settings) -> ResumeRules | None:
@@ -710,11 +356,3 @@ def _resume_rules(settings: Settings) -> ResumeRules | None:
         # sessions' channel ends went. Twice that, and the channel closes as before.
         orphan_timeout=2 * settings.node_ttl + settings.request_timeout,
     )
-
-
-def _socket_budget() -> int | None:
-    """Client sockets this process can hold, keeping some descriptors for everything else."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    return max(soft - FD_RESERVE, 1)

@@ -11,8 +11,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final
 
-import pytest
-
 ROOT: Final = Path(__file__).resolve().parents[2]
 PACKAGE: Final = "broker_node"
 
@@ -122,31 +120,14 @@ def named(found: list[list[str]]) -> str:
     return "; ".join(" -> ".join(cycle) for cycle in found)
 
 
-#: connection.py imports node.py under TYPE_CHECKING; the host Protocol that replaces it is
-#: another branch's (helper A). Dropping this edge here keeps every other cycle caught.
-CONNECTION_TO_NODE: Final = ("broker_node.connection", "broker_node.node")
-
-
-def test_no_import_cycle_apart_from_connection_to_node() -> None:
-    graph = import_graph(module_names())
-    graph[CONNECTION_TO_NODE[0]].discard(CONNECTION_TO_NODE[1])
-    found = cycles(graph)
-    assert not found, f"import cycles: {named(found)}"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="connection.py imports node.py (TYPE_CHECKING) until the connection's host "
-    "Protocol (helper A, wip/hot) is merged; drop this mark then",
-)
 def test_no_import_cycle() -> None:
     found = cycles(import_graph(module_names()))
     assert not found, f"import cycles: {named(found)}"
 
 
-def test_health_metrics_status_and_drain_never_import_the_node() -> None:
+def test_no_part_of_the_node_imports_the_node() -> None:
     graph = import_graph(module_names())
-    for module in ("health", "metrics", "status", "drain"):
+    for module in ("connection", "health", "metrics", "status", "drain", "dispatch", "executor"):
         assert f"{PACKAGE}.node" not in graph[f"{PACKAGE}.{module}"], module
 
 
