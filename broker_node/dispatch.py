@@ -127,12 +127,17 @@ class Dispatcher:
             return
         if isinstance(request, Message):
             elsewhere = await self._open_elsewhere(cid, request.channelId)
+            if not core.is_connected(cid):
+                # Gone during the lookup: the core forgot the client and its channels.
+                return
             if elsewhere is not None:
                 execute(core.message(cid, request, elsewhere=elsewhere))
             else:
                 execute(core.fail_on_channel(cid, "message", request, REGISTRY_UNAVAILABLE))
         elif isinstance(request, Close):
             elsewhere = await self._open_elsewhere(cid, request.channelId)
+            if not core.is_connected(cid):
+                return
             if elsewhere is not None:
                 execute(core.close(cid, request, elsewhere=elsewhere))
             else:

@@ -215,16 +215,16 @@ class NodeCollector(Collector):
             limited.add_metric([limit], count)
         yield limited
         # One status value for the four gauges: they never disagree within a scrape.
-        node = self._status()
-        yield GaugeMetricFamily("broker_ready", "1 when /readyz answers 200.", value=node.ready)
-        yield GaugeMetricFamily("broker_draining", "1 while draining.", value=node.draining)
+        status = self._status()
+        yield GaugeMetricFamily("broker_ready", "1 when /readyz answers 200.", value=status.ready)
+        yield GaugeMetricFamily("broker_draining", "1 while draining.", value=status.draining)
         yield GaugeMetricFamily(
-            "broker_backend_up", "1 while the cluster backend answers.", value=node.backend_up
+            "broker_backend_up", "1 while the cluster backend answers.", value=status.backend_up
         )
         yield GaugeMetricFamily(
             "broker_bus_subscribed",
             "1 while the bus subscription is active.",
-            value=node.subscribed,
+            value=status.subscribed,
         )
         # --- registry: which incarnation of which configured node this is (issue 11) ---
         info = GaugeMetricFamily(
@@ -232,7 +232,7 @@ class NodeCollector(Collector):
             "This node: its id in the cluster (name plus this start's incarnation) and name.",
             labels=["node_id", "node_name"],
         )
-        info.add_metric([node.node_id, node_name(node.node_id)], 1)
+        info.add_metric([status.node_id, node_name(status.node_id)], 1)
         yield info
         # Authentication (issue 13).
         refusals = CounterMetricFamily(

@@ -280,3 +280,39 @@ async def test_refresh_ack_resume_and_rejections() -> None:
     fx.dispatcher.binary(A)
     fx.dispatcher.binary(None)
     assert fx.bad == ["unknown_type", "binary", "binary"]
+
+
+class LeavingCalls(Calls):
+    """The client leaves while its request waits for the registry."""
+
+    def __init__(self, core: BrokerCore, leaver: ConnectionId) -> None:
+        super().__init__()
+        self.core = core
+        self.leaver = leaver
+
+    async def call(self, operation: str, call: Awaitable[_T]) -> _T:
+        result = await super().call(operation, call)
+        self.core.client_gone(self.leaver)
+        return result
+
+
+async def test_a_message_or_close_whose_client_left_during_the_lookup_is_dropped() -> None:
+    for kind in ("message", "close"):
+        fx = Fixture()
+        await registered(fx)
+        fx.dispatcher = Dispatcher(
+            node_id=HERE,
+            core=fx.core,
+            execute=fx.executed.extend,
+            registry=fx.registry,
+            calls=LeavingCalls(fx.core, A),
+            writes=fx.writes,
+            auth=fx.auth,
+            clients=fx.clients,
+            bad_frame=fx.bad.append,
+            standalone=False,
+            max_list_page=100,
+        )
+        request = fx.request({"type": kind, "id": 5, "channelId": "elsewhere", "payload": 1})
+        await fx.dispatcher.handle(A, request)
+        assert fx.replies(A) == []
