@@ -111,6 +111,11 @@ class Dispatcher:
             if self._standalone or self._knows_channel(cid, channel_id):
                 self._execute(self._close(cid, request))  # type: ignore[arg-type]
                 return True
+        elif kind is Ack:
+            # A resumable client acknowledges as it reads: its session is this node's, so the
+            # registry has nothing to say, and no backlog task is made for it.
+            self._execute(self._core.ack(cid, request))  # type: ignore[arg-type]
+            return True
         return False
 
     def binary(self, cid: ConnectionId | None) -> None:

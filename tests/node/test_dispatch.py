@@ -316,3 +316,14 @@ async def test_a_message_or_close_whose_client_left_during_the_lookup_is_dropped
         request = fx.request({"type": kind, "id": 5, "channelId": "elsewhere", "payload": 1})
         await fx.dispatcher.handle(A, request)
         assert fx.replies(A) == []
+
+
+async def test_an_ack_takes_the_fast_path_and_answers_as_in_its_turn() -> None:
+    now, later = Fixture(), Fixture()
+    for fx in (now, later):
+        await registered(fx)
+    ack = {"type": "ack", "id": 10, "lastId": 1}
+    assert now.dispatcher.try_now(A, now.request(ack))
+    await later.dispatcher.handle(A, later.request(ack))
+    assert now.executed == later.executed
+    assert now.calls.operations == later.calls.operations
