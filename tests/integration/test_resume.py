@@ -13,6 +13,7 @@ import pytest
 from tests.integration.helpers import frames_for
 from tests.support.cluster import REQUEST_TIMEOUT, SLACK, TTL, Cluster, fast_args
 from tests.support.nodes import NodeProcess, metric
+from tests.support.polling import wait_for_value
 from tests.support.wire import Frame, WireClient
 
 pytestmark = pytest.mark.slow
@@ -59,6 +60,18 @@ class Session:
         """The connection dies: no close frame (a cable pulled, a proxy gone)."""
         assert self.wire is not None and self.wire.ws is not None
         self.wire.ws.transport.abort()
+
+    async def drop_seen_by(self, node: NodeProcess) -> None:
+        """Drop the connection, and wait until ``node`` (the session's) has noticed: from
+        then on what is sent to the session is held."""
+        before = await metric(node, "broker_sessions_detached")
+        self.drop()
+        await wait_for_value(
+            lambda: metric(node, "broker_sessions_detached"),
+            lambda detached: detached > before,
+            timeout=5,
+            message="the session's node noticed the dropped connection",
+        )
 
     async def resume(self, node: NodeProcess, **extra: Any) -> list[Frame]:
         """Connect to ``node`` and resume: the frames replayed, then the reply."""
@@ -116,8 +129,7 @@ async def test_a_dropped_connection_resumes_on_another_node(cluster: Cluster) ->
     peer, channel = await peer_of(cluster, two, session)
     await send(peer, channel, 1)
     assert messages(await session.take(1)) == [1]
-    session.drop()
-    await asyncio.sleep(0.3)  # the node notices the drop
+    await session.drop_seen_by(one)
     held = [await send(peer, channel, n) for n in (2, 3)]
     assert [reply.get("held") for reply in held] == [True, True]
 
@@ -144,8 +156,7 @@ async def test_a_token_is_single_use_and_two_resumes_at_once_have_one_winner(
     one, two, three = await cluster.start(3, args=resume_args())
     session = await Session(cluster).register(one)
     used = session.token
-    session.drop()
-    await asyncio.sleep(0.3)
+    await session.drop_seen_by(one)
     racer = Session(cluster)
     racer.connection_id, racer.token, racer.last_id = session.connection_id, used, 0
     results = await asyncio.gather(session.resume(two), racer.resume(three))
@@ -169,7 +180,7 @@ async def test_a_client_that_never_returns_ends_once_after_the_window(cluster: C
     one, two = await cluster.start(2, args=resume_args(window))
     session = await Session(cluster).register(one)
     peer, channel = await peer_of(cluster, two, session)
-    session.drop()
+    await session.drop_seen_by(one)
     # Nothing for the window: the peer's messages are held.
     assert (await send(peer, channel, "held"))["held"] is True
     early = await frames_for(peer, window - 1)
@@ -212,8 +223,7 @@ async def test_a_drained_session_that_does_not_return_at_once_is_handed_over(
     one, two = await cluster.start(2, args=resume_args())
     session = await Session(cluster).register(one)
     peer, channel = await peer_of(cluster, two, session)
-    session.drop()
-    await asyncio.sleep(0.3)
+    await session.drop_seen_by(one)
     await asyncio.to_thread(one.terminate)
     # The session went to the only live node: it holds the peer's messages.
     assert (await send(peer, channel, 5))["held"] is True
@@ -252,8 +262,7 @@ async def test_a_session_resumes_after_redis_restarted_empty(cluster: Cluster) -
     one, two = await cluster.start(2, args=resume_args())
     session = await Session(cluster).register(one)
     peer, channel = await peer_of(cluster, two, session)
-    session.drop()
-    await asyncio.sleep(0.3)
+    await session.drop_seen_by(one)
     await asyncio.to_thread(cluster.redis.restart)
     # The nodes restore what they hold (the detached session included) once Redis is back.
     frames: list[Frame] = []
