@@ -23,6 +23,7 @@ from broker_node.core.liveness import (
     lost_nodes,
     nodes_to_reap,
     peer_check_interval,
+    stale_entries,
 )
 from broker_node.core.records import ChannelRecord, ConnectionRecord, Reaped
 from broker_node.core.stats import NodeStats
@@ -244,22 +245,17 @@ class NodeHeartbeat:
                 "node_index", self._registry.node_index(self._node_id)
             )
             live_connections, live_channels = core.records()
-            stale_connections = (
-                indexed_connections
-                - {c.connection_id for c in live_connections}
-                - writer.writing_connections
-            )
-            stale_channels = (
-                indexed_channels
-                - {c.channel_id for c in live_channels}
-                - writer.writing_channels
-                - core.pending_channel_ids()
+            stale = stale_entries(
+                indexed_connections=indexed_connections,
+                indexed_channels=indexed_channels,
+                live_connections={c.connection_id for c in live_connections},
+                live_channels={c.channel_id for c in live_channels},
+                writing_connections=writer.writing_connections,
+                writing_channels=writer.writing_channels,
+                opening_channels=core.pending_channel_ids(),
             )
             await call(
-                "prune",
-                self._registry.prune(
-                    self._node_id, sorted(stale_connections), sorted(stale_channels)
-                ),
+                "prune", self._registry.prune(self._node_id, stale.connections, stale.channels)
             )
             await self._restore()
         except BackendUnavailable:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Set
 from dataclasses import dataclass
 from typing import Final
 
-from shared.ids import NodeId
+from shared.ids import ChannelId, ConnectionId, NodeId
 
 #: Peers' liveness is checked this often (or once per heartbeat, if that is more often): a
 #: cheap SMEMBERS + EXISTS pipeline. It is the slack between a heartbeat key's TTL and the
@@ -104,3 +104,30 @@ def lost_nodes(remote: Set[NodeId], live: Set[NodeId]) -> Set[NodeId]:
     # Lapsed, reaped by anyone, or left. A resync never removes a heartbeat, and an empty
     # Redis is recognised by this node's own missing key before anyone is judged.
     return remote - live
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """What a resync removes: entries indexed under this node that are not live here."""
+
+    connections: list[ConnectionId]
+    channels: list[ChannelId]
+
+
+def stale_entries(
+    *,
+    indexed_connections: Set[ConnectionId],
+    indexed_channels: Set[ChannelId],
+    live_connections: Set[ConnectionId],
+    live_channels: Set[ChannelId],
+    writing_connections: Set[ConnectionId],
+    writing_channels: Set[ChannelId],
+    opening_channels: Set[ChannelId],
+) -> Stale:
+    """The entries a resync removes (sorted, for a stable order of writes). An entry whose
+    write is under way, or a channel whose open awaits the other end's node, is not live yet
+    but will be: removing it would lose it."""
+    return Stale(
+        sorted(indexed_connections - live_connections - writing_connections),
+        sorted(indexed_channels - live_channels - writing_channels - opening_channels),
+    )

@@ -12,13 +12,15 @@ from broker_node.core.liveness import (
     PEER_CHECK_INTERVAL,
     AfterBeat,
     GraceWindow,
+    Stale,
     after_beat,
     heartbeat_ttl_ms,
     lost_nodes,
     nodes_to_reap,
     peer_check_interval,
+    stale_entries,
 )
-from shared.ids import NodeId
+from shared.ids import ChannelId, ConnectionId, NodeId
 
 ME, A, B = NodeId("me"), NodeId("a"), NodeId("b")
 
@@ -100,3 +102,18 @@ def test_the_rules_import_no_io() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_resync_removes_only_what_is_neither_live_nor_on_its_way() -> None:
+    c = [ConnectionId(f"c{n}") for n in range(4)]
+    h = [ChannelId(f"h{n}") for n in range(5)]
+    stale = stale_entries(
+        indexed_connections={c[3], c[0], c[1], c[2]},
+        indexed_channels=set(h),
+        live_connections={c[0]},
+        live_channels={h[0]},
+        writing_connections={c[1]},
+        writing_channels={h[1]},
+        opening_channels={h[2]},
+    )
+    assert stale == Stale([c[2], c[3]], [h[3], h[4]])
