@@ -734,7 +734,12 @@ class ClientConnection(asyncio.Protocol):
             return
         outgoing = self.outgoing
         if not outgoing:
-            self._writes.flush_soon(self)
+            # As WriteScheduler.flush_soon, inlined: once per connection per loop turn.
+            writes = self._writes
+            writes._dirty.append(self)
+            if not writes._flush_scheduled:
+                writes._flush_scheduled = True
+                self._loop.call_soon(writes.flush_all)
         data = text_frame(frame)
         outgoing.append(data)
         queued = self._outgoing_bytes + len(data)
@@ -767,8 +772,16 @@ class ClientConnection(asyncio.Protocol):
             self._outgoing_bytes -= size
             self._handed += size
             transport.write(data)  # may call pause_writing
-        if self._receipts and not self._writing_paused:
-            self._release(self._handed)
+        receipts = self._receipts
+        if receipts and not self._writing_paused:
+            ends = self._receipt_ends
+            if ends[-1] <= self._handed:
+                # The usual case, as _release: the kernel took every frame handed.
+                self._receipts = []
+                ends.clear()
+                self._writes.receipts_written(receipts)
+            else:
+                self._release(self._handed)
 
     def _write_now(self, data: bytes) -> None:
         """Write websockets' bytes (a close frame, a pong, an HTTP response) behind every
