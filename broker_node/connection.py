@@ -390,8 +390,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._receive_via_websockets(data)
             self._write_protocol_data()
-        if self._rates is not None:
-            self._charge(self._rates, len(data))
+        rates = self._rates
+        if rates is not None:
+            wait = rates.charge(self._frames_seen, len(data), self._loop.time())
+            self._frames_seen = 0
+            if wait > 0:
+                self._over_rate(rates, wait)
 
     def eof_received(self) -> bool | None:
         scanner = self._scanner
@@ -675,12 +679,10 @@ class ClientConnection(asyncio.Protocol):
 
     # --- rate limits: over the rate, the socket is not read until the debt is paid -------
 
-    def _charge(self, rates: RateLimits, size: int) -> None:
+    def _over_rate(self, rates: RateLimits, wait: float) -> None:
         # Reading pauses rather than answering each request over the limit with an error:
         # TCP backpressure slows the client down, and no error storm goes back to it.
-        wait = rates.charge(self._frames_seen, size, self._loop.time())
-        self._frames_seen = 0
-        if wait > 0 and self._rate_timer is None and self.state is not _SOCKET_CLOSED:
+        if self._rate_timer is None and self.state is not _SOCKET_CLOSED:
             self._table.limit_reached(rates.exceeded, self)
             self.pause_reading("rate")
             self._rate_timer = self._loop.call_later(wait, self._rate_lifted)
