@@ -371,7 +371,10 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_received += len(data)
         scanner = self._scanner
         if scanner is not None:
-            self._receive_frames(scanner, data)
+            # Websockets has nothing to send, and its state is as it was, unless it was given
+            # bytes (a closing handshake started here writes its own close frame).
+            if self._receive_frames(scanner, data):
+                self._write_protocol_data()
         elif self._head is not None:
             rest = self._receive_head(data)
             # After a 101, every byte goes to the scanner, which hands websockets each frame
@@ -383,11 +386,16 @@ class ClientConnection(asyncio.Protocol):
                     self._receive_frames(scanner, rest)
             elif rest:
                 self._receive_via_websockets(rest)
+            self._write_protocol_data()
         else:
             self._receive_via_websockets(data)
-        self._write_protocol_data()
-        if self._rates is not None:
-            self._charge(self._rates, len(data))
+            self._write_protocol_data()
+        rates = self._rates
+        if rates is not None:
+            wait = rates.charge(self._frames_seen, len(data), self._loop.time())
+            self._frames_seen = 0
+            if wait > 0:
+                self._over_rate(rates, wait)
 
     def eof_received(self) -> bool | None:
         scanner = self._scanner
@@ -553,33 +561,37 @@ class ClientConnection(asyncio.Protocol):
 
     # --- frames in --------------------------------------------------------------------------
 
-    def _receive_frames(self, scanner: FrameScanner, data: bytes) -> None:
-        """The fast path: frames one by one, in order, each to ``_on_text`` or to websockets."""
+    def _receive_frames(self, scanner: FrameScanner, data: bytes) -> bool:
+        """The fast path: frames one by one, in order, each to ``_on_text`` or to websockets.
+        True when websockets was given bytes (it may have some to send)."""
         scanner.receive(data)
         ws = self.ws
-        on_text = self._on_text
+        on_open_text = self._on_open_text
+        fed = False
         # Reading may pause on the way (a long backlog); every whole frame already received is
         # still handled now, in order, as websockets' parser did, and a partial one waits here.
         while ws.state is _OPEN:
             verdict, frame = scanner.next_frame()
             if verdict == FAST_TEXT:
-                on_text(frame)
+                on_open_text(frame)
             elif verdict == NEED_MORE:
-                return
+                return fed
             elif verdict == FAST_PONG:
                 self.ping_sent_at = None
             elif verdict == HAND_OVER:
                 # Websockets keeps the unfinished frame: it owns the stream from here on.
                 self._scanner = None
                 self._receive_via_websockets(frame)
-                return
+                return True
             else:
                 self._receive_via_websockets(frame)
+                fed = True
         # The connection is closing (from either side) or failed: websockets takes the rest.
         self._scanner = None
         rest = scanner.take_rest()
         if rest:
             self._receive_via_websockets(rest)
+        return True
 
     def _receive_via_websockets(self, data: bytes | bytearray) -> None:
         if self.ws.state is _OPEN:
@@ -616,8 +628,13 @@ class ClientConnection(asyncio.Protocol):
             self.node.dispatcher.binary(self.connection_id)
 
     def _on_text(self, data: BytesLike) -> None:
+        if self.ws.state is _OPEN:
+            self._on_open_text(data)
+
+    def _on_open_text(self, data: BytesLike) -> None:
+        """A text message, websockets being open (the fast path has just checked it)."""
         cid = self.connection_id
-        if cid is None or self.state is _SOCKET_CLOSED or self.ws.state is not _OPEN:
+        if cid is None or self.state is _SOCKET_CLOSED:
             return
         self._frames_seen += 1
         request = decode_request(data, self._max_json_depth)
@@ -662,12 +679,10 @@ class ClientConnection(asyncio.Protocol):
 
     # --- rate limits: over the rate, the socket is not read until the debt is paid -------
 
-    def _charge(self, rates: RateLimits, size: int) -> None:
+    def _over_rate(self, rates: RateLimits, wait: float) -> None:
         # Reading pauses rather than answering each request over the limit with an error:
         # TCP backpressure slows the client down, and no error storm goes back to it.
-        wait = rates.charge(self._frames_seen, size, self._loop.time())
-        self._frames_seen = 0
-        if wait > 0 and self._rate_timer is None and self.state is not _SOCKET_CLOSED:
+        if self._rate_timer is None and self.state is not _SOCKET_CLOSED:
             self._table.limit_reached(rates.exceeded, self)
             self.pause_reading("rate")
             self._rate_timer = self._loop.call_later(wait, self._rate_lifted)
@@ -721,7 +736,12 @@ class ClientConnection(asyncio.Protocol):
             return
         outgoing = self.outgoing
         if not outgoing:
-            self._writes.flush_soon(self)
+            # As WriteScheduler.flush_soon, inlined: once per connection per loop turn.
+            writes = self._writes
+            writes._dirty.append(self)
+            if not writes._flush_scheduled:
+                writes._flush_scheduled = True
+                self._loop.call_soon(writes.flush_all)
         data = text_frame(frame)
         outgoing.append(data)
         queued = self._outgoing_bytes + len(data)
@@ -754,8 +774,16 @@ class ClientConnection(asyncio.Protocol):
             self._outgoing_bytes -= size
             self._handed += size
             transport.write(data)  # may call pause_writing
-        if self._receipts and not self._writing_paused:
-            self._release(self._handed)
+        receipts = self._receipts
+        if receipts and not self._writing_paused:
+            ends = self._receipt_ends
+            if ends[-1] <= self._handed:
+                # The usual case, as _release: the kernel took every frame handed.
+                self._receipts = []
+                ends.clear()
+                self._writes.receipts_written(receipts)
+            else:
+                self._release(self._handed)
 
     def _write_now(self, data: bytes) -> None:
         """Write websockets' bytes (a close frame, a pong, an HTTP response) behind every

@@ -86,6 +86,9 @@ class Outbox:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        #: The running loop, kept at the first put: asyncio.get_running_loop() costs a system
+        #: call (getpid) each time, and put and flush run for every message at low load.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return self._size + sum(len(retry) for retry in self._retry.values())
@@ -102,7 +105,9 @@ class Outbox:
             self._idle.clear()
             # Callbacks scheduled now run after this turn's I/O callbacks: what the other
             # clients' frames of this turn produce joins the same send.
-            loop = asyncio.get_running_loop()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
             if self._batch_delay > 0:
                 loop.call_later(self._batch_delay, self.flush)
             else:
@@ -115,13 +120,16 @@ class Outbox:
     def flush(self) -> None:
         """Send what is pending now (normally called by the loop, once per turn)."""
         self._flush_scheduled = False
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
         # Per batch: its node, its envelopes, and when each was first sent (one time for all
         # when none is a retry: the common case pays no tuple per envelope).
         batches: list[tuple[NodeId, list[Envelope], list[float] | float]] = []
         nodes = list(self._pending)
-        nodes += [node_id for node_id in self._retry if node_id not in self._pending]
+        if self._retry:
+            nodes += [node_id for node_id in self._retry if node_id not in self._pending]
         for node_id in nodes:
             held_until = self._held_until.get(node_id)
             if held_until is not None:
@@ -131,6 +139,10 @@ class Outbox:
             retry = self._retry.pop(node_id, None)
             envelopes = self._pending.pop(node_id, None) or []
             self._size -= len(envelopes)
+            if retry is None and len(envelopes) <= MAX_BATCH:
+                # The usual case: one batch, nothing to send again before it.
+                batches.append((node_id, envelopes, now))
+                continue
             firsts: list[float] | float = now
             if retry is not None:
                 firsts = [first for _, first in retry] + [now] * len(envelopes)

@@ -984,13 +984,18 @@ class BrokerCore:
         for envelope in envelopes:
             if self._moved and self._forward(envelope, actions):
                 continue
+            # The hot path (every cross-node message): a delivery and a confirmation are told
+            # by their exact type, before the match, whose class patterns cost several times
+            # as much on Python 3.11.
+            if type(envelope) is Deliver:
+                self._on_deliver(envelope, actions, refusals)
+                continue
+            if type(envelope) is Confirm:
+                self._on_confirm(envelope.written, envelope.refused, actions)
+                if envelope.held:
+                    self._on_held(envelope.held, actions)
+                continue
             match envelope:
-                case Deliver():
-                    self._on_deliver(envelope, actions, refusals)
-                case Confirm(written=written, refused=refused, held=held):
-                    self._on_confirm(written, refused, actions)
-                    if held:
-                        self._on_held(held, actions)
                 case Incoming(seq=seq, channel=channel):
                     self._on_incoming(seq, channel, actions)
                 case OpenResult(seq=seq, error=error):
