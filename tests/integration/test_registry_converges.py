@@ -61,6 +61,11 @@ async def _unready(node: NodeProcess) -> bool:
     return await status(node) == 503
 
 
+async def _a_registration_timed_out(node: NodeProcess) -> bool:
+    errors = await metric(node, "broker_registry_call_errors_total", operation="add_connection")
+    return errors >= 1
+
+
 async def _resynchronised(node: NodeProcess) -> bool:
     return await metric(node, "broker_registry_calls_total", operation="node_index") >= 1
 
@@ -116,9 +121,16 @@ async def test_vanishing_clients_during_a_redis_pause_leave_no_ghosts(cluster: C
     try:
         await _storm(node, "ghost", 100, [])
         # The writes are in the stalled Redis's socket buffers and time out on the node's side:
-        # their outcome is unknown there; Redis runs them once it resumes.
+        # their outcome is unknown there; Redis runs them once it resumes. Redis resumes only
+        # once a write has timed out: resumed earlier (a loaded machine reaches not-ready by a
+        # heartbeat's timeout alone), the writes complete and nothing needs a resync.
         await wait_until(
             lambda: _unready(node), timeout=SETTLE, message="the node to report not ready"
+        )
+        await wait_until(
+            lambda: _a_registration_timed_out(node),
+            timeout=SETTLE,
+            message="a registration's write to time out",
         )
     finally:
         cluster.redis.resume()
