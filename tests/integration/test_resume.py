@@ -244,7 +244,21 @@ async def test_a_killed_nodes_session_resumes_incomplete_and_its_peers_resend(
     assert messages(await session.take(1)) == [1]
     one.kill()
     if wait_for_reaper:
-        await asyncio.sleep(TTL + 2 * SLACK)  # reaped; a survivor adopted the session
+
+        async def adopted() -> float:
+            return sum(
+                [
+                    await metric(node, "broker_session_events_total", event="adopted")
+                    for node in (two, three)
+                ]
+            )
+
+        await wait_for_value(
+            adopted,
+            lambda count: count >= 1,
+            timeout=TTL + 4 * SLACK,
+            message="a survivor to reap the killed node and adopt its session",
+        )
     frames = await session.resume(three, channels={channel: 1})
     assert frames[-1]["type"] == "resumed", frames
     assert frames[-1]["complete"] is False
