@@ -156,3 +156,11 @@ async def test_wait_idle_waits_for_the_outcome_not_just_the_send() -> None:
     outbox.put(A, closed(1))
     await run_until_idle(outbox)
     assert answered == [1]
+
+
+async def test_a_flush_with_nothing_put_sends_nothing_and_stays_idle() -> None:
+    bus = RecordingBus()
+    outbox, answered = counting_outbox(bus)
+    outbox.flush()
+    await run_until_idle(outbox)
+    assert bus.calls == [] and answered == [] and len(outbox) == 0
