@@ -2,7 +2,7 @@
 round trips some of them need.
 
 Theory of operation: a connection reads a request and offers it to ``try_now``, which takes
-what never waits for the registry (message and close on a channel this node holds) and
+what never waits for the registry (message and close on a channel this node holds, ack) and
 executes the core's decision at once. Anything else, and anything behind a request still
 waiting, goes to the connection's backlog, whose worker awaits ``handle`` for each in arrival
 order. A request that waited is handled only if its client is still connected (the one guard
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Final, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Final, Protocol
 
 from broker_node.auth.identity import Identity, TokenRefusal
 from broker_node.cluster.base import Registry
@@ -22,6 +22,7 @@ from broker_node.core.actions import Action, ForgetConnection
 from broker_node.core.broker import REGISTRY_UNAVAILABLE, BrokerCore
 from broker_node.errors import BackendUnavailable
 from broker_node.executor import RegistryWrites
+from broker_node.registry_calls import RegistryCaller
 from shared.codec import Rejection, rejection_kind
 from shared.ids import ChannelId, ConnectionId, NodeId
 from shared.messages import (
@@ -36,18 +37,10 @@ from shared.messages import (
     Resume,
 )
 
-_T = TypeVar("_T")
-
 #: How many ids of a list_by_role reply weigh as much as one request against the rate limit.
 LIST_IDS_PER_REQUEST: Final = 50
 #: What a refresh is checked against on a node without authentication (the core refuses it).
 _NO_AUTH: Final = TokenRefusal("authentication is off")
-
-
-class RegistryCaller(Protocol):
-    """Registry calls, timed, bounded by the request timeout, failing as BackendUnavailable."""
-
-    async def call(self, operation: str, call: Awaitable[_T]) -> _T: ...
 
 
 class Authenticator(Protocol):

@@ -13,19 +13,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sized
-from typing import Final, Protocol, TypeVar
+from typing import Final, Protocol
 
 from broker_node.cluster.base import Registry
 from broker_node.core.actions import Action
 from broker_node.core.broker import BrokerCore
 from broker_node.core.drain import everything_answered, hand_off_targets
 from broker_node.errors import BackendUnavailable
+from broker_node.registry_calls import RegistryCaller
 from shared.codec import CLOSE_GOING_AWAY
 from shared.ids import ConnectionId, NodeId
 
 logger = logging.getLogger("broker_node.drain")
 
-_T = TypeVar("_T")
 
 #: How often a drain checks whether every request it read has been answered.
 DRAIN_POLL: Final = 0.005
@@ -50,12 +50,6 @@ class DrainedOutbox(Protocol):
     async def wait_idle(self) -> None: ...
 
 
-class RegistryCall(Protocol):
-    """A registry call, timed and bounded by the request timeout."""
-
-    def __call__(self, operation: str, call: Awaitable[_T], /) -> Awaitable[_T]: ...
-
-
 class Drain:
     """Runs a node's drain once, with the node's parts as narrow collaborators."""
 
@@ -71,7 +65,7 @@ class Drain:
         flush_all: Callable[[], None],
         outbox: DrainedOutbox,
         registry: Registry,
-        registry_call: RegistryCall,
+        calls: RegistryCaller,
         sockets: Sized,
         no_sockets: asyncio.Event,
         wait_session_work: Callable[[], Awaitable[None]],
@@ -85,7 +79,7 @@ class Drain:
         self._flush_all = flush_all
         self._outbox = outbox
         self._registry = registry
-        self._registry_call = registry_call
+        self._calls = calls
         self._sockets = sockets
         self._no_sockets = no_sockets
         self._wait_session_work = wait_session_work
@@ -159,14 +153,14 @@ class Drain:
         live: set[NodeId] = set()
         if not self._standalone:
             with contextlib.suppress(BackendUnavailable):
-                live = await self._registry_call("live_nodes", self._registry.live_nodes())
+                live = await self._calls.call("live_nodes", self._registry.live_nodes())
         for session_id, peer in hand_off_targets(left, live, self._node_id):
             if peer is None:
                 self._execute(core.session_ended(session_id, True))
                 continue
             moved = False
             with contextlib.suppress(BackendUnavailable):
-                moved = await self._registry_call(
+                moved = await self._calls.call(
                     "transfer_session",
                     self._registry.transfer_session(session_id, self._node_id, peer),
                 )

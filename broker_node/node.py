@@ -187,7 +187,7 @@ class BrokerNode:
             flush_all=self.writes.flush_all,
             outbox=self.outbox,
             registry=self.registry,
-            registry_call=self.registry_calls.call,
+            calls=self.registry_calls,
             sockets=self.sockets,
             no_sockets=self.client_table.no_sockets,
             wait_session_work=self.registry_writer.wait_session_work,

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from broker_node.cluster.factory import masked_url
 from broker_node.core.stats import NodeStats
@@ -16,6 +16,13 @@ from broker_node.errors import BackendUnavailable
 logger = logging.getLogger("broker_node.registry_calls")
 
 _T = TypeVar("_T")
+
+
+class RegistryCaller(Protocol):
+    """Registry calls, timed, bounded by the request timeout, failing as BackendUnavailable
+    (what the dispatcher and the drain need of :class:`RegistryCalls`)."""
+
+    async def call(self, operation: str, call: Awaitable[_T]) -> _T: ...
 
 
 class RegistryCalls:
