@@ -5,6 +5,7 @@ last frame they processed."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -274,6 +275,30 @@ def open_channel(opener: Client, target: Client) -> ChannelId:
     assert opener.process()[-1]["type"] == "channel_opened"
     assert target.process()[-1]["type"] == "incoming_channel"
     return plan.channel_id
+
+
+@dataclass
+class ClaimedResume:
+    """A resume on another node that has claimed a dropped client's session in the registry;
+    that node's core has not been told yet (``claimed``)."""
+
+    temp: ConnectionId
+    sock: Socket
+    request: Resume
+    plan: ResumePlan
+    claim: SessionClaim | ClaimRefusal
+
+
+def claimed_elsewhere(cluster: Cluster, client: Client, node: Node) -> ClaimedResume:
+    """Drop ``client``'s socket and resume its session on ``node`` up to the registry's claim."""
+    client.node.drop(client.cid)
+    temp = ConnectionId("temp")
+    sock = node.connect(temp)
+    request = Resume(id=9, connectionId=client.cid, resumeToken=client.token, lastId=client.last_id)
+    plan = node.core.begin_resume(temp, request)
+    assert isinstance(plan, ResumePlan)
+    claim = cluster.claim(client.cid, client.token, node.node_id)
+    return ClaimedResume(temp, sock, request, plan, claim)
 
 
 def kinds(frames: list[dict[str, Any]]) -> list[str]:
@@ -720,17 +745,11 @@ def test_a_resume_whose_socket_left_before_the_handover_stays_detached() -> None
     cluster = Cluster(ONE, TWO)
     one, two = cluster.nodes[ONE], cluster.nodes[TWO]
     a = Client(one, "a")
-    one.drop(a.cid)
-    temp = ConnectionId("temp")
-    two.connect(temp)
-    request = Resume(id=9, connectionId=a.cid, resumeToken=a.token, lastId=a.last_id)
-    plan = two.core.begin_resume(temp, request)
-    assert isinstance(plan, ResumePlan)
-    claim = cluster.claim(a.cid, a.token, TWO)
-    cluster.registry[a.cid] = (TWO, plan.new_token_hash)
-    two.run(two.core.claimed(temp, request, plan, claim))
-    two.sockets.pop(temp)
-    two.core.connections.pop(temp)  # the new socket left while ONE was asked
+    resume = claimed_elsewhere(cluster, a, two)
+    cluster.registry[a.cid] = (TWO, resume.plan.new_token_hash)
+    two.run(two.core.claimed(resume.temp, resume.request, resume.plan, resume.claim))
+    two.sockets.pop(resume.temp)
+    two.core.connections.pop(resume.temp)  # the new socket left while ONE was asked
     cluster.settle()
     assert two.core.detached_sessions() == [a.cid]
 
@@ -853,19 +872,13 @@ def test_an_unanswered_take_is_asked_of_the_registry_again() -> None:
     cluster = Cluster(ONE, TWO)
     one, two = cluster.nodes[ONE], cluster.nodes[TWO]
     a = Client(one, "a")
-    one.drop(a.cid)
-    temp = ConnectionId("temp")
-    sock = two.connect(temp)
-    request = Resume(id=9, connectionId=a.cid, resumeToken=a.token, lastId=a.last_id)
-    plan = two.core.begin_resume(temp, request)
-    assert isinstance(plan, ResumePlan)
-    claim = cluster.claim(a.cid, a.token, TWO)
-    two.run(two.core.claimed(temp, request, plan, claim))
+    resume = claimed_elsewhere(cluster, a, two)
+    two.run(two.core.claimed(resume.temp, resume.request, resume.plan, resume.claim))
     cluster.bus.clear()  # the Take is lost
     cluster.now += 2 * 2.0
     two.run(two.core.expire())
-    assert sock.frames[-1]["type"] == "resumed"
-    assert sock.frames[-1]["complete"] is False
+    assert resume.sock.frames[-1]["type"] == "resumed"
+    assert resume.sock.frames[-1]["complete"] is False
 
 
 def test_adopting_skips_what_is_held_already_and_installs_only_its_channels() -> None:
@@ -913,19 +926,13 @@ def test_a_lost_session_the_registry_cannot_describe_fails_and_is_forgotten() ->
     cluster = Cluster(ONE, TWO)
     one, two = cluster.nodes[ONE], cluster.nodes[TWO]
     a = Client(one, "a")
-    one.drop(a.cid)
-    temp = ConnectionId("temp")
-    sock = two.connect(temp)
-    request = Resume(id=9, connectionId=a.cid, resumeToken=a.token, lastId=a.last_id)
-    plan = two.core.begin_resume(temp, request)
-    assert isinstance(plan, ResumePlan)
-    claim = cluster.claim(a.cid, a.token, TWO)
+    resume = claimed_elsewhere(cluster, a, two)
     cluster.dead.add(ONE)
-    two.run(two.core.claimed(temp, request, plan, claim))
+    two.run(two.core.claimed(resume.temp, resume.request, resume.plan, resume.claim))
     actions = two.core.install_lost(a.cid, None)  # the registry could not be asked
     assert any(type(action) is ForgetConnection for action in actions)
     two.run([action for action in actions if type(action) is not ForgetConnection])
-    assert sock.frames[-1]["error"] == "Cluster registry unavailable, try again"
+    assert resume.sock.frames[-1]["error"] == "Cluster registry unavailable, try again"
 
 
 def test_other_envelopes_are_not_forwarded_and_foreign_channels_not_installed() -> None:
