@@ -3,12 +3,14 @@
 Redis is always a ``redis-server`` a test starts on a free port, never the one on 6379:
 ``redis_server`` is the test's own (it may kill, pause and restart it), ``shared_redis_server``
 lives for the session (a test flushes it or keeps to a prefix of its own, and leaves it
-running). ``cluster`` builds ``broker-node`` processes on the test's own server.
+running). ``cluster`` builds ``broker-node`` processes on the test's own server; ``nginx``
+is the real load balancer (``.ci/run`` installs it when absent).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,7 @@ from broker_node.node import BrokerNode
 from shared.ids import NodeId
 from tests.differential import profiles  # noqa: F401 - registers the differential profiles
 from tests.support.cluster import Cluster
+from tests.support.nginx import NginxUnavailable, ensure_nginx
 from tests.support.redis_server import RedisServer
 
 
@@ -56,3 +59,13 @@ async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
         yield made
     finally:
         await made.aclose()
+
+
+@pytest.fixture(scope="session")
+def nginx() -> Path:
+    """The nginx binary; a test that needs it is skipped, saying why, only where none can be
+    had (``.ci/run`` installs it)."""
+    try:
+        return ensure_nginx()
+    except NginxUnavailable as exc:
+        pytest.skip(f"nginx is unavailable: {exc}")

@@ -19,8 +19,6 @@ from tests.support.nginx import (
     LOCAL_UPSTREAM,
     NGINX_CONF,
     NginxProcess,
-    NginxUnavailable,
-    ensure_nginx,
     render_local_nginx_conf,
     write_local_nginx_conf,
 )
@@ -120,14 +118,6 @@ def test_render_needs_a_backend(tmp_path: Path) -> None:
 
 
 # --- a real nginx ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def nginx() -> Path:
-    try:
-        return ensure_nginx()
-    except NginxUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def _nginx_test(nginx: Path, conf: Path) -> subprocess.CompletedProcess[str]:

@@ -17,8 +17,7 @@ import asyncio
 import collections
 import itertools
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TypeVar
 
 import pytest
@@ -29,10 +28,8 @@ from tests.client.helpers import client_tasks
 from tests.e2e.registry import leftovers, snapshot
 from tests.e2e.topology import ComposeTopology
 from tests.e2e.workload import ECHO_ROLE, REQUEST_TIMEOUT, Requester, Responder, sdk_client
-from tests.support.nginx import NginxUnavailable, ensure_nginx
 from tests.support.nodes import http_get, metric_sample
 from tests.support.polling import wait_for_value
-from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -54,24 +51,8 @@ T = TypeVar("T")
 
 
 @pytest.fixture
-def nginx() -> Path:
-    try:
-        return ensure_nginx()
-    except NginxUnavailable as exc:
-        print(f"skipping: nginx is unavailable: {exc}")
-        pytest.skip(f"nginx is unavailable: {exc}")
-
-
-@pytest.fixture
-def topology(nginx: Path, tmp_path: Path, redis_server: RedisServer) -> Iterator[ComposeTopology]:
-    topology = ComposeTopology(
-        redis=redis_server, nginx=nginx, workdir=tmp_path, replicas=3, node_args=NODE_ARGS
-    )
-    try:
-        topology.start()
-        yield topology
-    finally:
-        topology.stop()
+def node_args() -> list[str]:
+    return NODE_ARGS
 
 
 async def test_clients_spread_over_nodes_and_survive_a_rolling_restart(

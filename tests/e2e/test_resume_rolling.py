@@ -11,8 +11,6 @@ no channel closed, no session was lost, every ``send()`` returned.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,9 +18,7 @@ import pytest
 from client import Channel
 from tests.e2e.topology import ComposeTopology
 from tests.e2e.workload import sdk_client
-from tests.support.nginx import NginxUnavailable, ensure_nginx
 from tests.support.nodes import http_get
-from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -38,23 +34,8 @@ SETTLE = 30.0
 
 
 @pytest.fixture
-def nginx() -> Path:
-    try:
-        return ensure_nginx()
-    except NginxUnavailable as exc:
-        pytest.skip(f"nginx is unavailable: {exc}")
-
-
-@pytest.fixture
-def topology(nginx: Path, tmp_path: Path, redis_server: RedisServer) -> Iterator[ComposeTopology]:
-    topology = ComposeTopology(
-        redis=redis_server, nginx=nginx, workdir=tmp_path, replicas=3, node_args=NODE_ARGS
-    )
-    try:
-        topology.start()
-        yield topology
-    finally:
-        topology.stop()
+def node_args() -> list[str]:
+    return NODE_ARGS
 
 
 class End:
