@@ -731,7 +731,9 @@ class BrokerCore:
         ):
             conn.flow_paused = True
             self.stats.flow_pauses += 1
-            actions.append(PauseReading(connection_id))
+            # Before the delivery: its confirmation (and a resume with it) may come as soon
+            # as the recipient's socket took it, while the shell is still executing this list.
+            actions.insert(0, PauseReading(connection_id))
         return actions
 
     def _unhold(
