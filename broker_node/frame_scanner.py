@@ -28,6 +28,9 @@ HAND_OVER: Final = 2
 NEED_MORE: Final = 3
 #: A whole, masked pong (the answer to a keepalive ping); its payload does not matter.
 FAST_PONG: Final = 4
+#: As FAST_TEXT, for a frame that ends the bytes received: the scanner then holds nothing,
+#: and the next verdict is NEED_MORE (a caller that knows it need not ask).
+LAST_TEXT: Final = 5
 
 _NOTHING_YET: Final = (NEED_MORE, b"")
 
@@ -80,7 +83,8 @@ unmask: Final = _fastest_unmask()
 class FrameScanner:
     """Splits the bytes a client sends into frames, one verdict per frame, in order.
 
-    ``receive`` adds bytes; ``next_frame`` is then called until it says ``NEED_MORE``.
+    ``receive`` adds bytes; ``next_frame`` is then called until it says ``NEED_MORE`` (or
+    ``LAST_TEXT``, after which it would).
     """
 
     __slots__ = ("_data", "_pos", "in_fragmented_message", "max_size")
@@ -156,10 +160,16 @@ class FrameScanner:
         end = payload_start + length
         if end > size:
             return self._need_more()
-        self._pos = end
         if first == _FIN_TEXT and masked and not self.in_fragmented_message:
             mask = data[payload_start - 4 : payload_start]
+            if end == size:
+                # The usual read: it ends with this frame. Let go of the bytes.
+                self._data = b""
+                self._pos = 0
+                return LAST_TEXT, unmask(data[payload_start:end], mask)
+            self._pos = end
             return FAST_TEXT, unmask(data[payload_start:end], mask)
+        self._pos = end
         if first == _FIN_PONG and masked and length <= _MAX_CONTROL_PAYLOAD:
             # Control frames may come between the fragments of a message, pongs included.
             return FAST_PONG, b""

@@ -9,6 +9,7 @@ from broker_node.frame_scanner import (
     FAST_TEXT,
     FOR_WEBSOCKETS,
     HAND_OVER,
+    LAST_TEXT,
     MAX_HEADER_SIZE,
     NEED_MORE,
     FrameScanner,
@@ -29,13 +30,18 @@ Verdict = tuple[int, bytes]
 
 
 def drain(scanner: FrameScanner) -> list[Verdict]:
-    """Every verdict up to NEED_MORE (or HAND_OVER, after which the scanner is done)."""
+    """Every verdict up to NEED_MORE (or HAND_OVER, after which the scanner is done); a
+    LAST_TEXT counts as the FAST_TEXT it is, once checked that nothing is left after it."""
     verdicts: list[Verdict] = []
     while True:
         verdict, data = scanner.next_frame()
         if verdict == NEED_MORE:
             assert data == b""
             return verdicts
+        if verdict == LAST_TEXT:
+            assert scanner.buffered == 0
+            assert scanner.next_frame() == (NEED_MORE, b"")
+            verdict = FAST_TEXT
         verdicts.append((verdict, bytes(data)))
         if verdict == HAND_OVER:
             return verdicts
@@ -231,3 +237,16 @@ def test_the_callers_bytearray_is_left_alone() -> None:
     scanner.receive(frame[7:])
     assert drain(scanner) == [(FAST_TEXT, SMALL)]
     assert chunk == original
+
+
+def test_a_text_frame_that_ends_the_bytes_says_so() -> None:
+    """LAST_TEXT: the read ended with this frame, so the caller need not ask again."""
+    scanner = FrameScanner(MAX_SIZE)
+    scanner.receive(client_frame(SMALL) + client_frame(MEDIUM))
+    assert scanner.next_frame() == (FAST_TEXT, SMALL)
+    assert scanner.next_frame() == (LAST_TEXT, MEDIUM)
+    scanner.receive(client_frame(SMALL)[:3])
+    assert scanner.next_frame() == (NEED_MORE, b"")
+    scanner.receive(client_frame(SMALL)[3:])
+    assert scanner.next_frame() == (LAST_TEXT, SMALL)
+    assert scanner.buffered == 0
