@@ -34,10 +34,17 @@ from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
 from broker_node.auth.handshake import RedactTokens, handshake_token, select_subprotocol
-from broker_node.core.actions import Action, Receipt
+from broker_node.core.actions import Action, Receipt, RemoteReceipt
 from broker_node.core.rate import RateLimits
 from broker_node.core.sessions import SessionLog
-from broker_node.frame_scanner import FAST_PONG, FAST_TEXT, HAND_OVER, NEED_MORE, FrameScanner
+from broker_node.frame_scanner import (
+    FAST_PONG,
+    FAST_TEXT,
+    HAND_OVER,
+    LAST_TEXT,
+    NEED_MORE,
+    FrameScanner,
+)
 from shared.codec import CLOSE_POLICY_VIOLATION, decode_request
 from shared.ids import ConnectionId, new_connection_id
 from shared.messages import (
@@ -114,6 +121,7 @@ SOCKET_TRANSITIONS: Final[dict[SocketState, frozenset[SocketState]]] = {
 }
 
 _SOCKET_CLOSED: Final = SocketState.CLOSED
+_SOCKET_OPEN: Final = SocketState.OPEN
 
 
 def next_socket_state(current: SocketState, new: SocketState) -> SocketState:
@@ -179,6 +187,10 @@ class WriteScheduler:
         self._written: list[Receipt] = []
         self._flush_scheduled = False
         self._flushing = False
+        #: True while a read that held one whole request is handled: its frames are written
+        #: as they are made (each to a socket with nothing queued), not at the end of the
+        #: turn, since no other frame of this turn would have joined them.
+        self.immediate = False
         #: The running loop, kept at start: asyncio.get_running_loop() costs a system call.
         self._loop: asyncio.AbstractEventLoop
 
@@ -562,17 +574,29 @@ class ClientConnection(asyncio.Protocol):
     # --- frames in --------------------------------------------------------------------------
 
     def _receive_frames(self, scanner: FrameScanner, data: bytes) -> bool:
-        """The fast path: frames one by one, in order, each to ``_on_text`` or to websockets.
-        True when websockets was given bytes (it may have some to send)."""
+        """The fast path: frames one by one, in order, each to ``_on_open_text`` or to
+        websockets. True when websockets was given bytes (it may have some to send)."""
         scanner.receive(data)
         ws = self.ws
+        if ws.state is not _OPEN:
+            return self._stop_scanning(scanner)
+        verdict, frame = scanner.next_frame()
+        if verdict == LAST_TEXT:
+            # The usual read: one whole request. What it makes goes to each socket at once
+            # instead of at the end of the loop turn (nothing else of this turn would join it).
+            writes = self._writes
+            writes.immediate = True
+            try:
+                self._on_open_text(frame)
+            finally:
+                writes.immediate = False
+            return False
         on_open_text = self._on_open_text
         fed = False
         # Reading may pause on the way (a long backlog); every whole frame already received is
         # still handled now, in order, as websockets' parser did, and a partial one waits here.
-        while ws.state is _OPEN:
-            verdict, frame = scanner.next_frame()
-            if verdict == FAST_TEXT:
+        while True:
+            if verdict in (FAST_TEXT, LAST_TEXT):
                 on_open_text(frame)
             elif verdict == NEED_MORE:
                 return fed
@@ -586,7 +610,12 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._receive_via_websockets(frame)
                 fed = True
-        # The connection is closing (from either side) or failed: websockets takes the rest.
+            if ws.state is not _OPEN:
+                return self._stop_scanning(scanner)
+            verdict, frame = scanner.next_frame()
+
+    def _stop_scanning(self, scanner: FrameScanner) -> bool:
+        """The connection is closing (from either side) or failed: websockets takes the rest."""
         self._scanner = None
         rest = scanner.take_rest()
         if rest:
@@ -723,28 +752,42 @@ class ClientConnection(asyncio.Protocol):
     # --- frames out -------------------------------------------------------------------------
 
     def send(self, frame: bytes, receipt: Receipt | None = None) -> None:
-        """Queue a text frame; it is written with the others at the end of this loop turn.
+        """Queue a text frame; it is written with the others at the end of this loop turn
+        (or at once, while the scheduler says ``immediate`` and nothing is queued).
 
         ``receipt`` is settled through the node once the kernel accepted the whole frame, or
         failed if the connection ends first.
         """
-        if self.ws.state is not _OPEN:
+        if self.state is not _SOCKET_OPEN:
+            # (The socket's state leaves OPEN with websockets', before anything is sent.)
             if receipt is not None:
                 self._writes.receipts_unwritten(
                     [receipt], handed=False, recipient=self.connection_id
                 )
             return
         outgoing = self.outgoing
+        writes = self._writes
+        data = text_frame(frame)
+        size = len(data)
         if not outgoing:
+            if (
+                writes.immediate
+                and not self._writing_paused
+                and type(receipt) is not RemoteReceipt
+                and size <= self._max_outbound_buffer
+            ):
+                # Nothing queued before it: straight to the transport. (Frames from other
+                # nodes wait for the end of the turn, so that their confirmations go back
+                # together.)
+                self._write_at_once(data, receipt)
+                return
             # As WriteScheduler.flush_soon, inlined: once per connection per loop turn.
-            writes = self._writes
             writes._dirty.append(self)
             if not writes._flush_scheduled:
                 writes._flush_scheduled = True
                 self._loop.call_soon(writes.flush_all)
-        data = text_frame(frame)
         outgoing.append(data)
-        queued = self._outgoing_bytes + len(data)
+        queued = self._outgoing_bytes + size
         self._outgoing_bytes = queued
         if receipt is not None:
             self._receipts.append(receipt)
@@ -784,6 +827,21 @@ class ClientConnection(asyncio.Protocol):
                 self._writes.receipts_written(receipts)
             else:
                 self._release(self._handed)
+
+    def _write_at_once(self, data: bytes, receipt: Receipt | None) -> None:
+        """Hand one frame to the transport, nothing being queued before it."""
+        transport = self.transport
+        assert transport is not None
+        self._handed += len(data)
+        transport.write(data)  # may call pause_writing
+        if receipt is None:
+            return
+        if self._writing_paused:
+            # Settled once the transport's buffer drains (resume_writing).
+            self._receipts.append(receipt)
+            self._receipt_ends.append(self._handed)
+        else:
+            self._writes.receipts_written([receipt])
 
     def _write_now(self, data: bytes) -> None:
         """Write websockets' bytes (a close frame, a pong, an HTTP response) behind every

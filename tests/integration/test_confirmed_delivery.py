@@ -207,3 +207,23 @@ async def test_a_standalone_node_confirms_what_reached_the_socket() -> None:
         assert received == list(range(50))
         await reader.aclose()
         await sender.close()
+
+
+async def test_a_message_over_the_byte_window_on_its_own_leaves_its_sender_read() -> None:
+    """One message larger than ``--max-unconfirmed-bytes`` stops the node reading its sender
+    until it is confirmed; on one node that may be before the pause itself was carried out,
+    and reading must still resume: the next message is answered too."""
+    with NodeProcess(extra_args=["--max-unconfirmed-bytes", "64"]) as node:
+        async with WireClient(node.url) as reader:
+            sender, channel = await channel_between(node.url, reader)
+            await reader.notification("incoming_channel")
+            for n in range(3):
+                request_id = 100 + n
+                payload = {"n": n, "pad": "x" * 200}
+                await sender.send(
+                    {"type": "message", "id": request_id, "channelId": channel, "payload": payload}
+                )
+                reply = await sender.reply_to(request_id)
+                assert reply["type"] == "channel_message_sent"
+                assert (await reader.notification("channel_message"))["payload"] == payload
+            await sender.close()
