@@ -2,7 +2,8 @@
 
 Built on websockets' Sans-I/O ``ServerProtocol`` driven from an ``asyncio.Protocol``: frames are
 handled synchronously in ``data_received`` and outgoing frames are coalesced into one write per
-connection per event-loop turn (see "Performance" in README.md). The adapter does the same few
+connection per event-loop turn, except those a read of a single request makes, which go to
+their sockets at once (see "Performance" in README.md). The adapter does the same few
 steps for every frame: decode, let the core decide, execute; it holds no rule of the broker's
 protocol.
 
@@ -177,7 +178,15 @@ class Flushable(Protocol):
 
 class WriteScheduler:
     """Every connection's frames of one loop turn go out in one write per connection, at the
-    end of the turn; the frames the kernel took meanwhile are confirmed in one go."""
+    end of the turn; the frames the kernel took meanwhile are confirmed in one go.
+
+    While ``immediate`` is set (a read that held one whole request is handled), a frame for a
+    socket with nothing queued is written at once instead, and confirmed as soon as the kernel
+    took it: a same-node message is then delivered, confirmed and answered within the read
+    that brought it, with no flush scheduled. Such a read seldom makes two frames for one
+    socket (each is then a write of its own); a read of several requests, the bus's batches
+    and timers keep the coalescing.
+    """
 
     def __init__(self, core: ReceiptOutcomes, execute: Callable[[list[Action]], None]) -> None:
         self._core = core
@@ -818,7 +827,9 @@ class ClientConnection(asyncio.Protocol):
             self._handed += size
             transport.write(data)  # may call pause_writing
         receipts = self._receipts
-        if receipts and not self._writing_paused:
+        if receipts and not self._writing_paused and not transport.is_closing():
+            # (A write that failed closed the transport: connection_lost settles them as
+            # handed, outcome unknown.)
             ends = self._receipt_ends
             if ends[-1] <= self._handed:
                 # The usual case, as _release: the kernel took every frame handed.
@@ -836,8 +847,9 @@ class ClientConnection(asyncio.Protocol):
         transport.write(data)  # may call pause_writing
         if receipt is None:
             return
-        if self._writing_paused:
-            # Settled once the transport's buffer drains (resume_writing).
+        if self._writing_paused or transport.is_closing():
+            # Settled once the transport's buffer drains (resume_writing), or by
+            # connection_lost if the write failed.
             self._receipts.append(receipt)
             self._receipt_ends.append(self._handed)
         else:
@@ -857,7 +869,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._handed += len(data)
         transport.write(data)
-        if not self._writing_paused and self._receipts:
+        if not self._writing_paused and self._receipts and not transport.is_closing():
             self._release(self._handed)
 
     def _release(self, accepted: int) -> None:
