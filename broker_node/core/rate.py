@@ -6,9 +6,11 @@ debt), so that a frame larger than the burst still passes and the client then wa
 that frame is worth.
 
 Both buckets are charged together, once per socket read: one call and a few float operations,
-since it runs for nearly every frame. They share the time of their last charge; a bucket
-charged nothing at a read is unchanged by it (it refills by as much either way, up to its
-burst).
+since it runs for nearly every frame. Each bucket is kept as the time at which it will be full
+again (the generic cell rate algorithm): a charge of n moves that time n / rate later, from
+now at the earliest, and the bucket is in debt while that time is more than burst / rate
+ahead. That is the token bucket exactly, with no refill to compute: a bucket charged nothing
+at a read is unchanged by it.
 """
 
 from __future__ import annotations
@@ -27,13 +29,12 @@ class RateLimits:
     no limit."""
 
     __slots__ = (
-        "_byte_burst",
-        "_byte_rate",
-        "_byte_tokens",
-        "_frame_burst",
-        "_frame_rate",
-        "_frame_tokens",
-        "_stamp",
+        "_byte_cost",
+        "_byte_full_at",
+        "_byte_slack",
+        "_frame_cost",
+        "_frame_full_at",
+        "_frame_slack",
         "exceeded",
     )
 
@@ -46,37 +47,35 @@ class RateLimits:
         byte_burst: float,
         now: float,
     ) -> None:
-        # An unlimited bucket holds infinitely many tokens and never refills (rate 0): every
-        # charge leaves it at infinity.
-        self._frame_rate = frames_per_second
-        self._frame_burst = frame_burst if frames_per_second > 0 else _UNLIMITED
-        self._frame_tokens = self._frame_burst
-        self._byte_rate = bytes_per_second
-        self._byte_burst = byte_burst if bytes_per_second > 0 else _UNLIMITED
-        self._byte_tokens = self._byte_burst
-        self._stamp = now
+        # An unlimited bucket (rate 0) costs nothing and allows any time ahead.
+        limited = frames_per_second > 0
+        self._frame_cost = 1 / frames_per_second if limited else 0.0
+        self._frame_slack = frame_burst / frames_per_second if limited else _UNLIMITED
+        self._frame_full_at = now
+        limited = bytes_per_second > 0
+        self._byte_cost = 1 / bytes_per_second if limited else 0.0
+        self._byte_slack = byte_burst / bytes_per_second if limited else _UNLIMITED
+        self._byte_full_at = now
         #: The limit that set the last wait (the longer one when both did).
         self.exceeded = ""
 
     def charge(self, frames: int, size: int, now: float) -> float:
         """Spend ``frames`` frames and ``size`` bytes; the seconds to wait until both buckets
         are out of debt (0: none)."""
-        elapsed = now - self._stamp
-        self._stamp = now
-        frame_tokens = self._frame_tokens + elapsed * self._frame_rate
-        if frame_tokens > self._frame_burst:
-            frame_tokens = self._frame_burst
-        frame_tokens -= frames
-        self._frame_tokens = frame_tokens
-        byte_tokens = self._byte_tokens + elapsed * self._byte_rate
-        if byte_tokens > self._byte_burst:
-            byte_tokens = self._byte_burst
-        byte_tokens -= size
-        self._byte_tokens = byte_tokens
-        if frame_tokens >= 0 and byte_tokens >= 0:
+        frame_full_at = self._frame_full_at
+        if frame_full_at < now:
+            frame_full_at = now
+        frame_full_at += frames * self._frame_cost
+        self._frame_full_at = frame_full_at
+        byte_full_at = self._byte_full_at
+        if byte_full_at < now:
+            byte_full_at = now
+        byte_full_at += size * self._byte_cost
+        self._byte_full_at = byte_full_at
+        frame_wait = frame_full_at - now - self._frame_slack
+        byte_wait = byte_full_at - now - self._byte_slack
+        if frame_wait <= 0 and byte_wait <= 0:
             return 0.0
-        frame_wait = -frame_tokens / self._frame_rate if frame_tokens < 0 else 0.0
-        byte_wait = -byte_tokens / self._byte_rate if byte_tokens < 0 else 0.0
         if frame_wait > byte_wait:
             self.exceeded = REQUESTS_RATE
             return frame_wait

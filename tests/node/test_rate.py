@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker_node.core.rate import BYTES_RATE, REQUESTS_RATE, RateLimits
 
@@ -74,3 +76,32 @@ def test_the_longer_wait_names_the_limit() -> None:
 def test_no_limit_never_waits() -> None:
     limits = RateLimits(frames_per_second=0, frame_burst=0, bytes_per_second=0, byte_burst=0, now=0)
     assert limits.charge(10**9, 10**12, 0.0) == 0.0
+
+
+class TokenBucket:
+    """The textbook bucket the limits must behave as: tokens refilled up to the burst."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, 0.0
+
+    def charge(self, cost: float, now: float) -> float:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate) - cost
+        self.stamp = now
+        return max(0.0, -self.tokens / self.rate)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=st.floats(1, 1000),
+    burst=st.floats(1, 1000),
+    steps=st.lists(st.tuples(st.integers(0, 50), st.floats(0, 2)), max_size=40),
+)
+def test_the_limits_wait_as_a_token_bucket_would(
+    rate: float, burst: float, steps: list[tuple[int, float]]
+) -> None:
+    limits, bucket = frames_only(rate, burst), TokenBucket(rate, burst)
+    now = 0.0
+    for cost, elapsed in steps:
+        now += elapsed
+        expected = bucket.charge(cost, now)
+        assert limits.charge(cost, 0, now) == pytest.approx(expected, rel=1e-6, abs=1e-6)
