@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Any, cast
 
 import pytest
@@ -18,7 +19,8 @@ from broker_node.core.broker import DELIVERY_UNKNOWN
 from broker_node.node import BrokerNode
 from shared.ids import ConnectionId
 from tests.node.test_frames_in import message, raw_and_peer
-from tests.support.raw_ws import client_frame
+from tests.support.raw_ws import RawClient, client_frame
+from tests.support.wire import WireClient
 
 
 class WatchedTransport:
@@ -67,60 +69,71 @@ def request_bytes(*requests: dict[str, Any]) -> bytes:
     return b"".join(client_frame(json.dumps(r).encode()) for r in requests)
 
 
-async def ids(node: BrokerNode) -> tuple[str, str, str, Any, Any]:
+@dataclass
+class Pair:
+    """A raw sender and a peer on one channel, both sockets watched."""
+
+    sender: ClientConnection
+    sender_writes: WatchedTransport
+    peer_writes: WatchedTransport
+    channel: str
+    raw: RawClient
+    peer: WireClient
+
+
+async def watched_pair(node: BrokerNode) -> Pair:
     raw, peer, channel = await raw_and_peer(node)
     listed = await raw.request({"type": "list_by_role", "id": 3, "role": "peer"})
     [peer_id] = listed["ids"]
     [raw_id] = [str(cid) for cid in node.clients if str(cid) != peer_id]
-    return raw_id, peer_id, channel, raw, peer
+    sender, sender_writes = watch(node, raw_id)
+    _, peer_writes = watch(node, peer_id)
+    return Pair(sender, sender_writes, peer_writes, channel, raw, peer)
 
 
 async def test_a_lone_message_is_delivered_confirmed_and_answered_within_its_read(
     node: BrokerNode,
 ) -> None:
-    raw_id, peer_id, channel, raw, peer = await ids(node)
-    sender, sender_writes = watch(node, raw_id)
-    _, peer_writes = watch(node, peer_id)
-    sender.data_received(request_bytes(message(10, channel, {"n": 1})))
+    pair = await watched_pair(node)
+    pair.sender.data_received(request_bytes(message(10, pair.channel, {"n": 1})))
     # No loop turn has passed: both frames are already with the kernel.
-    assert frames_in(peer_writes.writes) == ["channel_message"]
-    assert frames_in(sender_writes.writes) == ["channel_message_sent"]
-    assert (await peer.notification("channel_message"))["payload"] == {"n": 1}
-    assert (await raw.json())["replyTo"] == 10
-    await peer.close()
-    await raw.aclose()
+    assert frames_in(pair.peer_writes.writes) == ["channel_message"]
+    assert frames_in(pair.sender_writes.writes) == ["channel_message_sent"]
+    assert (await pair.peer.notification("channel_message"))["payload"] == {"n": 1}
+    assert (await pair.raw.json())["replyTo"] == 10
+    await pair.peer.close()
+    await pair.raw.aclose()
 
 
 async def test_several_requests_in_one_read_are_written_together_at_the_end_of_the_turn(
     node: BrokerNode,
 ) -> None:
-    raw_id, peer_id, channel, raw, peer = await ids(node)
-    sender, sender_writes = watch(node, raw_id)
-    _, peer_writes = watch(node, peer_id)
-    sender.data_received(request_bytes(message(10, channel, 1), message(11, channel, 2)))
-    assert peer_writes.writes == sender_writes.writes == []
+    pair = await watched_pair(node)
+    pair.sender.data_received(
+        request_bytes(message(10, pair.channel, 1), message(11, pair.channel, 2))
+    )
+    assert pair.peer_writes.writes == pair.sender_writes.writes == []
     await asyncio.sleep(0)
     # One write per socket: both messages, then both confirmations.
-    assert len(peer_writes.writes) == 1 and len(sender_writes.writes) == 1
-    assert frames_in(peer_writes.writes) == ["channel_message"] * 2
-    assert frames_in(sender_writes.writes) == ["channel_message_sent"] * 2
-    assert [(await raw.json())["replyTo"] for _ in range(2)] == [10, 11]
-    await peer.close()
-    await raw.aclose()
+    assert len(pair.peer_writes.writes) == 1 and len(pair.sender_writes.writes) == 1
+    assert frames_in(pair.peer_writes.writes) == ["channel_message"] * 2
+    assert frames_in(pair.sender_writes.writes) == ["channel_message_sent"] * 2
+    assert [(await pair.raw.json())["replyTo"] for _ in range(2)] == [10, 11]
+    await pair.peer.close()
+    await pair.raw.aclose()
 
 
 @pytest.mark.parametrize("requests", [1, 2], ids=["written at once", "written at turn end"])
 async def test_a_write_that_fails_confirms_nothing(node: BrokerNode, requests: int) -> None:
     """The recipient's connection was reset as its messages were written: the kernel took
     nothing, so the sender is told the outcome is unknown, never that they were sent."""
-    raw_id, peer_id, channel, raw, _reset = await ids(node)
-    sender = node.clients[ConnectionId(raw_id)]
-    _, peer_writes = watch(node, peer_id)
-    peer_writes.refuse = True
-    sender.data_received(request_bytes(*(message(10 + n, channel, n) for n in range(requests))))
+    pair = await watched_pair(node)
+    pair.peer_writes.refuse = True
+    requests_bytes = request_bytes(*(message(10 + n, pair.channel, n) for n in range(requests)))
+    pair.sender.data_received(requests_bytes)
     for n in range(requests):
-        reply = await raw.json()
+        reply = await pair.raw.json()
         assert reply["type"] == "channel_message_failed" and reply["replyTo"] == 10 + n
         assert reply["error"] == DELIVERY_UNKNOWN
-    assert peer_writes.writes == []
-    await raw.aclose()
+    assert pair.peer_writes.writes == []
+    await pair.raw.aclose()
