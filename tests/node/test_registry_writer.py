@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractContextManager
-from typing import Protocol
 
 import pytest
 
@@ -16,13 +14,11 @@ from broker_node.core.actions import (
     EndSession,
     ForgetChannel,
     ForgetConnection,
-    LoadSession,
-    MarkDetached,
-    MoveChannels,
 )
 from broker_node.core.records import ChannelRecord, ConnectionRecord
 from broker_node.core.stats import NodeStats
 from broker_node.errors import BackendUnavailable
+from broker_node.executor import RegistryWrites
 from broker_node.registry_calls import RegistryCalls
 from broker_node.registry_writer import RegistryWriter
 from shared.ids import ChannelId, ConnectionId, NodeId
@@ -155,22 +151,7 @@ async def test_session_work_is_done_in_order_and_answered(harness: Harness) -> N
     assert harness.answers.ended == [(GONE.connection_id, False)]
 
 
-class Writer(Protocol):
-    """What the executor and the dispatcher consume, exactly (checked by mypy below)."""
-
-    def forget(self, action: ForgetChannel | ForgetConnection) -> None: ...
-
-    def queue_session_work(
-        self, action: MarkDetached | EndSession | MoveChannels | LoadSession
-    ) -> None: ...
-
-    def mark_dirty(self) -> None: ...
-
-    def writing_connection(self, connection_id: ConnectionId) -> AbstractContextManager[None]: ...
-
-    def writing_channel(self, channel_id: ChannelId) -> AbstractContextManager[None]: ...
-
-
 def test_the_writer_is_what_its_consumers_expect() -> None:
-    writer: Writer = Harness().writer
+    # The protocol the executor and the dispatcher take it as (checked by mypy).
+    writer: RegistryWrites = Harness().writer
     writer.mark_dirty()
