@@ -19,7 +19,7 @@ from broker_node.core.broker import DELIVERY_UNKNOWN
 from broker_node.node import BrokerNode
 from shared.ids import ConnectionId
 from tests.node.test_frames_in import message, raw_and_peer
-from tests.support.raw_ws import RawClient, client_frame
+from tests.support.raw_ws import RawClient, text
 from tests.support.wire import WireClient
 
 
@@ -65,10 +65,6 @@ def frames_in(writes: list[bytes]) -> list[str]:
     return kinds
 
 
-def request_bytes(*requests: dict[str, Any]) -> bytes:
-    return b"".join(client_frame(json.dumps(r).encode()) for r in requests)
-
-
 @dataclass
 class Pair:
     """A raw sender and a peer on one channel, both sockets watched."""
@@ -95,7 +91,7 @@ async def test_a_lone_message_is_delivered_confirmed_and_answered_within_its_rea
     node: BrokerNode,
 ) -> None:
     pair = await watched_pair(node)
-    pair.sender.data_received(request_bytes(message(10, pair.channel, {"n": 1})))
+    pair.sender.data_received(text(message(10, pair.channel, {"n": 1})))
     # No loop turn has passed: both frames are already with the kernel.
     assert frames_in(pair.peer_writes.writes) == ["channel_message"]
     assert frames_in(pair.sender_writes.writes) == ["channel_message_sent"]
@@ -110,7 +106,7 @@ async def test_several_requests_in_one_read_are_written_together_at_the_end_of_t
 ) -> None:
     pair = await watched_pair(node)
     pair.sender.data_received(
-        request_bytes(message(10, pair.channel, 1), message(11, pair.channel, 2))
+        text(message(10, pair.channel, 1)) + text(message(11, pair.channel, 2))
     )
     assert pair.peer_writes.writes == pair.sender_writes.writes == []
     await asyncio.sleep(0)
@@ -129,7 +125,7 @@ async def test_a_write_that_fails_confirms_nothing(node: BrokerNode, requests: i
     nothing, so the sender is told the outcome is unknown, never that they were sent."""
     pair = await watched_pair(node)
     pair.peer_writes.refuse = True
-    requests_bytes = request_bytes(*(message(10 + n, pair.channel, n) for n in range(requests)))
+    requests_bytes = b"".join(text(message(10 + n, pair.channel, n)) for n in range(requests))
     pair.sender.data_received(requests_bytes)
     for n in range(requests):
         reply = await pair.raw.json()
